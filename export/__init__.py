@@ -1,0 +1,1 @@
+"""k3trt.export: checkpoints and presets -> torch modules -> validated ONNX + artifact manifest."""

@@ -1,0 +1,93 @@
+"""torch module -> cleaned ONNX file (graph surgeon cleanup + toposort, Polygraphy constant folding, shape
+inference), with external data once the model is past the protobuf limit (or a lower, testable threshold)."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .components import ComponentSpec
+
+PROTOBUF_LIMIT = 2 * 1024**3
+DEFAULT_OPSET = 19
+MIN_OPSET = 17  # LayerNormalization/GroupNorm-friendly; TensorRT 10 parses 9..20
+
+
+def trace_to_onnx(spec: ComponentSpec, module: torch.nn.Module, inputs: dict, path: Path, opset: int) -> None:
+    """torch.onnx.export (TorchScript tracer: mature dynamic-axes support for these models)."""
+    wrapper = spec.wrapper(module).eval()  # eval: the exporter restores the previous mode afterwards
+    args = tuple(inputs[name] for name in spec.input_names)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, args, str(path), input_names=spec.input_names, output_names=spec.output_names,
+            dynamic_axes=spec.dynamic_axes(), opset_version=opset, do_constant_folding=True, dynamo=False,
+        )
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            total += next((int(e.value) for e in tensor.external_data if e.key == "length"), 0)
+        else:
+            total += len(tensor.raw_data) or tensor.ByteSize()
+    return total
+
+
+def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Remove dead nodes, sort topologically, fold constants, infer shapes."""
+    import onnx_graphsurgeon as gs
+    from polygraphy.backend.onnx.loader import fold_constants
+    from polygraphy.logger import G_LOGGER
+
+    G_LOGGER.module_severity = G_LOGGER.WARNING
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # folding sessions warn about harmless unsqueeze eliminations
+
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    if model.ByteSize() < PROTOBUF_LIMIT:  # folding and in-memory inference serialize the whole model
+        model = fold_constants(model, num_passes=2, error_ok=True)
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    graph = gs.import_onnx(model)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph)
+
+
+def save_onnx(model: onnx.ModelProto, path: Path, *, external_threshold: int = PROTOBUF_LIMIT) -> Path | None:
+    """Save `model` at `path`; weights go to one `<name>.data` file beside it when past the threshold.
+    Returns the external data path, or None."""
+    if initializer_bytes(model) < external_threshold and model.ByteSize() < PROTOBUF_LIMIT:
+        onnx.save_model(model, str(path))
+        return None
+    data_name = path.name + ".data"
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data_name, size_threshold=1024)
+    return path.with_name(data_name)
+
+
+def export_onnx(spec: ComponentSpec, module: torch.nn.Module, inputs: dict, out_dir: Path, *,
+                opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT) -> tuple[Path, Path | None]:
+    """Export, clean and save into `out_dir`; returns (graph path, external data path or None)."""
+    raw_dir = out_dir / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    raw = raw_dir / "model.onnx"
+    trace_to_onnx(spec, module, inputs, raw, opset)
+    model = onnx.load(str(raw), load_external_data=True)
+    model = cleanup(model)
+    model.producer_name, model.doc_string = "k3trt", f"Kandinsky 3 {spec.name}"
+    final = out_dir / "model.onnx"
+    external = save_onnx(model, final, external_threshold=external_threshold)
+    del model
+    for leftover in raw_dir.iterdir():
+        os.remove(leftover)
+    raw_dir.rmdir()
+    if final.stat().st_size < PROTOBUF_LIMIT:
+        onnx.checker.check_model(str(final))
+    return final, external

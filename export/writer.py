@@ -1,0 +1,199 @@
+"""Export orchestration: source -> per-component ONNX -> validation -> manifest, incrementally and atomically.
+
+Each component is exported into a staging folder, validated, then moved to a content-keyed folder; the
+manifest is replaced only after that, so a failed component leaves the previous good artifacts intact.
+Unchanged inputs (source config + weights, export options, package version) do no work.
+"""
+from __future__ import annotations
+
+import gc
+import importlib.metadata as md
+import json
+import os
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..runtime.artifacts import (FileRecord, Manifest, OnnxRecord, atomic_write_bytes, sha256_json)
+from ..runtime.errors import ValidationError
+from .components import MAX_TEXT_LENGTH, MOVQ_SCALE, SPECS, component_spec, model_info
+from .onnx_export import DEFAULT_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
+from .sources import ModelSource
+from .validate import validate_component
+
+PACKAGE_VERSION = "0.1.0"
+
+
+def library_versions() -> dict:
+    versions = {"python": sys.version.split()[0]}
+    for dist in ("kandinsky3-trt", "torch", "onnx", "onnxruntime", "diffusers", "transformers"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = "absent"
+    return versions
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+def _write_keyed(root: Path, folder: str, stem: str, data: bytes) -> FileRecord:
+    """Small side files (tokenizer, scheduler) under content-keyed names: a new one never overwrites the
+    file the current manifest points to."""
+    digest = sha256_json(data.decode())[:12]
+    path = root / folder / f"{stem}-{digest}.json"
+    if not path.is_file():
+        atomic_write_bytes(path, data)
+    return FileRecord.of(root, path)
+
+
+def check_tokenizer(tokenizer_json: bytes, spiece: Path) -> None:
+    """The runtime tokenizes with `tokenizer.json` alone: prove it gives sentencepiece's own ids (transformers
+    has silently built wrong vocabularies from spiece.model before)."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    from ..runtime.errors import ModelSourceError
+    from .presets import CORPUS
+
+    fast = Tokenizer.from_str(tokenizer_json.decode())
+    reference = spm.SentencePieceProcessor(model_file=str(spiece))
+    for text in CORPUS.read_text().splitlines()[::23]:
+        ids, expected = fast.encode(text, add_special_tokens=False).ids, reference.encode(text)
+        if ids != expected:
+            raise ModelSourceError(f"tokenizer.json and {str(spiece)!r} disagree on {text!r}: {ids[:8]}... vs "
+                                   f"{expected[:8]}...", fix="re-save the tokenizer with "
+                                   "`T5Tokenizer.from_pretrained(folder)` (not `T5Tokenizer(vocab_file=...)`)")
+
+
+def write_side_files(source: ModelSource, manifest: Manifest) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source.root / "tokenizer"))
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        tok_bytes = (Path(tmp) / "tokenizer.json").read_bytes()
+    spiece = source.root / "tokenizer" / "spiece.model"
+    if spiece.is_file():
+        check_tokenizer(tok_bytes, spiece)
+    tok = _write_keyed(manifest.root, "tokenizer", "tokenizer", tok_bytes)
+    manifest.data["tokenizer"] = {**tok.__dict__, "max_length": MAX_TEXT_LENGTH, "pad_id": tokenizer.pad_token_id}
+    sched = json.dumps(source.config("scheduler"), indent=2, sort_keys=True).encode()
+    manifest.data["scheduler"] = _write_keyed(manifest.root, "scheduler", "scheduler_config", sched).__dict__
+    unet = source.config("unet")
+    manifest.data["pipeline"] = {
+        "latent_channels": unet.get("in_channels", 4), "movq_scale_factor": MOVQ_SCALE,
+        "context_dim": unet["encoder_hid_dim"], "max_text_length": MAX_TEXT_LENGTH,
+        "reference": "diffusers.Kandinsky3Pipeline",
+    }
+
+
+def export_key(source_hash: str, opset: int, external_threshold: int) -> str:
+    return sha256_json({"source": source_hash, "opset": opset, "external_threshold": external_threshold,
+                        "k3trt": PACKAGE_VERSION})
+
+
+def _current(manifest: Manifest, name: str, key: str) -> bool:
+    if not manifest.has_onnx(name):
+        return False
+    record = manifest.onnx(name)
+    if record.export_key != key:
+        return False
+    try:
+        manifest.verify_onnx(record)
+    except Exception:
+        return False
+    return True
+
+
+def export_component(source: ModelSource, manifest: Manifest, name: str, *, opset: int,
+                     external_threshold: int, log) -> OnnxRecord:
+    spec = component_spec(name)
+    source_hash = source.source_hash(spec.folder)
+    key = export_key(source_hash, opset, external_threshold)
+    root = manifest.root
+    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{name}-"))
+    try:
+        t0 = time.perf_counter()
+        module = source.load(spec.folder)
+        info = model_info(source, spec)
+        trace_inputs = spec.make_inputs(spec.trace, info, torch.Generator().manual_seed(0))
+        log(f"  {name}: tracing to ONNX (opset {opset}) ...")
+        graph, external = export_onnx(spec, module, trace_inputs, staging, opset=opset,
+                                      external_threshold=external_threshold)
+        log(f"  {name}: validating against torch on ONNX Runtime at {len(spec.validate)} new shapes ...")
+        validation, failures = validate_component(spec, module, graph, info)
+        del module
+        gc.collect()
+        if failures:
+            raise ValidationError(failures, fix="report this with the model config; the previous artifacts "
+                                                "were left untouched")
+        final = root / name / f"fp32-{key[:12]}"
+        if final.exists():
+            shutil.rmtree(final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+        record = OnnxRecord(
+            component=name, variant="fp32", graph=FileRecord.of(root, final / graph.name),
+            external_data=FileRecord.of(root, final / external.name) if external else None, opset=opset,
+            inputs=spec.resolved(spec.inputs, info), outputs=spec.resolved(spec.outputs, info),
+            axes=dict(spec.axes), source_hash=source_hash, export_key=key, versions=library_versions(),
+            validation=validation,
+            extra={"multiples": spec.multiples, "seconds": round(time.perf_counter() - t0, 2),
+                   "source_folder": spec.folder},
+        )
+        worst = max(c["rel_l2"] for c in validation["cases"])
+        log(f"  {name}: ok (worst rel_l2 {worst:.2e}, {record.extra['seconds']} s)")
+        return record
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def collect_garbage(manifest: Manifest) -> None:
+    """Remove component folders the manifest no longer references (superseded exports)."""
+    keep = {Path(p).parent for p in manifest.referenced_paths()}
+    for name in SPECS:
+        folder = manifest.root / name
+        if folder.is_dir():
+            for child in folder.iterdir():
+                if child.is_dir() and child.relative_to(manifest.root) not in keep:
+                    shutil.rmtree(child, ignore_errors=True)
+
+
+def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=tuple(SPECS),
+                     opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT,
+                     force: bool = False, log=print) -> dict:
+    """Export `components` of `source` into the artifact directory `out`. Returns a summary dict."""
+    from ..runtime.errors import InvalidArgumentError
+
+    if opset < MIN_OPSET:
+        raise InvalidArgumentError(f"opset {opset} is too old", accepted=f">= {MIN_OPSET}",
+                                   fix=f"use --opset {DEFAULT_OPSET} (the default)")
+    for name in components:
+        component_spec(name)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest.load_or_new(out)
+    manifest.data["source"] = {"label": source.label, "path": str(source.root), "variant": source.variant}
+    write_side_files(source, manifest)
+    manifest.save()
+    summary = {"exported": [], "up_to_date": []}
+    for name in components:
+        key = export_key(source.source_hash(component_spec(name).folder), opset, external_threshold)
+        if not force and _current(manifest, name, key):
+            log(f"  {name}: up to date (inputs unchanged), skipped")
+            summary["up_to_date"].append(name)
+            continue
+        manifest.put_onnx(export_component(source, manifest, name, opset=opset,
+                                           external_threshold=external_threshold, log=log))
+        manifest.save()  # commit point for this component
+        summary["exported"].append(name)
+    collect_garbage(manifest)
+    summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    return summary

@@ -1,0 +1,1 @@
+"""Backends behind one small interface (see base.py)."""

@@ -1,0 +1,119 @@
+"""The backend interface: run one exported component on named tensors.
+
+A backend is built from a Manifest and a precision per component; `run(component, feeds)` takes and returns
+torch tensors keyed by the ONNX input/output names. Shapes are checked against the manifest's axis ranges
+before anything runs, so an out-of-range request fails with the range and the fix, not deep inside a kernel.
+"""
+from __future__ import annotations
+
+import abc
+import collections
+import time
+from typing import Mapping
+
+import torch
+
+from ..artifacts import COMPONENTS, Manifest, OnnxRecord
+from ..errors import InvalidArgumentError, ShapeError
+from ..precision import Precision
+
+
+def precision_map(precision: str | Mapping[str, str]) -> dict[str, str]:
+    """One precision for all components, or a per-component mapping (missing ones default to fp32)."""
+    if isinstance(precision, Mapping):
+        unknown = set(precision) - set(COMPONENTS)
+        if unknown:
+            raise InvalidArgumentError(f"unknown component(s) {sorted(unknown)} in the precision map",
+                                       accepted=", ".join(COMPONENTS))
+        return {c: Precision.parse(precision.get(c, "fp32")).value for c in COMPONENTS}
+    value = Precision.parse(precision).value
+    # A single --precision int8 quantizes what has an int8 variant (the U-Net) and keeps the rest fp32.
+    return {c: value for c in COMPONENTS}
+
+
+def check_feeds(record: OnnxRecord, feeds: Mapping[str, torch.Tensor]) -> None:
+    """Every input present, ranks right, fixed dims equal, dynamic dims inside the manifest's ranges."""
+    expected = {t.name for t in record.inputs}
+    if set(feeds) != expected:
+        raise InvalidArgumentError(f"{record.component} got inputs {sorted(feeds)}", accepted=str(sorted(expected)))
+    bound: dict[str, int] = {}
+    for spec in record.inputs:
+        shape = tuple(feeds[spec.name].shape)
+        if len(shape) != len(spec.shape):
+            raise ShapeError(f"{record.component}.{spec.name} has shape {shape}",
+                             accepted=f"rank {len(spec.shape)}: {spec.shape}")
+        for dim, want in zip(shape, spec.shape):
+            if isinstance(want, int):
+                if dim != want:
+                    raise ShapeError(f"{record.component}.{spec.name} has shape {shape}", accepted=str(spec.shape))
+                continue
+            lo, hi = record.axes.get(want, (1, 1 << 31))
+            multiple = record.extra.get("multiples", {}).get(want, 1)
+            if not lo <= dim <= hi or dim % multiple:
+                raise ShapeError(
+                    f"{record.component}.{spec.name} axis {want!r} = {dim} is outside what the artifacts allow",
+                    accepted=f"{lo}..{hi}" + (f", a multiple of {multiple}" if multiple > 1 else ""),
+                    fix="change the request (image size, batch, prompt) or re-export/rebuild for that range")
+            if bound.setdefault(want, dim) != dim:
+                raise ShapeError(f"{record.component}: axis {want!r} is {bound[want]} in one input and {dim} in "
+                                 f"{spec.name}", fix="all inputs must agree on shared axes")
+
+
+class Backend(abc.ABC):
+    """Runs exported components. Subclasses implement `_run`; `run` adds checks and timing."""
+
+    name = "abstract"
+
+    def __init__(self, manifest: Manifest, precision: str | Mapping[str, str] = "fp32"):
+        self.manifest = manifest
+        self.precision = precision_map(precision)
+        self.timings: dict[str, list[float]] = collections.defaultdict(list)  # seconds per call
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def record(self, component: str) -> OnnxRecord:
+        variant = self.precision[component]
+        if variant != "fp32" and not self.manifest.has_onnx(component, variant):
+            return self.manifest.onnx(component, "fp32")  # e.g. int8 U-Net with an fp32 text encoder
+        return self.manifest.onnx(component, variant)
+
+    def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        check_feeds(self.record(component), feeds)
+        start = time.perf_counter()
+        out = self._run(component, feeds)
+        self.timings[component].append(time.perf_counter() - start)
+        return out
+
+    @abc.abstractmethod
+    def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ...
+
+    def close(self) -> None:
+        """Release sessions/engines; the backend is unusable afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_backend(name: str, manifest: Manifest, precision: str | Mapping[str, str] = "fp32",
+                 **options) -> Backend:
+    """Backends by name; each is imported only when asked for (the torch reference pulls in diffusers)."""
+    if name == "ort":
+        from .ort import OrtBackend
+
+        return OrtBackend(manifest, precision, **options)
+    if name == "trt":
+        from .trt import TrtBackend
+
+        return TrtBackend(manifest, precision, **options)
+    if name == "torch":
+        from ...export.reference import TorchBackend
+
+        return TorchBackend(manifest, precision, **options)
+    raise InvalidArgumentError(f"unknown backend {name!r}", accepted="ort, trt, torch",
+                               fix="--backend ort (ONNX Runtime) works everywhere")

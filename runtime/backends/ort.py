@@ -1,0 +1,101 @@
+"""ONNX Runtime backend: CPU here; CUDA and TensorRT execution providers where installed.
+
+On CUDA, I/O binding keeps tensors on the device (torch CUDA tensors in, ORT-allocated CUDA tensors out via
+DLPack), so latents never round-trip through host memory between steps.
+"""
+from __future__ import annotations
+
+import os
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..artifacts import check_external_data_paths
+from ..errors import BackendUnavailableError, InvalidArgumentError
+from .base import Backend
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+             "tensorrt": "TensorrtExecutionProvider"}
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+class OrtBackend(Backend):
+    name = "ort"
+
+    def __init__(self, manifest, precision="fp32", *, provider: str = "cpu", threads: int | None = None,
+                 optimize: bool = True, disable_quant_qdq: bool = False, verify: bool = True):
+        """`disable_quant_qdq` keeps Q/DQ pairs as fake-quant float ops: on AVX2 CPUs without VNNI the fused
+        int8 kernels saturate, so accuracy is measured with it on."""
+        super().__init__(manifest, precision)
+        import onnxruntime as ort
+
+        if provider not in PROVIDERS:
+            raise InvalidArgumentError(f"unknown ONNX Runtime provider {provider!r}", accepted=", ".join(PROVIDERS))
+        if PROVIDERS[provider] not in ort.get_available_providers():
+            raise BackendUnavailableError(
+                f"ONNX Runtime provider {PROVIDERS[provider]} is not available here",
+                accepted=", ".join(ort.get_available_providers()),
+                fix="pip install 'kandinsky3-trt[gpu]' on a machine with an NVIDIA GPU, or use --provider cpu")
+        self.provider, self.threads, self.optimize = provider, threads or default_threads(), optimize
+        self.disable_quant_qdq, self.verify = disable_quant_qdq, verify
+        self._sessions: dict[str, object] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu" if self.provider == "cpu" else "cuda")
+
+    def session(self, component: str):
+        if component not in self._sessions:
+            self._sessions[component] = self._open(component)
+        return self._sessions[component]
+
+    def _open(self, component: str):
+        import onnxruntime as ort
+
+        record = self.record(component)
+        if self.verify:
+            self.manifest.verify_onnx(record)
+        path = self.manifest.path(record.graph.path)
+        check_external_data_paths(path, self.manifest.root)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize
+                                            else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        if self.disable_quant_qdq:
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+    def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        session = self.session(component)
+        names = [o.name for o in session.get_outputs()]
+        if self.provider == "cpu":
+            arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
+            return {n: torch.from_numpy(a) for n, a in zip(names, session.run(names, arrays))}
+        return self._run_bound(session, names, feeds)
+
+    def _run_bound(self, session, names, feeds) -> dict[str, torch.Tensor]:
+        binding = session.io_binding()
+        kept = []  # keep contiguous inputs alive until the run ends
+        for name, tensor in feeds.items():
+            tensor = tensor.to(self.device).contiguous()
+            kept.append(tensor)
+            binding.bind_input(name, "cuda", tensor.device.index or 0, _NP_DTYPE[tensor.dtype],
+                               list(tensor.shape), tensor.data_ptr())
+        for name in names:
+            binding.bind_output(name, "cuda")
+        session.run_with_iobinding(binding)
+        return {n: torch.from_dlpack(v.to_dlpack()) for n, v in zip(names, binding.get_outputs())}
+
+    def close(self) -> None:
+        self._sessions.clear()
+
+
+_NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}
