@@ -227,9 +227,8 @@ def check_external_data_paths(graph_path: Path, root: Path) -> None:
     import onnx
 
     model = onnx.load(str(graph_path), load_external_data=False)
+    folder = graph_path.parent.relative_to(root)
     for tensor in model.graph.initializer:
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        relative = (graph_path.parent / location).resolve()
-        inside(root, str(relative.relative_to(root.resolve())) if root.resolve() in relative.parents else location)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            inside(root, str(folder / location))
