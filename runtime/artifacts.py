@@ -207,7 +207,7 @@ class Manifest:
         entry = self.data.get(key)
         if not entry:
             raise ArtifactError(f"the manifest has no {key!r} entry", fix="re-run `k3trt export`")
-        return FileRecord(**entry)
+        return FileRecord(entry["path"], entry["sha256"], entry["bytes"])
 
     def referenced_paths(self) -> set[str]:
         """Every file the manifest points to (for garbage-collecting superseded files)."""

@@ -32,13 +32,17 @@ def precision_map(precision: str | Mapping[str, str]) -> dict[str, str]:
 
 
 def check_feeds(record: OnnxRecord, feeds: Mapping[str, torch.Tensor]) -> None:
+    check_shapes(record, {name: tuple(tensor.shape) for name, tensor in feeds.items()})
+
+
+def check_shapes(record: OnnxRecord, shapes: Mapping[str, tuple]) -> None:
     """Every input present, ranks right, fixed dims equal, dynamic dims inside the manifest's ranges."""
     expected = {t.name for t in record.inputs}
-    if set(feeds) != expected:
-        raise InvalidArgumentError(f"{record.component} got inputs {sorted(feeds)}", accepted=str(sorted(expected)))
+    if set(shapes) != expected:
+        raise InvalidArgumentError(f"{record.component} got inputs {sorted(shapes)}", accepted=str(sorted(expected)))
     bound: dict[str, int] = {}
     for spec in record.inputs:
-        shape = tuple(feeds[spec.name].shape)
+        shape = tuple(shapes[spec.name])
         if len(shape) != len(spec.shape):
             raise ShapeError(f"{record.component}.{spec.name} has shape {shape}",
                              accepted=f"rank {len(spec.shape)}: {spec.shape}")

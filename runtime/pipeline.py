@@ -1,0 +1,222 @@
+"""The lean Kandinsky 3 text-to-image loop around exported components.
+
+Semantics are diffusers.Kandinsky3Pipeline's, step for step: tokenize to 128 -> encode -> cut context ->
+[uncond, cond] -> DDPM with (g + 1) * cond - g * uncond -> MoVQ decode -> clamp(x * 0.5 + 0.5). With a seed,
+the CPU generator is consumed in the same order and shapes as the reference, so the noise is identical.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .artifacts import Manifest
+from .backends.base import Backend, check_shapes, make_backend
+from .errors import InvalidArgumentError, K3TRTError, NonFiniteError
+from .scheduler import make_scheduler
+from .tokenizer import PromptTokenizer
+
+log = logging.getLogger("k3trt")
+
+
+class GenerationCancelled(K3TRTError):
+    """The per-step callback asked to stop."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInfo:
+    index: int  # 0-based step
+    total: int
+    timestep: int
+    latents: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A validated generation request (what `generate` was asked, after diffusers' rounding)."""
+    prompts: tuple[str, ...]
+    negative_prompts: tuple[str, ...] | None
+    seed: int
+    steps: int
+    guidance: float
+    height: int  # actual output size: multiples of 64, as diffusers rounds
+    width: int
+    num_images: int
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (len(self.prompts) * self.num_images, 4, self.height // 8, self.width // 8)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance > 1.0  # diffusers: classifier-free guidance only when g > 1
+
+
+def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25, guidance: float = 3.0,
+                 height: int = 1024, width: int = 1024, num_images: int = 1) -> Request:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if prompts is None or not all(isinstance(p, str) for p in prompts):
+        raise InvalidArgumentError(f"prompt {prompt!r} is not a string or a list of strings",
+                                   accepted="str or list[str]")
+    if not prompts:
+        raise InvalidArgumentError("the prompt list is empty", accepted="at least one prompt")
+    negatives = None
+    if negative_prompt is not None:
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts",
+                                       accepted="one negative prompt, or one per prompt")
+    _check_range("steps", steps, 1, 1000, "e.g. --steps 25")
+    _check_range("num_images", num_images, 1, 64, "e.g. --num-images 1")
+    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
+        raise InvalidArgumentError(f"guidance={guidance!r}", accepted="a finite number >= 0 (1 or less: no CFG)",
+                                   fix="e.g. --guidance 3.0 (the default)")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise InvalidArgumentError(f"seed={seed!r}", accepted="an integer")
+    size = []
+    for name, value in (("height", height), ("width", width)):
+        _check_range(name, value, 1, 1 << 16, "e.g. 1024")
+        rounded = -(-value // 64) * 64  # diffusers' downscale_height_and_width rounds up to 64
+        if rounded != value:
+            log.warning("%s %d is not a multiple of 64: the image will be %d px (diffusers rounds up)",
+                        name, value, rounded)
+        size.append(rounded)
+    return Request(tuple(prompts), tuple(negatives) if negatives else None, seed, steps, float(guidance),
+                   size[0], size[1], num_images)
+
+
+def _check_range(name: str, value, lo: int, hi: int, fix: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidArgumentError(f"{name}={value!r}", accepted=f"an integer in {lo}..{hi}", fix=fix)
+
+
+def check_finite(tensor: torch.Tensor, stage: str) -> torch.Tensor:
+    if not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteError(f"{stage} produced {bad} NaN/Inf value(s)",
+                             fix="check the engine precision (fp16 overflow?) or run `k3trt parity`")
+    return tensor
+
+
+def to_pil(images: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray((img * 255).round().astype("uint8")) for img in images]  # as diffusers numpy_to_pil
+
+
+class Pipeline:
+    """Load once, call `generate` many times. `backend` is a name ("ort", "trt", "torch") or a Backend."""
+
+    def __init__(self, manifest: Manifest, backend: Backend, *, scheduler: str = "ddpm"):
+        self.manifest, self.backend, self.scheduler_name = manifest, backend, scheduler
+        tok = manifest.file_record("tokenizer")
+        manifest.verify([tok, manifest.file_record("scheduler")])
+        self.tokenizer = PromptTokenizer(manifest.path(tok.path), max_length=manifest.data["tokenizer"]["max_length"],
+                                         pad_id=manifest.data["tokenizer"].get("pad_id", 0))
+        self.scheduler_config = json.loads(manifest.path(manifest.data["scheduler"]["path"]).read_text())
+        make_scheduler(scheduler, self.scheduler_config)  # fail now, not mid-request
+
+    @classmethod
+    def from_artifacts(cls, path: str | Path, backend: str | Backend = "ort",
+                       precision: str | Mapping[str, str] = "fp32", *, scheduler: str = "ddpm",
+                       **backend_options) -> "Pipeline":
+        manifest = Manifest.load(path)
+        if isinstance(backend, str):
+            backend = make_backend(backend, manifest, precision, **backend_options)
+        return cls(manifest, backend, scheduler=scheduler)
+
+    # ------------------------------------------------------------------------------------- stages
+    def encode(self, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
+        """Context and 0/1 mask for the U-Net, [uncond..., cond...] when guided (diffusers' encode_prompt)."""
+        texts = list(request.prompts) + list(request.negative_prompts or []) * request.guided
+        ids, mask = self.tokenizer(texts)
+        hidden = self.backend.run("text_encoder", {"input_ids": ids.to(self.backend.device),
+                                                   "attention_mask": mask.to(self.backend.device)})
+        hidden = check_finite(hidden["last_hidden_state"], "text_encoder").float()
+        mask = mask.to(hidden.device)
+        n_prompts = len(request.prompts)
+        cond, cond_mask = hidden[:n_prompts], mask[:n_prompts]
+        length = int(cond_mask.sum(-1).max()) + 1  # cut context: the longest prompt plus one position
+        cond = (cond * (cond_mask[..., None] != 0))[:, :length]
+        cond_mask = cond_mask[:, :length]
+        cond = cond * cond_mask[..., None]
+        n = request.num_images
+        # diffusers repeats embeddings per prompt (p0 p0 p1 p1) but masks per batch (m0 m1 m0 m1); reproduced
+        context = cond.repeat(1, n, 1).view(n_prompts * n, cond.shape[1], -1)
+        context_mask = cond_mask.repeat(n, 1)
+        if not request.guided:
+            return context, context_mask.float()
+        if request.negative_prompts is None:  # unconditional = zero embeddings and an all-zero mask
+            uncond, uncond_mask = torch.zeros_like(context), torch.zeros_like(context_mask)
+        else:
+            neg_mask = mask[n_prompts:, :length]
+            neg = hidden[n_prompts:, :length] * neg_mask[..., None]
+            uncond = neg.repeat(1, n, 1).view(n_prompts * n, length, -1)
+            uncond_mask = neg_mask.repeat(n, 1)
+        return torch.cat([uncond, context]), torch.cat([uncond_mask, context_mask]).float()
+
+    def denoise(self, request: Request, context: torch.Tensor, context_mask: torch.Tensor,
+                generator: torch.Generator, callback: Callable[[StepInfo], bool | None] | None = None,
+                recorder: list | None = None) -> torch.Tensor:
+        scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
+        timesteps = scheduler.set_timesteps(request.steps)
+        device = self.backend.device
+        latents = torch.randn(request.latent_shape, generator=generator, dtype=torch.float32).to(device)
+        latents = latents * scheduler.init_noise_sigma
+        for i, t in enumerate(timesteps):
+            sample = torch.cat([latents, latents]) if request.guided else latents
+            feeds = {"sample": sample, "timestep": torch.full((sample.shape[0],), float(t), device=device),
+                     "encoder_hidden_states": context, "encoder_attention_mask": context_mask}
+            noise = check_finite(self.backend.run("unet", feeds)["noise_pred"], f"unet at step {i} (t={t})")
+            if recorder is not None:
+                recorder.append({"step": i, "timestep": t, "sample": sample.cpu(), "noise_pred": noise.cpu()})
+            if request.guided:
+                uncond, cond = noise.chunk(2)
+                noise = (request.guidance + 1.0) * cond - request.guidance * uncond
+            latents = scheduler.step(noise, t, latents, generator=generator)
+            if callback is not None and callback(StepInfo(i, len(timesteps), t, latents)):
+                raise GenerationCancelled(f"cancelled by the callback after step {i + 1}/{len(timesteps)}")
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        image = self.backend.run("movq_decoder", {"latents": latents})["image"]
+        image = check_finite(image, "movq_decoder")
+        return (image.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+    # ------------------------------------------------------------------------------------- API
+    def check_request(self, request: Request) -> None:
+        """Fail before any work if the request's shapes fall outside what the artifacts allow."""
+        b, c, h, w = request.latent_shape
+        unet_batch = b * (2 if request.guided else 1)
+        check_shapes(self.backend.record("unet"), {
+            "sample": (unet_batch, c, h, w), "timestep": (unet_batch,),
+            "encoder_hidden_states": (unet_batch, 1, self.manifest.data["pipeline"]["context_dim"]),
+            "encoder_attention_mask": (unet_batch, 1)})
+        check_shapes(self.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
+
+    def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
+                 seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int = 1024, width: int = 1024,
+                 num_images: int = 1, output_type: str = "pil",
+                 callback: Callable[[StepInfo], bool | None] | None = None, recorder: list | None = None):
+        """Images for `prompt` (PIL list, or a float array (N, H, W, 3) in [0, 1] with output_type="np").
+
+        `callback(StepInfo)` runs after every step; returning True cancels (GenerationCancelled)."""
+        if output_type not in ("pil", "np"):
+            raise InvalidArgumentError(f"output_type={output_type!r}", accepted="pil, np")
+        request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                               height=height, width=width, num_images=num_images)
+        self.check_request(request)
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        context, context_mask = self.encode(request)
+        latents = self.denoise(request, context, context_mask, generator, callback, recorder)
+        images = self.decode(latents)
+        return to_pil(images) if output_type == "pil" else images
+
+    def close(self) -> None:
+        self.backend.close()
