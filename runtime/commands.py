@@ -1,0 +1,199 @@
+"""`k3trt generate | parity | bench | demo`: argument parsing, progress, and output paths."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def add_generation_args(p, *, size: int = 1024, steps: int = 25) -> None:
+    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--height", type=int, default=size)
+    p.add_argument("--width", type=int, default=size)
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
+
+
+def add_backend_args(p, backends=("ort", "trt", "torch")) -> None:
+    p.add_argument("--backend", choices=backends, default="ort")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 | int8 (U-Net int8 Q/DQ variant, from `k3trt calibrate`) | fp16 ... (trt engines)")
+    p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+
+
+def generation_kwargs(args) -> dict:
+    prompt = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
+    return dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                guidance=args.guidance, height=args.height, width=args.width, num_images=args.num_images)
+
+
+def open_pipeline(args, model_dir: str | None = None):
+    from .pipeline import Pipeline
+
+    options = {}
+    if args.backend == "ort":
+        options = {"provider": args.provider, "threads": args.threads}
+    elif args.backend == "torch":
+        options = {"model_dir": model_dir or getattr(args, "model", None)}
+    return Pipeline.from_artifacts(args.artifacts, args.backend, args.precision, scheduler=args.scheduler,
+                                   **options)
+
+
+def progress_callback(total: int, label: str = "denoising"):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=label, unit="step", file=sys.stderr, leave=False)
+
+    def callback(info) -> None:
+        bar.update(1)
+        if info.index + 1 == info.total:
+            bar.close()
+
+    return callback
+
+
+def output_paths(out: str, count: int) -> list[Path]:
+    path = Path(out)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def cmd_generate(args) -> int:
+    pipe = open_pipeline(args)
+    kwargs = generation_kwargs(args)
+    images = pipe.generate(**kwargs, callback=progress_callback(args.steps))
+    paths = output_paths(args.out, len(images))
+    for image, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+    t = pipe.backend.timings
+    log(f"text encoder {sum(t['text_encoder']) * 1e3:.0f} ms, U-Net {len(t['unet'])} calls "
+        f"{sum(t['unet']):.2f} s, MoVQ {sum(t['movq_decoder']) * 1e3:.0f} ms")
+    for path in paths:
+        print(path)
+    return 0
+
+
+def run_parity_command(args, report_dir: str | None) -> "object":
+    from ..export.reference import load_reference, run_reference
+    from .parity import compare_runs, format_table, write_report
+    from .pipeline import make_request
+
+    kwargs = generation_kwargs(args)
+    request = make_request(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), **kwargs)
+    pipe = open_pipeline(args, model_dir=args.model)
+    log(f"runtime ({args.backend}, {args.precision}): {request.steps} steps ...")
+    recorded: list = []
+    images = pipe.generate(**generation_kwargs(args), output_type="np", recorder=recorded,
+                           callback=progress_callback(request.steps, "runtime"))
+    log("reference (diffusers.Kandinsky3Pipeline, torch fp32) ...")
+    reference = run_reference(load_reference(args.model), request)
+    report = compare_runs(pipe, reference, request, images, recorded)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=float))
+    if report_dir:
+        log(f"report: {write_report(report, report_dir)}")
+    return report
+
+
+def cmd_parity(args) -> int:
+    return 0 if run_parity_command(args, args.report).ok else 1
+
+
+def cmd_bench(args) -> int:
+    from ..export.reference import load_reference
+    from .bench import format_bench, reference_stage_times, runtime_stage_times
+    from .pipeline import make_request
+
+    kwargs = generation_kwargs(args)
+    request = make_request(kwargs["prompt"], kwargs["negative_prompt"], **{k: v for k, v in kwargs.items()
+                                                                          if k not in ("prompt", "negative_prompt")})
+    pipe = open_pipeline(args)
+    import torch
+
+    log(f"benchmarking {args.repeats} repeats at {request.width}x{request.height}, {request.steps} steps, "
+        f"torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
+    result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend, "precision": args.precision,
+              "runtime": runtime_stage_times(pipe, kwargs, args.repeats),
+              "reference": reference_stage_times(load_reference(args.model), request, args.repeats)}
+    result["ratio"] = result["reference"]["total_ms"] / result["runtime"]["total_ms"]
+    print(format_bench(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """tiny preset -> export -> generate -> parity, printing where the image and the report are."""
+    from ..export.presets import write_preset
+    from ..export.sources import open_model_dir
+    from ..export.writer import export_artifacts
+
+    out = Path(args.out)
+    model = out / "model"
+    if not (model / "model_index.json").is_file():
+        log(f"[1/4] writing the tiny preset (random weights, real classes) -> {model}")
+        write_preset("tiny", model)
+    log(f"[2/4] exporting to ONNX -> {out / 'artifacts'}")
+    export_artifacts(open_model_dir(model), out / "artifacts", log=log)
+    argv = ["--artifacts", str(out / "artifacts"), "--model", str(model), "--prompt", args.prompt,
+            "--steps", "12", "--height", "64", "--width", "128", "--seed", "0"]
+    log("[3/4] generating with the lean runtime (ONNX Runtime)")
+    from .cli import build_parser
+
+    gen = build_parser().parse_args(["generate", *argv[:2], *argv[4:], "--out", str(out / "demo.png")])
+    cmd_generate(gen)
+    log("[4/4] parity against diffusers.Kandinsky3Pipeline")
+    par = build_parser().parse_args(["parity", *argv, "--report", str(out / "report")])
+    report = run_parity_command(par, par.report)
+    print(f"image:  {out / 'demo.png'}\nreport: {out / 'report' / 'report.md'}")
+    return 0 if report.ok else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="generate images from an artifact directory")
+    p.add_argument("--artifacts", required=True, metavar="ART")
+    add_generation_args(p)
+    add_backend_args(p)
+    p.add_argument("--model", metavar="DIR", help="model folder (only for --backend torch)")
+    p.add_argument("--out", required=True, metavar="PATH.png")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("parity", help="runtime vs diffusers: per component, teacher-forced and end to end")
+    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--artifacts", required=True, metavar="ART")
+    add_generation_args(p)
+    add_backend_args(p, ("ort", "trt"))
+    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--report", metavar="DIR", help="write report.md with side-by-side images and heat maps")
+    p.set_defaults(func=cmd_parity)
+
+    p = sub.add_parser("bench", help="median per-stage latency: runtime vs diffusers, same run")
+    p.add_argument("--artifacts", required=True, metavar="ART")
+    p.add_argument("--model", required=True, metavar="DIR")
+    add_generation_args(p)
+    add_backend_args(p, ("ort", "trt"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--json", metavar="FILE")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="tiny preset -> export -> generate -> parity, on a fresh install")
+    p.add_argument("--out", default="k3trt-demo", metavar="DIR")
+    p.add_argument("--prompt", default="a red fox in a snowy forest, watercolor")
+    p.set_defaults(func=cmd_demo)
+
+
+logging.basicConfig(level=os.environ.get("K3TRT_LOG", "WARNING"), format="%(levelname)s: %(message)s")
