@@ -35,7 +35,7 @@ def cmd_export(args) -> int:
     components = [c.strip() for c in args.components.split(",") if c.strip()]
     source = open_source(args)
     log(f"exporting {', '.join(components)} from {source.label} -> {args.out}")
-    threshold = int(args.external_data_threshold_mb * 1024 * 1024) if args.external_data_threshold_mb else \
+    threshold = int(args.external_data_threshold_mb * 1024 * 1024) if args.external_data_threshold_mb is not None else \
         PROTOBUF_LIMIT
     summary = export_artifacts(source, args.out, components=components, opset=args.opset,
                                external_threshold=threshold, force=args.force, log=log)

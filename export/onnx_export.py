@@ -61,6 +61,18 @@ def cleanup(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def name_output_axes(model: onnx.ModelProto, spec: ComponentSpec) -> onnx.ModelProto:
+    """Shape inference names output dims after internal nodes (`ConvTranspose_3780_o0__d2`); put the spec's
+    axis names back so the graph documents itself."""
+    wanted = {t.name: t.shape for t in spec.outputs}
+    for output in model.graph.output:
+        dims = output.type.tensor_type.shape.dim
+        for dim, name in zip(dims, wanted.get(output.name, ())):
+            if spec.is_dynamic(name):
+                dim.dim_param = name
+    return model
+
+
 def save_onnx(model: onnx.ModelProto, path: Path, *, external_threshold: int = PROTOBUF_LIMIT) -> Path | None:
     """Save `model` at `path`; weights go to one `<name>.data` file beside it when past the threshold.
     Returns the external data path, or None."""
@@ -81,7 +93,7 @@ def export_onnx(spec: ComponentSpec, module: torch.nn.Module, inputs: dict, out_
     raw = raw_dir / "model.onnx"
     trace_to_onnx(spec, module, inputs, raw, opset)
     model = onnx.load(str(raw), load_external_data=True)
-    model = cleanup(model)
+    model = name_output_axes(cleanup(model), spec)
     model.producer_name, model.doc_string = "k3trt", f"Kandinsky 3 {spec.name}"
     final = out_dir / "model.onnx"
     external = save_onnx(model, final, external_threshold=external_threshold)

@@ -9,6 +9,7 @@ so fp16/int8 studies on presets mean something. `damped=False` keeps the raw ran
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import shutil
@@ -19,7 +20,7 @@ from ..runtime.artifacts import sha256_json
 from ..runtime.errors import InvalidArgumentError
 
 CORPUS = Path(__file__).with_name("assets") / "tokenizer_corpus.txt"
-PRESET_FORMAT = 2  # bump when preset construction changes, so caches rebuild (Kandinsky3UNet needs layers_per_block >= 2)
+PRESET_FORMAT = 3  # bump when preset construction changes, so caches rebuild (Kandinsky3UNet needs layers_per_block >= 2)
 DAMPING = 0.1
 
 SCHEDULER_CONFIG = dict(  # kandinsky-community/kandinsky-3 scheduler/scheduler_config.json
@@ -93,12 +94,14 @@ def train_tokenizer(folder: Path, vocab_size: int) -> None:
     import sentencepiece as spm
 
     folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()  # written from memory: no temporary path or corpus location lands in the model
     spm.SentencePieceTrainer.train(
-        input=str(CORPUS), model_prefix=str(folder / "spiece"), vocab_size=vocab_size, model_type="unigram",
+        sentence_iterator=iter(CORPUS.read_text().splitlines()), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram",
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>",
         character_coverage=1.0, hard_vocab_limit=False, num_threads=1, minloglevel=2,
     )
-    (folder / "spiece.vocab").unlink(missing_ok=True)
+    (folder / "spiece.model").write_bytes(model.getvalue())
 
 
 def _randomize_time_conditioning(unet, std: float = 0.02) -> None:

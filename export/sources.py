@@ -29,12 +29,7 @@ class ModelSource:
         return json.loads((self.root / folder / name).read_text())
 
     def weight_files(self, folder: str) -> list[Path]:
-        files = sorted((self.root / folder).glob(f"*{WEIGHT_SUFFIX}"))
-        if self.variant:
-            files = [f for f in files if f".{self.variant}." in f.name]
-        else:
-            files = [f for f in files if f.name.count(".") == 1]  # no variant infix
-        return files
+        return variant_files(self.root / folder, self.variant)
 
     def source_hash(self, folder: str) -> str:
         """Config + weights of one folder: what decides whether its export is still current."""
@@ -66,14 +61,20 @@ class ModelSource:
         raise ModelSourceError(f"unknown model folder {folder!r}", accepted=", ".join(REQUIRED_FOLDERS))
 
 
+def variant_files(folder: Path, variant: str | None) -> list[Path]:
+    """Weight files of one variant, shards included: `model.safetensors`, `model-00001-of-00003.safetensors`
+    (variant None); `model.fp16.safetensors`, `model.fp16-00001-of-00003.safetensors` (variant "fp16")."""
+    files = sorted(folder.glob(f"*{WEIGHT_SUFFIX}"))
+    stems = [(f, f.name[: -len(WEIGHT_SUFFIX)]) for f in files]
+    if variant is None:
+        return [f for f, stem in stems if "." not in stem]
+    return [f for f, stem in stems if stem.endswith(f".{variant}") or f".{variant}-" in stem]
+
+
 def _detect_variant(root: Path, requested: str | None) -> str | None:
     if requested is not None:
         return requested
-    unet = root / "unet"
-    plain = [f for f in unet.glob(f"*{WEIGHT_SUFFIX}") if f.name.count(".") == 1]
-    if plain:
-        return None
-    if list(unet.glob(f"*.fp16{WEIGHT_SUFFIX}")):
+    if not variant_files(root / "unet", None) and variant_files(root / "unet", "fp16"):
         return "fp16"
     return None
 

@@ -6,6 +6,7 @@ Unchanged inputs (source config + weights, export options, package version) do n
 """
 from __future__ import annotations
 
+import copy
 import gc
 import importlib.metadata as md
 import json
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime.artifacts import (FileRecord, Manifest, OnnxRecord, atomic_write_bytes, sha256_json)
+from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, atomic_write_bytes, sha256_file, sha256_json
 from ..runtime.errors import ValidationError
 from .components import MAX_TEXT_LENGTH, MOVQ_SCALE, SPECS, component_spec, model_info
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
@@ -112,12 +113,20 @@ def _current(manifest: Manifest, name: str, key: str) -> bool:
     return True
 
 
-def export_component(source: ModelSource, manifest: Manifest, name: str, *, opset: int,
+def _content_folder(root: Path, name: str, staging: Path, graph: Path, external: Path | None) -> Path:
+    """Move the staged export to a folder named after its content. An identical earlier export is reused
+    as is; nothing the current manifest points to is ever replaced, so the manifest stays the commit point."""
+    digest = sha256_json([sha256_file(graph), sha256_file(external) if external else None])[:12]
+    final = root / name / f"fp32-{digest}"
+    if not final.exists():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, final)
+    return final
+
+
+def export_component(source: ModelSource, root: Path, name: str, *, source_hash: str, key: str, opset: int,
                      external_threshold: int, log) -> OnnxRecord:
     spec = component_spec(name)
-    source_hash = source.source_hash(spec.folder)
-    key = export_key(source_hash, opset, external_threshold)
-    root = manifest.root
     staging = Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{name}-"))
     try:
         t0 = time.perf_counter()
@@ -134,11 +143,7 @@ def export_component(source: ModelSource, manifest: Manifest, name: str, *, opse
         if failures:
             raise ValidationError(failures, fix="report this with the model config; the previous artifacts "
                                                 "were left untouched")
-        final = root / name / f"fp32-{key[:12]}"
-        if final.exists():
-            shutil.rmtree(final)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
+        final = _content_folder(root, name, staging, graph, external)
         record = OnnxRecord(
             component=name, variant="fp32", graph=FileRecord.of(root, final / graph.name),
             external_data=FileRecord.of(root, final / external.name) if external else None, opset=opset,
@@ -156,20 +161,30 @@ def export_component(source: ModelSource, manifest: Manifest, name: str, *, opse
 
 
 def collect_garbage(manifest: Manifest) -> None:
-    """Remove component folders the manifest no longer references (superseded exports)."""
-    keep = {Path(p).parent for p in manifest.referenced_paths()}
+    """Remove component folders and side files the manifest no longer references (superseded exports,
+    leftovers of a failed run)."""
+    referenced = manifest.referenced_paths()
+    keep = {Path(p).parent for p in referenced}
     for name in SPECS:
         folder = manifest.root / name
         if folder.is_dir():
             for child in folder.iterdir():
                 if child.is_dir() and child.relative_to(manifest.root) not in keep:
                     shutil.rmtree(child, ignore_errors=True)
+    for side in ("tokenizer", "scheduler"):
+        folder = manifest.root / side
+        if folder.is_dir():
+            for child in folder.glob("*.json"):
+                if str(child.relative_to(manifest.root)) not in referenced:
+                    child.unlink(missing_ok=True)
 
 
 def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=tuple(SPECS),
                      opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT,
                      force: bool = False, log=print) -> dict:
-    """Export `components` of `source` into the artifact directory `out`. Returns a summary dict."""
+    """Export `components` of `source` into the artifact directory `out`. Returns a summary dict.
+
+    All-or-nothing: the new manifest is written once, after every component has exported and validated."""
     from ..runtime.errors import InvalidArgumentError
 
     if opset < MIN_OPSET:
@@ -179,21 +194,23 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
         component_spec(name)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest.load_or_new(out)
-    manifest.data["source"] = {"label": source.label, "path": str(source.root), "variant": source.variant}
-    write_side_files(source, manifest)
-    manifest.save()
+    current = Manifest.load_or_new(out)
+    staged = Manifest(out, copy.deepcopy(current.data))
+    staged.data["source"] = {"label": source.label, "path": str(source.root), "variant": source.variant}
+    write_side_files(source, staged)
     summary = {"exported": [], "up_to_date": []}
     for name in components:
-        key = export_key(source.source_hash(component_spec(name).folder), opset, external_threshold)
-        if not force and _current(manifest, name, key):
+        source_hash = source.source_hash(component_spec(name).folder)
+        key = export_key(source_hash, opset, external_threshold)
+        if not force and _current(current, name, key):
             log(f"  {name}: up to date (inputs unchanged), skipped")
             summary["up_to_date"].append(name)
             continue
-        manifest.put_onnx(export_component(source, manifest, name, opset=opset,
-                                           external_threshold=external_threshold, log=log))
-        manifest.save()  # commit point for this component
+        staged.put_onnx(export_component(source, out, name, source_hash=source_hash, key=key, opset=opset,
+                                         external_threshold=external_threshold, log=log))
         summary["exported"].append(name)
-    collect_garbage(manifest)
+    if staged.data != current.data:
+        staged.save()  # the commit point
+    collect_garbage(staged)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return summary

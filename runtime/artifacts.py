@@ -227,7 +227,7 @@ def check_external_data_paths(graph_path: Path, root: Path) -> None:
     import onnx
 
     model = onnx.load(str(graph_path), load_external_data=False)
-    folder = graph_path.parent.relative_to(root)
+    folder = graph_path.resolve().parent.relative_to(root.resolve())
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
