@@ -26,8 +26,9 @@ def add_generation_args(p, *, size: int = 1024, steps: int = 25) -> None:
 
 def add_backend_args(p, backends=("ort", "trt", "torch")) -> None:
     p.add_argument("--backend", choices=backends, default="ort")
-    p.add_argument("--precision", default="fp32",
-                   help="fp32 | int8 (U-Net int8 Q/DQ variant, from `k3trt calibrate`) | fp16 ... (trt engines)")
+    p.add_argument("--precision", default=None,
+                   help="ort: fp32 (default) | int8 (the U-Net's Q/DQ variant from `k3trt calibrate`); trt: the "
+                        "engines' precision, default bf16 text encoder + fp16 U-Net and MoVQ (`k3trt build`)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
 
@@ -46,7 +47,8 @@ def open_pipeline(args, model_dir: str | None = None):
         options = {"provider": args.provider, "threads": args.threads}
     elif args.backend == "torch":
         options = {"model_dir": model_dir or getattr(args, "model", None)}
-    return Pipeline.from_artifacts(args.artifacts, args.backend, args.precision, scheduler=args.scheduler,
+    precision = args.precision or ("default" if args.backend == "trt" else "fp32")
+    return Pipeline.from_artifacts(args.artifacts, args.backend, precision, scheduler=args.scheduler,
                                    **options)
 
 

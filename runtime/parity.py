@@ -92,7 +92,7 @@ def _movq_check(backend, reference, precision: str) -> Check:
 
 def compare_runs(pipeline, reference, request, runtime_images: np.ndarray, recorded: list) -> ParityReport:
     """Judge a runtime generation (`runtime_images`, its U-Net `recorded` calls) against a reference run."""
-    precision = {c: pipeline.backend.record(c).variant for c in ("text_encoder", "unet", "movq_decoder")}
+    precision = {c: pipeline.backend.effective_precision(c) for c in ("text_encoder", "unet", "movq_decoder")}
     checks = [_text_check(pipeline.backend, reference, precision["text_encoder"])]
     steps, forced = _teacher_forced(pipeline.backend, reference, precision["unet"])
     checks += [forced, *_free_running(reference, recorded), _movq_check(pipeline.backend, reference,

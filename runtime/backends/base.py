@@ -83,6 +83,10 @@ class Backend(abc.ABC):
             return self.manifest.onnx(component, "fp32")  # e.g. int8 U-Net with an fp32 text encoder
         return self.manifest.onnx(component, variant)
 
+    def effective_precision(self, component: str) -> str:
+        """The precision `component` actually runs in (parity picks its tolerance by this)."""
+        return self.record(component).variant
+
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feeds(self.record(component), feeds)
         start = time.perf_counter()

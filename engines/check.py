@@ -1,0 +1,324 @@
+"""`k3trt check`: lint ONNX for what TensorRT's ONNX parser will not accept, before a long engine build.
+
+Pure Python (onnx only). Each finding names the node and its op type; errors make the command exit 1,
+warnings do not. Operator support comes from a data table (below) with its sources; anything not in the table
+is a warning, not a guess.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+
+PROTOBUF_LIMIT = 2 * 1024**3
+DEFAULT_TRT_VERSION = (10, 0)
+
+# --------------------------------------------------------------------------------------- operator table
+# Sources: onnx/onnx-tensorrt docs/operators.md, "Operator Support Matrix" (the TensorRT 8.5 GA table, commit
+# 6d0ab7b: rows marked Y / N), updated from onnx/onnx-tensorrt docs/Changelog.md for the operators each later
+# release added (8.6 EA: GroupNormalization, LayerNormalization, IsInf; 9.2: Hardmax; 10.1: DeformConv;
+# 10.4: BlackmanWindow, HammingWindow, HannWindow; 10.5: real-valued STFT). The TensorRT 10.0 matrix states
+# "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20".
+# https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
+SUPPORTED = frozenset("""
+Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip
+Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout
+Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool
+GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GRU HardSigmoid HardSwish Identity If ImageScaler
+InstanceNormalization IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool
+MatMul Max MaxPool Mean MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
+ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range
+Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
+ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements
+ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt
+Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
+""".split())
+ADDED_IN = {"GroupNormalization": (8, 6), "LayerNormalization": (8, 6), "IsInf": (8, 6), "Hardmax": (9, 2),
+            "DeformConv": (10, 1), "BlackmanWindow": (10, 4), "HammingWindow": (10, 4), "HannWindow": (10, 4),
+            "STFT": (10, 5)}
+# 'N' rows of the same matrix that no changelog entry up to 10.6 lifts, plus opset 18-20 operators a later
+# TensorRT 11.2 derived table still lists as unsupported (AffineGrid ... StringSplit).
+UNSUPPORTED = frozenset("""
+Bernoulli BitShift Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear MatMulInteger MaxRoiPool
+MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement OptionalHasElement
+QLinearConv QLinearMatMul SequenceAt SequenceConstruct SequenceEmpty SequenceErase SequenceInsert SequenceLength
+SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer TfIdfVectorizer Unique
+AffineGrid BitwiseAnd BitwiseNot BitwiseOr BitwiseXor CenterCropPad Col2Im ImageDecoder RegexFullMatch
+StringConcat StringSplit
+""".split())
+OPSET_RANGE = (9, 20)
+# Tensor types the parser has no mapping for (TensorRT 10 types: DOUBLE (cast down), FLOAT, FLOAT16, BFLOAT16,
+# INT32, INT64, FP8 E4M3FN, INT8, INT4, UINT8, BOOL).
+UNSUPPORTED_TYPES = {4: "UINT16", 5: "INT16", 8: "STRING", 12: "UINT32", 13: "UINT64", 14: "COMPLEX64",
+                     15: "COMPLEX128", 18: "FLOAT8E4M3FNUZ", 19: "FLOAT8E5M2", 20: "FLOAT8E5M2FNUZ", 21: "UINT4"}
+INT64_NATIVE_SINCE = (9, 0)  # Changelog 9.0 EA: "The ONNX parser no longer automatically casts INT64 to INT32"
+# Constant-input requirements lifted by a release (Changelog): tensor `axes` for Slice 10.3, Pad 10.4,
+# Squeeze/Unsqueeze 10.7. Reduce*/CumSum axes must be build-time constants in every 10.x.
+CONSTANT_INPUTS = {"Slice": (3, (10, 3)), "Pad": (3, (10, 4)), "Squeeze": (1, (10, 7)), "Unsqueeze": (1, (10, 7)),
+                   "CumSum": (1, None), **{op: (1, None) for op in (
+                       "ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean",
+                       "ReduceMin", "ReduceProd", "ReduceSum", "ReduceSumSquare")}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    severity: str  # "error" (the parser or our build will fail) or "warning"
+    code: str
+    node: str
+    op_type: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity.upper():7} [{self.code}] {self.op_type} {self.node!r}: {self.message}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckResult:
+    label: str
+    path: str
+    nodes: int
+    findings: tuple[Finding, ...]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+
+def parse_trt_version(text: str | None) -> tuple[int, int]:
+    if text is None:
+        return DEFAULT_TRT_VERSION
+    match = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?(?:\.\d+)*\s*", str(text))
+    if not match or not 8 <= int(match[1]) <= 11:
+        raise InvalidArgumentError(f"--trt-version {text!r}", accepted="MAJOR[.MINOR] from 8.0 to 11.x, e.g. 10.0",
+                                   fix="pass the TensorRT version you will build with, e.g. --trt-version 10.3")
+    return int(match[1]), int(match[2] or 0)
+
+
+# --------------------------------------------------------------------------------------- graph lint
+def _attr(node, name: str, default=None):
+    import onnx
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _attribute_findings(node, label: str, consts: set[str], version: tuple[int, int]) -> list[Finding]:
+    out, op = [], node.op_type
+
+    def bad(message: str, severity: str = "error", code: str = "unsupported-attribute"):
+        out.append(Finding(severity, code, label, op, message))
+
+    if op == "Resize":
+        if _text(_attr(node, "mode", b"nearest")) == "cubic":
+            bad("mode 'cubic' (TensorRT supports nearest and linear)")
+        if _text(_attr(node, "coordinate_transformation_mode", b"half_pixel")) == "tf_crop_and_resize":
+            bad("coordinate_transformation_mode 'tf_crop_and_resize'")
+        if _attr(node, "antialias", 0):
+            bad("antialias=1 (antialiasing is not supported)")
+        if _text(_attr(node, "keep_aspect_ratio_policy", b"stretch")) != "stretch":
+            bad("keep_aspect_ratio_policy other than 'stretch'")
+    if op in ("MaxPool", "AveragePool", "LpPool") and any(d != 1 for d in _attr(node, "dilations", []) or []):
+        bad("dilations other than 1")
+    if op == "MaxPool" and len(node.output) > 1 and node.output[1]:
+        bad("the Indices output is unsupported")
+    if op == "LSTM" and (_attr(node, "input_forget", 0) or _attr(node, "layout", 0)):
+        bad("input_forget and layout must be 0")
+    if op == "ScatterND" and _text(_attr(node, "reduction", b"none")) != "none":
+        bad("reduction other than 'none'")
+    if op == "Constant" and any(a.name in ("sparse_value", "value_string", "value_strings") for a in node.attribute):
+        bad("sparse or string constants")
+    if op == "Einsum" and "..." in _text(_attr(node, "equation", b"")):
+        bad("ellipsis in the equation (rejected by TensorRT <= 8.x parsers)", "warning")
+    if op in CONSTANT_INPUTS:
+        index, lifted = CONSTANT_INPUTS[op]
+        if len(node.input) > index and node.input[index] and node.input[index] not in consts:
+            if lifted is None or version < lifted:
+                since = f" before TensorRT {lifted[0]}.{lifted[1]}" if lifted else ""
+                bad(f"input {index} ({node.input[index]!r}) must be a build-time constant{since}",
+                    code="dynamic-constant-input")
+    return out
+
+
+def _node_findings(graph, version: tuple[int, int], functions: set[str], outer: set[str], prefix="") -> list:
+    import onnx
+
+    consts = set(outer) | {t.name for t in graph.initializer}
+    consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    out = []
+    for index, node in enumerate(graph.node):
+        label = prefix + (node.name or f"#{index}")
+        op = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            if (node.domain, op) not in functions:
+                out.append(Finding("error", "custom-op", label, op, f"domain {node.domain!r} needs a TensorRT "
+                                   "plugin registered under this op name"))
+        elif op in UNSUPPORTED:
+            out.append(Finding("error", "unsupported-op", label, op, "not supported by TensorRT's ONNX parser "
+                               "(onnx-tensorrt docs/operators.md)"))
+        elif op in ADDED_IN and version < ADDED_IN[op]:
+            need = ADDED_IN[op]
+            out.append(Finding("error", "unsupported-op", label, op,
+                               f"parsed only from TensorRT {need[0]}.{need[1]}"))
+        elif op not in SUPPORTED and op not in ADDED_IN and (node.domain, op) not in functions:
+            out.append(Finding("warning", "unknown-op", label, op, "not in k3trt's operator table; the parser "
+                               "may or may not accept it"))
+        if op == "Cast" and _attr(node, "to") in UNSUPPORTED_TYPES:
+            out.append(Finding("error", "unsupported-type", label, op,
+                               f"casts to {UNSUPPORTED_TYPES[_attr(node, 'to')]}"))
+        out += _attribute_findings(node, label, consts, version)
+        for attr in node.attribute:  # If/Loop/Scan bodies
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                out += _node_findings(body, version, functions, consts, f"{label}/{attr.name}/")
+    return out
+
+
+def _io_findings(graph, version, axes: Mapping | None) -> list[Finding]:
+    out = []
+    for kind, values in (("graph input", graph.input), ("graph output", graph.output)):
+        for value in values:
+            tensor = value.type.tensor_type
+            if tensor.elem_type in UNSUPPORTED_TYPES:
+                out.append(Finding("error", "unsupported-type", value.name, kind,
+                                   f"type {UNSUPPORTED_TYPES[tensor.elem_type]}"))
+            if tensor.elem_type == 7 and version < INT64_NATIVE_SINCE:
+                out.append(Finding("error", "int64-io", value.name, kind, "INT64 I/O: TensorRT < 9 casts it to "
+                                   "INT32, so the bindings no longer match the manifest; export it as int32"))
+            if kind == "graph output":
+                continue
+            if not tensor.HasField("shape"):
+                out.append(Finding("error", "unknown-rank", value.name, kind, "rank unknown: TensorRT needs the "
+                                   "rank of every input; re-export with shapes"))
+                continue
+            for i, dim in enumerate(tensor.shape.dim):
+                if not dim.dim_param and dim.dim_value <= 0:
+                    out.append(Finding("error", "unnamed-dynamic-dim", value.name, kind, f"dimension {i} is "
+                                       "dynamic without a name: profiles cannot refer to it; name it in dynamic_axes"))
+                elif dim.dim_param and axes is not None and dim.dim_param not in axes:
+                    out.append(Finding("warning", "unknown-axis", value.name, kind, f"dimension {i} "
+                                       f"{dim.dim_param!r} is not an axis of the manifest ({', '.join(axes)})"))
+    return out
+
+
+def _initializer_findings(graph, version) -> list[Finding]:
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    out = []
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    for tensor in graph.initializer:
+        if tensor.data_type in UNSUPPORTED_TYPES:
+            out.append(Finding("error", "unsupported-type", tensor.name, "initializer",
+                               f"type {UNSUPPORTED_TYPES[tensor.data_type]}"))
+        if tensor.data_type != 7 or version >= INT64_NATIVE_SINCE or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue
+        values = numpy_helper.to_array(tensor)
+        if values.size and (values.max() > np.iinfo(np.int32).max or values.min() < np.iinfo(np.int32).min):
+            only_slices = set(consumers.get(tensor.name, [])) <= {"Slice"}
+            out.append(Finding("warning" if only_slices else "error", "int64-range", tensor.name, "initializer",
+                               "INT64 values outside int32 range are clamped by TensorRT < 9"
+                               + (" (harmless as Slice bounds)" if only_slices else "")))
+    return out
+
+
+def lint_model(model, *, trt_version: tuple[int, int] = DEFAULT_TRT_VERSION,
+               axes: Mapping | None = None) -> list[Finding]:
+    """Findings for an in-memory model (graph-level checks; no file access)."""
+    out = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is not None and opset < OPSET_RANGE[0]:
+        out.append(Finding("error", "opset", "(model)", "opset", f"opset {opset} < {OPSET_RANGE[0]}"))
+    elif opset is not None and opset > OPSET_RANGE[1]:
+        out.append(Finding("warning", "opset", "(model)", "opset", f"opset {opset}: the TensorRT 10.0 matrix "
+                           f"covers {OPSET_RANGE[0]}..{OPSET_RANGE[1]}; newer releases parse newer opsets"))
+    functions = {(f.domain, f.name) for f in model.functions}
+    out += _io_findings(model.graph, trt_version, axes)
+    out += _initializer_findings(model.graph, trt_version)
+    out += _node_findings(model.graph, trt_version, functions, set())
+    return out
+
+
+# --------------------------------------------------------------------------------------- files
+def _file_findings(model, path: Path, root: Path) -> list[Finding]:
+    import onnx
+
+    from k3trt.runtime.artifacts import inside
+
+    out, external = [], False
+    folder = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        external = True
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        try:
+            target = inside(root, os.path.relpath(folder / location, root.resolve()))
+        except ArtifactError:
+            out.append(Finding("error", "external-data-path", tensor.name, "initializer",
+                               f"external data {location!r} points outside {root}"))
+            continue
+        if not target.is_file():
+            out.append(Finding("error", "external-data-missing", tensor.name, "initializer",
+                               f"external data file {location!r} is missing"))
+    if path.stat().st_size >= PROTOBUF_LIMIT and not external:
+        out.append(Finding("error", "protobuf-limit", "(model)", "model", "the file is over 2 GB without "
+                           "external data: protobuf cannot parse it; re-export with external data"))
+    return out
+
+
+def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION, root: str | os.PathLike | None = None,
+                    axes: Mapping | None = None, label: str | None = None) -> CheckResult:
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidArgumentError(f"ONNX file {str(path)!r} does not exist", fix="pass --onnx PATH/model.onnx")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: report, do not crash the lint
+        finding = Finding("error", "unreadable", "(model)", "model", f"cannot parse the protobuf: {exc}")
+        return CheckResult(label or str(path), str(path), 0, (finding,))
+    findings = _file_findings(model, path, Path(root) if root else path.parent)
+    findings += lint_model(model, trt_version=trt_version, axes=axes)
+    return CheckResult(label or str(path), str(path), len(model.graph.node), tuple(findings))
+
+
+def check_artifacts(artifacts: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION) -> list[CheckResult]:
+    from k3trt.runtime.artifacts import Manifest, OnnxRecord
+
+    manifest = Manifest.load(artifacts)
+    results = []
+    for component, variants in manifest.data["onnx"].items():
+        for variant, data in variants.items():
+            record = OnnxRecord.from_dict(data)
+            results.append(check_onnx_file(manifest.path(record.graph.path), trt_version=trt_version,
+                                           root=manifest.root, axes=record.axes, label=f"{component}/{variant}"))
+    return results
+
+
+def format_results(results: Iterable[CheckResult], trt_version: tuple[int, int]) -> str:
+    lines, errors, warnings = [], 0, 0
+    for result in results:
+        n_err = len(result.errors)
+        n_warn = len(result.findings) - n_err
+        errors, warnings = errors + n_err, warnings + n_warn
+        status = "ok" if not result.findings else f"{n_err} error(s), {n_warn} warning(s)"
+        lines.append(f"{result.label}: {status} ({result.nodes} nodes, {result.path})")
+        lines += [f"  {finding}" for finding in result.findings]
+    lines.append(f"TensorRT {trt_version[0]}.{trt_version[1]} parser check: {errors} error(s), "
+                 f"{warnings} warning(s)")
+    return "\n".join(lines)

@@ -1,0 +1,207 @@
+"""`k3trt selftest [--gpu]`: prove the engine stage works on this machine, in one command.
+
+Without --gpu: the CPU half (export the tiny preset, lint it, plan 1024x1024 engines), which runs anywhere.
+With --gpu: build tiny engines in each precision, run them through TrtBackend, and compare every output with
+ONNX Runtime (fp32, CPU) and the PyTorch modules, plus a CUDA-graph replay check. Without TensorRT or a GPU it
+says which is missing and exits 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Parity bounds vs the fp32 references, per engine precision. NOT YET VERIFIED ON A GPU: set from each
+# format's rounding (fp32 ~1e-7, tf32 10-bit and bf16 7-bit mantissas, fp16 10-bit with fp32 guards) and from
+# the CPU measurements in shared/notes/kandinsky3.md (damped tiny U-Net: bf16 weights -> cosine 0.984 undamped,
+# int8 per-tensor w8a8 -> 0.976-0.997 damped). Tighten or loosen them once a GPU run has printed real numbers.
+TOLERANCES = {
+    "fp32": {"cosine": 0.99999, "rel_l2": 1e-3},
+    "tf32": {"cosine": 0.9999, "rel_l2": 2e-2},
+    "fp16": {"cosine": 0.999, "rel_l2": 5e-2},
+    "bf16": {"cosine": 0.995, "rel_l2": 1e-1},
+    "int8": {"cosine": 0.97, "rel_l2": 0.25},
+    "fp8": {"cosine": 0.97, "rel_l2": 0.25},
+}
+GRAPH_TOLERANCE = {"cosine": 0.999999, "rel_l2": 1e-5}  # a replay runs the same kernels as a direct enqueue
+SHAPES = {"text_encoder": {"batch": 2, "sequence": 128},
+          "unet": {"batch": 2, "height": 8, "width": 8, "context": 77},
+          "movq_decoder": {"batch": 1, "height": 8, "width": 8}}
+RESOLUTION = "64x64"  # the tiny preset's native size: latent 8x8
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    component: str
+    precision: str
+    reference: str
+    output: str
+    max_abs: float
+    rel_l2: float
+    cosine: float
+    ok: bool
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'component':13} {'precision':9} {'vs':6} {'output':18} {'max_abs':>10} {'rel_l2':>10} " \
+           f"{'cosine':>10}  ok"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r.component:13} {r.precision:9} {r.reference:6} {r.output:18} {r.max_abs:10.3g} "
+                     f"{r.rel_l2:10.3g} {r.cosine:10.6f}  {'yes' if r.ok else 'NO'}")
+    return "\n".join(lines)
+
+
+def _prepare(work: Path, log) -> tuple:
+    from k3trt.export.presets import write_preset
+    from k3trt.export.sources import open_model_dir
+    from k3trt.export.writer import export_artifacts
+    from k3trt.runtime.artifacts import Manifest
+
+    model_dir = work / "tiny-model"
+    if not (model_dir / "model_index.json").is_file():
+        log("writing the tiny preset ...")
+        write_preset("tiny", model_dir)
+    source = open_model_dir(model_dir)
+    log("exporting it to ONNX ...")
+    export_artifacts(source, work / "artifacts", log=lambda m: None)
+    return source, Manifest.load(work / "artifacts")
+
+
+def cpu_selftest(work: Path, log) -> int:
+    from .check import check_artifacts, format_results
+    from .plan import make_plan
+
+    _, manifest = _prepare(work, log)
+    results = check_artifacts(manifest.root)
+    log(format_results(results, (10, 0)))
+    plan = make_plan(manifest, resolutions=["1024x1024"], batch="1-4")
+    unet = next(c for c in plan.components if c.component == "unet")
+    log(f"plan ok: unet batch {unet.profile.axis('batch')}, latent {unet.profile.axis('height').max}")
+    failed = any(r.errors for r in results)
+    log("CPU self-test " + ("FAILED" if failed else "passed") + "; run `k3trt selftest --gpu` on a GPU machine")
+    return 1 if failed else 0
+
+
+def _feeds(source, component: str) -> dict:
+    from k3trt.export.components import SPECS, model_info
+
+    spec = SPECS[component]
+    return spec.make_inputs(SHAPES[component], model_info(source, spec), torch.Generator().manual_seed(1))
+
+
+def _references(source, manifest, feeds: dict) -> dict:
+    """{component: {"ort": outputs, "torch": outputs}} in fp32 on the CPU."""
+    from k3trt.export.components import SPECS
+    from k3trt.runtime.backends.ort import OrtBackend
+
+    refs = {}
+    with OrtBackend(manifest, "fp32") as ort:
+        for component, inputs in feeds.items():
+            spec = SPECS[component]
+            with torch.no_grad():
+                module = spec.wrapper(source.load(spec.folder)).eval()
+                out = module(*(inputs[n] for n in spec.input_names))
+            refs[component] = {"ort": ort.run(component, inputs), "torch": {spec.output_names[0]: out}}
+    return refs
+
+
+def _compare(component, precision, refs, outputs, bounds) -> list[Row]:
+    from k3trt.runtime.metrics import compare
+
+    rows = []
+    for reference, expected in refs.items():
+        for name, ref in expected.items():
+            m = compare(ref, outputs[name].float().cpu())
+            rows.append(Row(component, precision, reference, name, m.max_abs, m.rel_l2, m.cosine, m.within(**bounds)))
+    return rows
+
+
+def _precisions(requested, manifest, env, log) -> list[str]:
+    from .compat import MIN_COMPUTE_CAPABILITY
+    from k3trt.runtime.precision import Precision
+
+    wanted = requested or ["fp32", "tf32", "fp16", "bf16"] + (["int8"] if manifest.has_onnx("unet", "int8") else [])
+    usable = []
+    for name in wanted:
+        need = MIN_COMPUTE_CAPABILITY.get(Precision.parse(name))
+        if need and env.compute_capability < need:
+            log(f"skipping {name}: needs compute capability {need[0]}.{need[1]}")
+        elif name in ("int8", "fp8") and not manifest.has_onnx("unet", name):
+            log(f"skipping {name}: no {name} U-Net variant (run `k3trt calibrate` on the artifacts)")
+        else:
+            usable.append(name)
+    return usable
+
+
+def gpu_selftest(work: Path, precisions, log) -> int:
+    from k3trt.runtime.backends.trt import TrtBackend
+
+    from .build import build_engines
+    from .plan import make_plan
+    from .trt_env import current_env
+
+    env = current_env()
+    log(f"TensorRT {env.trt_version} on {env.gpu_name} (compute capability {env.compute_capability})")
+    source, manifest = _prepare(work, log)
+    feeds = {c: _feeds(source, c) for c in SHAPES}
+    refs = _references(source, manifest, feeds)
+    rows = []
+    for precision in _precisions(precisions, manifest, env, log):
+        plan = make_plan(manifest, precision=precision, resolutions=[RESOLUTION], batch="1")
+        build_engines(plan, manifest, log=log)
+        chosen = {c.component: c.precision.precision.value for c in plan.components}
+        with TrtBackend(manifest, chosen) as backend:
+            for component, inputs in feeds.items():
+                bounds = TOLERANCES[chosen[component]]
+                rows += _compare(component, chosen[component], refs[component], backend.run(component, inputs), bounds)
+        log(format_table(rows[-6:]))
+    rows += _graph_check(manifest, feeds, log)
+    log(format_table(rows))
+    failed = [r for r in rows if not r.ok]
+    log(f"GPU self-test {'FAILED: ' + str(len(failed)) + ' comparison(s) out of bounds' if failed else 'passed'}")
+    return 1 if failed else 0
+
+
+def _graph_check(manifest, feeds, log) -> list[Row]:
+    """CUDA-graph replay vs direct enqueue on the fp16 U-Net, with two different inputs of one shape."""
+    from k3trt.runtime.backends.trt import TrtBackend
+
+    if "unet-fp16" not in manifest.data.get("engines", {}):
+        log("skipping the CUDA graph check: no fp16 U-Net engine was built")
+        return []
+    second = {k: (v * 0.5 if v.is_floating_point() and k != "encoder_attention_mask" else v)
+              for k, v in feeds["unet"].items()}
+    rows = []
+    with TrtBackend(manifest, {"unet": "fp16"}) as direct, TrtBackend(manifest, {"unet": "fp16"},
+                                                                     cuda_graphs=True) as graphs:
+        for label, inputs in (("graph#1", feeds["unet"]), ("graph#2", second)):
+            want = direct.run("unet", inputs)
+            graphs.run("unet", inputs)  # capture on first use; the second call replays
+            got = graphs.run("unet", inputs)
+            rows += _compare("unet", "fp16", {label: want}, got, GRAPH_TOLERANCE)
+    return rows
+
+
+def run_selftest(*, gpu: bool = False, precisions=None, keep: str | None = None,
+                 log: Callable[[str], None] = print) -> int:
+    from .trt_env import missing_requirements
+
+    if gpu:
+        missing = missing_requirements()
+        if missing:
+            log("selftest --gpu cannot run here:")
+            for item in missing:
+                log(f"  - {item}")
+            return 1
+    work = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="k3trt-selftest-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        return gpu_selftest(work, precisions, log) if gpu else cpu_selftest(work, log)
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)

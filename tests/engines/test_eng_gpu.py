@@ -1,0 +1,161 @@
+"""GPU tests: build, run, refit, CUDA graphs and parity with real TensorRT engines on the tiny preset.
+
+Marked `gpu` (run with `-m gpu`); each skips with the reason when TensorRT or a CUDA GPU is missing.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'kandinsky3-trt[gpu]' on a "
+                                           "machine with an NVIDIA GPU)")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch (a CUDA build of torch and an NVIDIA driver are needed)")
+    from k3trt.engines.trt_env import current_env
+
+    return current_env()
+
+
+@pytest.fixture(scope="module")
+def built(gpu, request, tmp_path_factory):
+    """A private copy of the tiny artifacts with refittable default-precision engines at 64x64, batch 1.
+    The session's tiny export is requested only after the GPU check, so skipping costs nothing."""
+    from k3trt.engines.build import build_engines
+    from k3trt.engines.plan import BuildFlags, make_plan
+    from k3trt.runtime.artifacts import Manifest
+
+    root = tmp_path_factory.mktemp("gpu") / "art"
+    shutil.copytree(request.getfixturevalue("tiny_artifacts"), root)
+    manifest = Manifest.load(root)
+    plan = make_plan(manifest, resolutions=["64x64"], batch="1", flags=BuildFlags(refittable=True))
+    summary = build_engines(plan, manifest, log=print)
+    assert len(summary["built"]) == 3
+    return root, plan
+
+
+def _feeds(component):
+    from k3trt.engines.selftest import SHAPES
+    from k3trt.export.components import SPECS
+
+    info = {"vocab_size": 300, "context_dim": 64}
+    return SPECS[component].make_inputs(SHAPES[component], info, torch.Generator().manual_seed(3))
+
+
+def test_build_records_engines(built, gpu):
+    from k3trt.runtime.artifacts import FileRecord, Manifest
+
+    root, plan = built
+    manifest = Manifest.load(root)
+    for cp in plan.components:
+        entry = manifest.data["engines"][cp.name]
+        manifest.verify([FileRecord(**entry["file"])])
+        assert entry["tensorrt"] == gpu.trt_version and tuple(entry["gpu"]["compute_capability"]) == \
+            gpu.compute_capability
+        assert entry["onnx_sha256"] == manifest.onnx(cp.component).graph.sha256
+    assert (root / "engines" / "timing.cache").is_file()
+    assert manifest.data["engines"]["text_encoder-bf16"]["fp32_layers"]["pinned_layers"] > 0
+
+
+def test_rebuild_is_skipped_when_up_to_date(built):
+    from k3trt.engines.build import build_engines
+    from k3trt.runtime.artifacts import Manifest
+
+    root, plan = built
+    assert build_engines(plan, Manifest.load(root), log=print)["up_to_date"] == [c.name for c in plan.components]
+
+
+def test_trt_matches_onnx_runtime(built):
+    from k3trt.engines.selftest import TOLERANCES
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.backends.ort import OrtBackend
+    from k3trt.runtime.backends.trt import TrtBackend
+    from k3trt.runtime.metrics import compare
+
+    manifest = Manifest.load(built[0])
+    with TrtBackend(manifest) as trt, OrtBackend(manifest, "fp32") as ort:
+        for component, precision in trt.precision.items():
+            feeds = _feeds(component)
+            got, want = trt.run(component, feeds), ort.run(component, feeds)
+            for name in want:
+                metrics = compare(want[name], got[name].cpu())
+                assert metrics.within(**TOLERANCES[precision]), f"{component}.{name} {precision}: {metrics}"
+            assert trt.timings[component] and trt.timings[component][-1] > 0
+
+
+def test_feeds_outside_the_profile_are_refused(built):
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.backends.trt import TrtBackend
+    from k3trt.runtime.errors import ShapeError
+
+    with TrtBackend(Manifest.load(built[0])) as trt:
+        feeds = _feeds("movq_decoder")
+        feeds["latents"] = torch.randn(1, 4, 16, 16)  # engine is static at 8x8
+        with pytest.raises(ShapeError, match="movq_decoder-fp16"):
+            trt.run("movq_decoder", feeds)
+
+
+def test_cuda_graph_replay_matches_direct_runs(built):
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.backends.trt import TrtBackend
+
+    manifest = Manifest.load(built[0])
+    with TrtBackend(manifest) as direct, TrtBackend(manifest, cuda_graphs=True) as graphs:
+        for seed in (3, 4):
+            feeds = {k: (v * (seed - 2.5) if k == "sample" else v) for k, v in _feeds("unet").items()}
+            want = direct.run("unet", feeds)["noise_pred"]
+            graphs.run("unet", feeds)
+            got = graphs.run("unet", feeds)["noise_pred"]  # replayed
+            assert torch.allclose(want, got, atol=1e-5, rtol=1e-4)
+
+
+def test_refit_to_another_seed(built, tmp_path):
+    from k3trt.engines.refit import refit_artifacts
+    from k3trt.export.components import SPECS
+    from k3trt.export.presets import write_preset
+    from k3trt.export.sources import open_model_dir
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.backends.trt import TrtBackend
+    from k3trt.runtime.metrics import compare
+
+    root = built[0]
+    model_dir = write_preset("tiny", tmp_path / "seed1", seed=1)
+    feeds = _feeds("text_encoder")
+    with TrtBackend(Manifest.load(root)) as before:
+        old = before.run("text_encoder", feeds)["last_hidden_state"].cpu()
+    assert refit_artifacts(str(root), str(model_dir), components=["text_encoder"]) == ["text_encoder-bf16"]
+    manifest = Manifest.load(root)
+    assert manifest.data["engines"]["text_encoder-bf16"]["refit"]["source"] == str(model_dir)
+    source = open_model_dir(model_dir)
+    spec = SPECS["text_encoder"]
+    with torch.no_grad():
+        want = spec.wrapper(source.load(spec.folder)).eval()(feeds["input_ids"], feeds["attention_mask"])
+    with TrtBackend(manifest) as after:
+        new = after.run("text_encoder", feeds)["last_hidden_state"].cpu()
+    assert compare(want, new).cosine > 0.995 and compare(old, new).cosine < 0.99
+
+
+def test_engine_from_another_tensorrt_is_refused(built, tmp_path):
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.backends.trt import TrtBackend
+    from k3trt.runtime.errors import EngineCompatibilityError
+
+    root = tmp_path / "art"
+    shutil.copytree(built[0], root)
+    manifest = Manifest.load(root)
+    manifest.data["engines"]["unet-fp16"]["tensorrt"] = "9.9.9"
+    manifest.save()
+    with TrtBackend(Manifest.load(root)) as trt, pytest.raises(EngineCompatibilityError, match="9.9.9"):
+        trt.run("unet", _feeds("unet"))
+
+
+def test_selftest_gpu_passes(gpu, tmp_path):
+    from k3trt.engines.selftest import run_selftest
+
+    assert run_selftest(gpu=True, precisions=["fp32", "fp16"], keep=str(tmp_path), log=print) == 0
