@@ -27,7 +27,8 @@ class OrtBackend(Backend):
     name = "ort"
 
     def __init__(self, manifest, precision="fp32", *, provider: str = "cpu", threads: int | None = None,
-                 optimize: bool = True, disable_quant_qdq: bool = False, verify: bool = True):
+                 optimize: bool = True, disable_quant_qdq: bool = False, verify: bool = True,
+                 flush_denormals: bool = True):
         """`disable_quant_qdq` keeps Q/DQ pairs as fake-quant float ops: on AVX2 CPUs without VNNI the fused
         int8 kernels saturate, so accuracy is measured with it on."""
         super().__init__(manifest, precision)
@@ -41,7 +42,7 @@ class OrtBackend(Backend):
                 accepted=", ".join(ort.get_available_providers()),
                 fix="pip install 'kandinsky3-trt[gpu]' on a machine with an NVIDIA GPU, or use --provider cpu")
         self.provider, self.threads, self.optimize = provider, threads or default_threads(), optimize
-        self.disable_quant_qdq, self.verify = disable_quant_qdq, verify
+        self.disable_quant_qdq, self.verify, self.flush_denormals = disable_quant_qdq, verify, flush_denormals
         self._sessions: dict[str, object] = {}
 
     @property
@@ -68,6 +69,8 @@ class OrtBackend(Backend):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if self.optimize
                                             else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+        if self.flush_denormals:  # denormal arithmetic is slow on x86; measured 45 -> 38 ms per small U-Net call
+            options.add_session_config_entry("session.set_denormal_as_zero", "1")
         if self.disable_quant_qdq:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
