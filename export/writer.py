@@ -160,6 +160,17 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def drop_stale_variants(manifest: Manifest, name: str, log) -> None:
+    """Variants derived from an earlier fp32 export of `name` (int8 from calibration) no longer match it."""
+    variants = manifest.data["onnx"].get(name, {})
+    fp32_key = variants["fp32"]["export_key"]
+    for variant in [v for v, rec in variants.items() if v != "fp32"]:
+        derived_from = variants[variant].get("extra", {}).get("fp32_export_key")
+        if derived_from and derived_from != fp32_key:
+            del variants[variant]
+            log(f"  {name}: dropped the stale {variant} variant (re-run `k3trt calibrate` to rebuild it)")
+
+
 def collect_garbage(manifest: Manifest) -> None:
     """Remove component folders and side files the manifest no longer references (superseded exports,
     leftovers of a failed run)."""
@@ -208,6 +219,7 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
             continue
         staged.put_onnx(export_component(source, out, name, source_hash=source_hash, key=key, opset=opset,
                                          external_threshold=external_threshold, log=log))
+        drop_stale_variants(staged, name, log)
         summary["exported"].append(name)
     if staged.data != current.data:
         staged.save()  # the commit point

@@ -116,22 +116,32 @@ def cmd_parity(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import argparse
+
+    import torch
+
     from ..export.reference import load_reference
-    from .bench import format_bench, reference_stage_times, runtime_stage_times
+    from .bench import format_bench, interleaved_medians, reference_runner, runtime_runner, unet_int8_vs_fp32
     from .pipeline import make_request
 
     kwargs = generation_kwargs(args)
     request = make_request(kwargs["prompt"], kwargs["negative_prompt"], **{k: v for k, v in kwargs.items()
                                                                           if k not in ("prompt", "negative_prompt")})
     pipe = open_pipeline(args)
-    import torch
-
-    log(f"benchmarking {args.repeats} repeats at {request.width}x{request.height}, {request.steps} steps, "
-        f"torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
+    int8 = args.backend == "ort" and str(args.precision).lower() == "int8"
+    runners = {"runtime": runtime_runner(pipe, kwargs),
+               "reference": reference_runner(load_reference(args.model), request)}
+    if int8:  # same run, same request: the fp32 pipeline's U-Net for comparison
+        pipe.manifest.onnx("unet", "int8")  # typed error with the fix (`k3trt calibrate`) before any timing
+        fp32_pipe = open_pipeline(argparse.Namespace(**{**vars(args), "precision": "fp32"}))
+        runners["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
+    log(f"benchmarking {args.repeats} interleaved repeats at {request.width}x{request.height}, {request.steps} "
+        f"steps, torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
     result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend, "precision": args.precision,
-              "runtime": runtime_stage_times(pipe, kwargs, args.repeats),
-              "reference": reference_stage_times(load_reference(args.model), request, args.repeats)}
+              **interleaved_medians(runners, args.repeats)}
     result["ratio"] = result["reference"]["total_ms"] / result["runtime"]["total_ms"]
+    if int8:
+        result["unet_int8_vs_fp32"] = unet_int8_vs_fp32(result["runtime"], result.pop("runtime_fp32"))
     print(format_bench(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -183,7 +193,8 @@ def register(sub) -> None:
     p.add_argument("--report", metavar="DIR", help="write report.md with side-by-side images and heat maps")
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("bench", help="median per-stage latency: runtime vs diffusers, same run")
+    p = sub.add_parser("bench", help="median per-stage latency: runtime vs diffusers, same run "
+                                     "(--precision int8: also the int8 vs fp32 U-Net)")
     p.add_argument("--artifacts", required=True, metavar="ART")
     p.add_argument("--model", required=True, metavar="DIR")
     add_generation_args(p)

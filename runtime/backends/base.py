@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import abc
 import collections
+import logging
 import time
 from typing import Mapping
 
 import torch
 
 from ..artifacts import COMPONENTS, Manifest, OnnxRecord
-from ..errors import InvalidArgumentError, ShapeError
+from ..errors import ArtifactError, InvalidArgumentError, ShapeError
 from ..precision import Precision
+
+log = logging.getLogger("k3trt")
 
 
 def precision_map(precision: str | Mapping[str, str]) -> dict[str, str]:
@@ -72,6 +75,7 @@ class Backend(abc.ABC):
         self.manifest = manifest
         self.precision = precision_map(precision)
         self.timings: dict[str, list[float]] = collections.defaultdict(list)  # seconds per call
+        self._fallback_warned: set[str] = set()
 
     @property
     def device(self) -> torch.device:
@@ -80,8 +84,18 @@ class Backend(abc.ABC):
     def record(self, component: str) -> OnnxRecord:
         variant = self.precision[component]
         if variant != "fp32" and not self.manifest.has_onnx(component, variant):
-            return self.manifest.onnx(component, "fp32")  # e.g. int8 U-Net with an fp32 text encoder
-        return self.manifest.onnx(component, variant)
+            if component not in self._fallback_warned:  # e.g. int8 U-Net with an fp32 text encoder
+                self._fallback_warned.add(component)
+                log.warning("%s has no %s ONNX variant in %s: running it in fp32", component, variant,
+                            self.manifest.root)
+            return self.manifest.onnx(component, "fp32")
+        record = self.manifest.onnx(component, variant)
+        derived_from = record.extra.get("fp32_export_key")
+        if derived_from and self.manifest.has_onnx(component) and \
+                derived_from != self.manifest.onnx(component).export_key:
+            raise ArtifactError(f"the {variant} {component} was derived from an earlier fp32 export",
+                                fix=f"re-run `k3trt calibrate --artifacts {self.manifest.root}`")
+        return record
 
     def effective_precision(self, component: str) -> str:
         """The precision `component` actually runs in (parity picks its tolerance by this)."""

@@ -29,7 +29,7 @@ class OrtBackend(Backend):
     def __init__(self, manifest, precision="fp32", *, provider: str = "cpu", threads: int | None = None,
                  optimize: bool = True, disable_quant_qdq: bool = False, verify: bool = True,
                  flush_denormals: bool = True):
-        """`disable_quant_qdq` keeps Q/DQ pairs as fake-quant float ops: on AVX2 CPUs without VNNI the fused
+        """`disable_quant_qdq` keeps Q/DQ pairs as fake-quant float ops: on some CPUs (AVX2 without VNNI) the fused
         int8 kernels saturate, so accuracy is measured with it on."""
         super().__init__(manifest, precision)
         import onnxruntime as ort

@@ -1,0 +1,219 @@
+"""The calibration stage: trajectories -> ranges -> Q/DQ U-Net -> quality -> manifest, atomically.
+
+The int8 model is written to a staging folder, moved to a content-keyed folder (`unet/int8-<key12>/`) that
+nothing references yet, measured, and only then recorded: `manifest.save()` is the commit point, and any
+failure before it removes the new folder and leaves the previous artifacts (and manifest) as they were.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, sha256_json
+from ..runtime.errors import ArtifactError, InvalidArgumentError
+from . import collect, quality, quantize
+from .config import CALIBRATION_VERSION, DEFAULT_EXCLUSIONS, QuantConfig, TrajectoryConfig
+from .prompts import calibration_prompts, heldout_prompts
+from .sensitivity import SensitivityConfig
+
+PROTOBUF_LIMIT = 2 * 1024**3
+KANDINSKY3_NATIVE_SIZE = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationRequest:
+    artifacts: Path
+    trajectory: TrajectoryConfig
+    quant: QuantConfig = QuantConfig()
+    prompts_file: Path | None = None
+    num_prompts: int | None = 32  # NVIDIA's diffusion int8 recipe calibrates on ~32 prompts
+    heldout: int = 4  # held-out prompts for quality (per-timestep and end-to-end)
+    sensitivity: SensitivityConfig | None = None
+    out: Path | None = None
+    report_dir: Path | None = None
+    threads: int | None = None
+    external_threshold: int = PROTOBUF_LIMIT
+
+
+def native_size(manifest: Manifest, model_dir: str | Path | None = None) -> int:
+    """The preset's native image side (from the model folder's k3trt_preset.json), else Kandinsky 3's 1024."""
+    import json
+
+    from ..export.presets import PRESETS
+
+    folder = model_dir or manifest.data.get("source", {}).get("path")
+    stamp = Path(folder) / "k3trt_preset.json" if folder else None
+    if stamp is not None and stamp.is_file():
+        name = json.loads(stamp.read_text()).get("preset")
+        if name in PRESETS:
+            return PRESETS[name].native_size
+    return KANDINSKY3_NATIVE_SIZE
+
+
+def prepare_root(artifacts: Path, out: Path | None, log) -> Path:
+    """The directory to write: ART itself, or a fresh copy of it at --out (copied atomically)."""
+    Manifest.load(artifacts)  # a typed error now if ART is not an artifact directory
+    if out is None or out.resolve() == artifacts.resolve():
+        return artifacts
+    if out.exists() and any(out.iterdir()):
+        mine = Manifest.load(out)  # an earlier `--out` of the same artifacts may be continued
+        if mine.onnx("unet").export_key != Manifest.load(artifacts).onnx("unet").export_key:
+            raise InvalidArgumentError(f"--out {str(out)!r} holds other artifacts",
+                                       accepted="a new or empty folder, or an earlier --out of the same ART",
+                                       fix="choose another --out folder")
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.copy-"))
+    try:
+        shutil.copytree(artifacts, staging / "art", ignore=shutil.ignore_patterns(".staging-*", ".calib-*"))
+        if out.exists():
+            out.rmdir()
+        os.replace(staging / "art", out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"copied {artifacts} -> {out}")
+    return out
+
+
+def int8_key(fp32: OnnxRecord, ranges: Path, config: QuantConfig, excluded: list[str], threshold: int) -> str:
+    return sha256_json({"fp32": fp32.export_key, "ranges": ranges.name, "quant": config.as_dict(),
+                        "excluded": excluded, "options": quantize.EXTRA_OPTIONS, "format": quantize.QDQ_FORMAT,
+                        "threshold": threshold, "version": CALIBRATION_VERSION, "ort": quantize._ort_version()})
+
+
+def build_int8(manifest: Manifest, fp32: OnnxRecord, ranges: Path, excluded: list[str], request, key: str,
+               log) -> tuple[Path, bool]:
+    """The content-keyed int8 folder, quantized through a staging folder; (folder, created_now)."""
+    folder = manifest.root / "unet" / f"int8-{key[:12]}"
+    if manifest.has_onnx("unet", "int8") and manifest.onnx("unet", "int8").export_key == key:
+        try:
+            manifest.verify_onnx(manifest.onnx("unet", "int8"))
+            log(f"int8 U-Net up to date ({folder.relative_to(manifest.root)}, same ranges and exclusions)")
+            return folder, False
+        except ArtifactError:
+            pass
+    staging = Path(tempfile.mkdtemp(dir=manifest.root, prefix=".staging-unet-int8-"))
+    try:
+        log(f"quantizing: {len(excluded)} Conv/MatMul/Gemm node(s) kept float ...")
+        quantize.quantize_model(manifest.path(fp32.graph.path), ranges, staging, excluded, request.quant,
+                                external_threshold=request.external_threshold)
+        if folder.exists():
+            shutil.rmtree(folder)  # unreferenced leftover of an interrupted run
+        os.replace(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder, True
+
+
+def make_record(root: Path, folder: Path, fp32: OnnxRecord, key: str, extra: dict) -> OnnxRecord:
+    import onnx
+
+    from ..export.writer import library_versions
+
+    graph = folder / "model.onnx"
+    data = folder / "model.onnx.data"
+    opset = next(o.version for o in onnx.load(str(graph), load_external_data=False).opset_import
+                 if o.domain in ("", "ai.onnx"))
+    return OnnxRecord(component="unet", variant="int8", graph=FileRecord.of(root, graph),
+                      external_data=FileRecord.of(root, data) if data.is_file() else None, opset=opset,
+                      inputs=fp32.inputs, outputs=fp32.outputs, axes=dict(fp32.axes), source_hash=fp32.source_hash,
+                      export_key=key, versions=library_versions(), validation={},
+                      extra={"multiples": fp32.extra.get("multiples", {}), **extra})
+
+
+def collect_all(manifest: Manifest, request: CalibrationRequest, log):
+    heldout_set = heldout_prompts(request.heldout)
+    calib_set = calibration_prompts(request.prompts_file, request.num_prompts)  # vs the whole held-out file
+    calib = collect.collect(manifest, calib_set, request.trajectory, threads=request.threads, log=log)
+    heldout = collect.collect(manifest, heldout_set, request.trajectory, threads=request.threads, log=log)
+    return calib, heldout
+
+
+def measure(manifest: Manifest, record: OnnxRecord, folder: Path, heldout, request, summary: dict, log) -> dict:
+    """Quality on held-out prompts: per timestep (teacher-forced), end to end, optional sensitivity."""
+    from .sensitivity import analyze
+
+    log(f"quality on {len(heldout.files)} held-out prompts (fake-quant: session.disable_quant_qdq) ...")
+    unet, rows = quality.unet_quality(folder / "model.onnx", heldout, threads=request.threads)
+    e2e, images = quality.end_to_end(manifest, record, heldout, len(heldout.files), threads=request.threads)
+    fused, _ = quality.end_to_end(manifest, record, heldout, len(heldout.files), threads=request.threads,
+                                  fused=True)
+    result = {"unet": unet, "per_timestep": rows, "end_to_end": e2e,
+              "end_to_end_int8_kernels": fused, "images": images}
+    if request.sensitivity is not None:
+        result["sensitivity"] = analyze(folder / "model.onnx", manifest.path(record.extra["fp32_graph"]),
+                                        summary["quantized_nodes"], heldout, rows, request.sensitivity,
+                                        threads=request.threads, log=log)
+    return result
+
+
+def collect_garbage(manifest: Manifest) -> None:
+    keep = {Path(p).parent.name for p in manifest.referenced_paths()}
+    for folder in (manifest.root / "unet").glob("int8-*"):
+        if folder.is_dir() and folder.name not in keep:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def exclusion_table(config: QuantConfig, matched: dict, excluded: list[str], model) -> dict:
+    reasons = dict(DEFAULT_EXCLUSIONS)
+    rows = [{"pattern": p, "nodes": len(matched[p]), "why": reasons.get(p, "--exclude")} for p in config.patterns()]
+    return {"patterns": rows, "attention_matmuls": len(quantize.activation_matmuls(model, config.op_types)),
+            "nodes": excluded}
+
+
+def settings(request: CalibrationRequest, calib, heldout, fp32: OnnxRecord, ranges: Path) -> dict:
+    prompts = {}
+    for name, traj, source in (("calibration_prompts", calib, request.prompts_file), ("heldout_prompts", heldout,
+                                                                                       None)):
+        prompts[name] = {"count": len(traj.files), "source": str(source or "shipped"),
+                         "digest": sha256_json([f.prompt for f in traj.files])}
+    return {"trajectory": request.trajectory.as_dict(), "quant": request.quant.as_dict(), **prompts,
+            "fp32_export_key": fp32.export_key, "ranges_cache": ranges.name,
+            "library": f"onnxruntime {quantize._ort_version()} quantize_static (QDQ, per_channel, symmetric)",
+            "extra_options": quantize.EXTRA_OPTIONS}
+
+
+def calibrate(request: CalibrationRequest, log=print) -> dict:
+    """Run the stage; returns the report payload. Nothing is committed unless every step succeeds."""
+    import onnx
+
+    from . import report
+
+    root = prepare_root(Path(request.artifacts), Path(request.out) if request.out else None, log)
+    manifest = Manifest.load(root)
+    fp32 = manifest.onnx("unet")
+    manifest.verify_onnx(fp32)
+    fp32_path = manifest.path(fp32.graph.path)
+    graph = onnx.load(str(fp32_path), load_external_data=False)
+    excluded, matched = quantize.resolve_exclusions(graph, request.quant)  # a typo in --exclude fails now
+    calib, heldout = collect_all(manifest, request, log)
+    ranges = quantize.ranges_path(root, calib, request.quant, fp32.export_key)
+    quantize.compute_ranges(fp32_path, calib, request.quant, ranges, external=fp32.external_data is not None,
+                            log=log)
+    key = int8_key(fp32, ranges, request.quant, excluded, request.external_threshold)
+    folder, created = build_int8(manifest, fp32, ranges, excluded, request, key, log)
+    try:
+        summary = quantize.qdq_summary(onnx.load(str(folder / "model.onnx"), load_external_data=False))
+        config = settings(request, calib, heldout, fp32, ranges)
+        record = make_record(root, folder, fp32, key, {"calibration": config, "fp32_export_key": fp32.export_key,
+                                                       "fp32_graph": fp32.graph.path, "excluded_nodes": excluded})
+        measured = measure(manifest, record, folder, heldout, request, summary, log)
+        payload = report.build_payload(record_path=record.graph.path, settings=config, qdq=summary,
+                                       exclusions=exclusion_table(request.quant, matched, excluded, graph),
+                                       measured=measured)
+        report_dir = Path(request.report_dir or root / "calibration" / f"report-int8-{key[:12]}")
+        payload["report"] = str(report.write_report(report_dir, payload, heldout.images(), measured["images"]))
+        short = report.quality_summary(payload)
+        record = dataclasses.replace(record, validation={"heldout": short},
+                                     extra={**record.extra, "quality": short, "report": payload["report"]})
+        manifest.put_onnx(record)
+        manifest.save()  # commit point
+    except BaseException:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    collect_garbage(manifest)
+    return payload

@@ -1,0 +1,26 @@
+"""Calibration-stage fixtures: one calibrated copy of the tiny artifacts per session (tiny preset, 2 + 2
+prompts, 3 steps, 64 x 64), read-only for tests; `calibrated_copy` for tests that change it."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from cal_helpers import tiny_request
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_artifacts, tmp_path_factory) -> tuple[Path, dict]:
+    """(artifact dir with an int8 U-Net, the report payload calibrate returned)."""
+    from k3trt.calibration.stage import calibrate
+
+    root = tmp_path_factory.mktemp("calibrated") / "art"
+    shutil.copytree(tiny_artifacts, root)
+    payload = calibrate(tiny_request(root), log=lambda *_: None)
+    return root, payload
+
+
+@pytest.fixture()
+def calibrated_copy(calibrated, tmp_path) -> Path:
+    dest = tmp_path / "art"
+    shutil.copytree(calibrated[0], dest)
+    return dest
