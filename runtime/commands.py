@@ -39,6 +39,10 @@ def generation_kwargs(args) -> dict:
                 guidance=args.guidance, height=args.height, width=args.width, num_images=args.num_images)
 
 
+def resolved_precision(args) -> str:
+    return args.precision or ("default" if args.backend == "trt" else "fp32")
+
+
 def open_pipeline(args, model_dir: str | None = None):
     from .pipeline import Pipeline
 
@@ -47,8 +51,7 @@ def open_pipeline(args, model_dir: str | None = None):
         options = {"provider": args.provider, "threads": args.threads}
     elif args.backend == "torch":
         options = {"model_dir": model_dir or getattr(args, "model", None)}
-    precision = args.precision or ("default" if args.backend == "trt" else "fp32")
-    return Pipeline.from_artifacts(args.artifacts, args.backend, precision, scheduler=args.scheduler,
+    return Pipeline.from_artifacts(args.artifacts, args.backend, resolved_precision(args), scheduler=args.scheduler,
                                    **options)
 
 
@@ -96,7 +99,7 @@ def run_parity_command(args, report_dir: str | None) -> "object":
     kwargs = generation_kwargs(args)
     request = make_request(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), **kwargs)
     pipe = open_pipeline(args, model_dir=args.model)
-    log(f"runtime ({args.backend}, {args.precision}): {request.steps} steps ...")
+    log(f"runtime ({args.backend}, {resolved_precision(args)}): {request.steps} steps ...")
     recorded: list = []
     images = pipe.generate(**generation_kwargs(args), output_type="np", recorder=recorded,
                            callback=progress_callback(request.steps, "runtime"))
@@ -137,7 +140,8 @@ def cmd_bench(args) -> int:
         runners["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
     log(f"benchmarking {args.repeats} interleaved repeats at {request.width}x{request.height}, {request.steps} "
         f"steps, torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
-    result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend, "precision": args.precision,
+    result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend,
+              "precision": resolved_precision(args),
               **interleaved_medians(runners, args.repeats)}
     result["ratio"] = result["reference"]["total_ms"] / result["runtime"]["total_ms"]
     if int8:
