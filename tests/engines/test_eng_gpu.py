@@ -159,3 +159,24 @@ def test_selftest_gpu_passes(gpu, tmp_path):
     from k3trt.engines.selftest import run_selftest
 
     assert run_selftest(gpu=True, precisions=["fp32", "fp16"], keep=str(tmp_path), log=print) == 0
+
+
+def test_int8_qdq_unet_builds_and_runs(gpu, request, tmp_path):
+    """The calibration stage's explicit Q/DQ U-Net is accepted by the engine build and runs finite."""
+    from k3trt.calibration.config import QuantConfig, TrajectoryConfig
+    from k3trt.calibration.stage import CalibrationRequest, calibrate
+    from k3trt.engines.build import build_engines
+    from k3trt.engines.plan import make_plan
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.backends.trt import TrtBackend
+
+    root = tmp_path / "art"
+    shutil.copytree(request.getfixturevalue("tiny_artifacts"), root)
+    calibrate(CalibrationRequest(artifacts=root, trajectory=TrajectoryConfig(steps=3, height=64, width=64),
+                                 quant=QuantConfig(), num_prompts=2, heldout=2, threads=2), log=print)
+    manifest = Manifest.load(root)
+    plan = make_plan(manifest, precision="int8", components="unet", resolutions=["64x64"], batch="1")
+    assert build_engines(plan, manifest, log=print)["built"]
+    backend = TrtBackend(Manifest.load(root), {"unet": "int8"})
+    out = backend.run("unet", {k: v.cuda() for k, v in _feeds("unet").items()})["noise_pred"]
+    assert torch.isfinite(out).all() and out.abs().max() > 0
