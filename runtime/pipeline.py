@@ -134,7 +134,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- stages
     def encode(self, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
         """Context and 0/1 mask for the U-Net, [uncond..., cond...] when guided (diffusers' encode_prompt)."""
-        texts = list(request.prompts) + list(request.negative_prompts or []) * request.guided
+        negatives = list(request.negative_prompts or []) if request.guided else []  # ignored without CFG
+        texts = list(request.prompts) + negatives  # one encoder call for both
         ids, mask = self.tokenizer(texts)
         hidden = self.backend.run("text_encoder", {"input_ids": ids.to(self.backend.device),
                                                    "attention_mask": mask.to(self.backend.device)})
@@ -143,9 +144,9 @@ class Pipeline:
         n_prompts = len(request.prompts)
         cond, cond_mask = hidden[:n_prompts], mask[:n_prompts]
         length = int(cond_mask.sum(-1).max()) + 1  # cut context: the longest prompt plus one position
-        cond = (cond * (cond_mask[..., None] != 0))[:, :length]
+        # zero the padded positions (where, not a product: an Inf there must not become NaN), then cut
+        cond = torch.where(cond_mask[..., None] != 0, cond, 0.0)[:, :length]
         cond_mask = cond_mask[:, :length]
-        cond = cond * cond_mask[..., None]
         n = request.num_images
         # diffusers repeats embeddings per prompt (p0 p0 p1 p1) but masks per batch (m0 m1 m0 m1); reproduced
         context = cond.repeat(1, n, 1).view(n_prompts * n, cond.shape[1], -1)
