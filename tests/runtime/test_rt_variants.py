@@ -47,3 +47,18 @@ def test_export_drops_stale_variants_only(artifacts_copy):
     manifest = _with_int8_unet(artifacts_copy, Manifest.load(artifacts_copy).onnx("unet").export_key)
     drop_stale_variants(manifest, "unet", messages.append)
     assert set(manifest.data["onnx"]["unet"]) == {"fp32", "int8"} and len(messages) == 1
+
+
+def test_unavailable_and_unknown_ort_providers_are_typed_errors(tiny_artifacts):
+    import onnxruntime
+
+    from k3trt.runtime.errors import BackendUnavailableError, InvalidArgumentError
+
+    manifest = Manifest.load(tiny_artifacts)
+    with pytest.raises(InvalidArgumentError, match="provider 'rocm'"):
+        OrtBackend(manifest, provider="rocm")
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has ONNX Runtime's CUDA provider; the unavailable case cannot be shown here")
+    with pytest.raises(BackendUnavailableError, match="CUDAExecutionProvider is not available") as info:
+        OrtBackend(manifest, provider="cuda")
+    assert "kandinsky3-trt[gpu]" in str(info.value)
