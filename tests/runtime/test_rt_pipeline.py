@@ -113,3 +113,15 @@ def test_tampered_and_missing_artifacts(artifacts_copy):
         Pipeline.from_artifacts(artifacts_copy)
     with pytest.raises(ArtifactError, match="does not exist"):
         Pipeline.from_artifacts(artifacts_copy / "nope")
+
+
+def test_runtime_never_imports_model_code(tiny_artifacts):
+    """The lean runtime generates with no diffusers/transformers module loaded (fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from k3trt.runtime import Pipeline; "
+            f"Pipeline.from_artifacts({str(tiny_artifacts)!r}).generate('a cat', steps=1, height=64, width=64); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
