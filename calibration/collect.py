@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ..runtime.artifacts import COMPONENTS, Manifest, sha256_json
+from ..runtime.artifacts import COMPONENTS, Manifest, atomic_write, sha256_json
 from ..runtime.errors import ArtifactError
 from .config import CALIBRATION_VERSION, TrajectoryConfig
 from .prompts import PromptSet
@@ -169,13 +167,6 @@ def pack(calls: list[tuple[str, dict, dict]], image: np.ndarray) -> dict[str, np
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:
-    """Write to a temporary file in the same folder, then rename: a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, meta=np.array(json.dumps(meta, ensure_ascii=False)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomic (temporary file, then rename): a killed run never leaves half a file."""
+    atomic_write(path, lambda handle: np.savez(handle, meta=np.array(json.dumps(meta, ensure_ascii=False)),
+                                               **arrays))

@@ -20,19 +20,9 @@ from .collect import TrajectorySet
 
 def fake_quant_session(model, threads: int | None = None, *, optimize: bool = True):
     """An ONNX Runtime CPU session (path or serialized bytes) that keeps Q/DQ as float fake-quant ops."""
-    import onnxruntime as ort
+    from ..runtime.backends.ort import cpu_session
 
-    from ..runtime.backends.ort import default_threads
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.intra_op_num_threads = threads or default_threads()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    options.add_session_config_entry("session.set_denormal_as_zero", "1")  # as the runtime's backend does
-    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
-                                providers=["CPUExecutionProvider"])
+    return cpu_session(model, threads=threads, optimize=optimize, disable_quant_qdq=True)
 
 
 def guided(noise: np.ndarray, guidance: float) -> np.ndarray:

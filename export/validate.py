@@ -4,18 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..runtime.backends.ort import cpu_session
 from ..runtime.metrics import compare
 from .components import ComponentSpec
-
-
-def ort_session(path, *, optimize: bool = True):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if not optimize:
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
 def validate_component(spec: ComponentSpec, module: torch.nn.Module, onnx_path, info: dict, *,
@@ -23,7 +14,7 @@ def validate_component(spec: ComponentSpec, module: torch.nn.Module, onnx_path, 
     """Run torch and ONNX Runtime on fresh random inputs at each `spec.validate` shape.
 
     Returns (results for the manifest, failures). A failure names the component, shape and output."""
-    session = ort_session(onnx_path)
+    session = cpu_session(onnx_path, flush_denormals=False)  # exact fp32 semantics for validation
     wrapper = spec.wrapper(module).eval()
     gen = torch.Generator().manual_seed(seed)
     results, failures = [], []
