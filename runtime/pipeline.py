@@ -11,30 +11,22 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 
 from .artifacts import Manifest
 from .backends.base import Backend, check_shapes, make_backend
-from .errors import InvalidArgumentError, K3TRTError, NonFiniteError
+from .errors import InvalidArgumentError
 from .scheduler import make_scheduler
+from .stages import (Conditioning, DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite,
+                     decode_latents, denoise, encode_prompts, prepare_latents)
 from .tokenizer import PromptTokenizer
 
+__all__ = ["Pipeline", "Request", "make_request", "GenerationCancelled", "StepInfo", "check_finite", "to_pil"]
+
 log = logging.getLogger("k3trt")
-
-
-class GenerationCancelled(K3TRTError):
-    """The per-step callback asked to stop."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StepInfo:
-    index: int  # 0-based step
-    total: int
-    timestep: int
-    latents: torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,14 +88,6 @@ def _check_range(name: str, value, lo: int, hi: int, fix: str) -> None:
         raise InvalidArgumentError(f"{name}={value!r}", accepted=f"an integer in {lo}..{hi}", fix=fix)
 
 
-def check_finite(tensor: torch.Tensor, stage: str) -> torch.Tensor:
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise NonFiniteError(f"{stage} produced {bad} NaN/Inf value(s)",
-                             fix="check the engine precision (fp16 overflow?) or run `k3trt parity`")
-    return tensor
-
-
 def to_pil(images: np.ndarray) -> list:
     from PIL import Image
 
@@ -132,63 +116,31 @@ class Pipeline:
         return cls(manifest, backend, scheduler=scheduler)
 
     # ------------------------------------------------------------------------------------- stages
-    def encode(self, request: Request) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, request: Request) -> Conditioning:
         """Context and 0/1 mask for the U-Net, [uncond..., cond...] when guided (diffusers' encode_prompt)."""
-        negatives = list(request.negative_prompts or []) if request.guided else []  # ignored without CFG
-        texts = list(request.prompts) + negatives  # one encoder call for both
-        ids, mask = self.tokenizer(texts)
-        hidden = self.backend.run("text_encoder", {"input_ids": ids.to(self.backend.device),
-                                                   "attention_mask": mask.to(self.backend.device)})
-        hidden = check_finite(hidden["last_hidden_state"], "text_encoder").float()
-        mask = mask.to(hidden.device)
-        n_prompts = len(request.prompts)
-        cond, cond_mask = hidden[:n_prompts], mask[:n_prompts]
-        length = int(cond_mask.sum(-1).max()) + 1  # cut context: the longest prompt plus one position
-        # zero the padded positions (where, not a product: an Inf there must not become NaN), then cut
-        cond = torch.where(cond_mask[..., None] != 0, cond, 0.0)[:, :length]
-        cond_mask = cond_mask[:, :length]
-        n = request.num_images
-        # diffusers repeats embeddings per prompt (p0 p0 p1 p1) but masks per batch (m0 m1 m0 m1); reproduced
-        context = cond.repeat(1, n, 1).view(n_prompts * n, cond.shape[1], -1)
-        context_mask = cond_mask.repeat(n, 1)
-        if not request.guided:
-            return context, context_mask.float()
-        if request.negative_prompts is None:  # unconditional = zero embeddings and an all-zero mask
-            uncond, uncond_mask = torch.zeros_like(context), torch.zeros_like(context_mask)
-        else:
-            neg_mask = mask[n_prompts:, :length]
-            neg = hidden[n_prompts:, :length] * neg_mask[..., None]
-            uncond = neg.repeat(1, n, 1).view(n_prompts * n, length, -1)
-            uncond_mask = neg_mask.repeat(n, 1)
-        return torch.cat([uncond, context]), torch.cat([uncond_mask, context_mask]).float()
+        return encode_prompts(self.backend, self.tokenizer, [request])[0]
 
-    def denoise(self, request: Request, context: torch.Tensor, context_mask: torch.Tensor,
-                generator: torch.Generator, callback: Callable[[StepInfo], bool | None] | None = None,
-                recorder: list | None = None) -> torch.Tensor:
+    def new_scheduler(self, steps: int):
+        """A fresh scheduler (per-request state) and its timesteps for `steps` inference steps."""
         scheduler = make_scheduler(self.scheduler_name, self.scheduler_config)
-        timesteps = scheduler.set_timesteps(request.steps)
-        device = self.backend.device
-        latents = torch.randn(request.latent_shape, generator=generator, dtype=torch.float32).to(device)
-        latents = latents * scheduler.init_noise_sigma
-        for i, t in enumerate(timesteps):
-            sample = torch.cat([latents, latents]) if request.guided else latents
-            feeds = {"sample": sample, "timestep": torch.full((sample.shape[0],), float(t), device=device),
-                     "encoder_hidden_states": context, "encoder_attention_mask": context_mask}
-            noise = check_finite(self.backend.run("unet", feeds)["noise_pred"], f"unet at step {i} (t={t})")
-            if recorder is not None:
-                recorder.append({"step": i, "timestep": t, "sample": sample.cpu(), "noise_pred": noise.cpu()})
-            if request.guided:
-                uncond, cond = noise.chunk(2)
-                noise = (request.guidance + 1.0) * cond - request.guidance * uncond
-            latents = scheduler.step(noise, t, latents, generator=generator)
-            if callback is not None and callback(StepInfo(i, len(timesteps), t, latents)):
-                raise GenerationCancelled(f"cancelled by the callback after step {i + 1}/{len(timesteps)}")
-        return latents
+        return scheduler, scheduler.set_timesteps(steps)
+
+    def start(self, request: Request, cond: Conditioning, generator: torch.Generator | None, *,
+              latents: torch.Tensor | None = None, timesteps: Sequence[int] | None = None) -> DenoiseState:
+        """A request's denoising state: its own scheduler, noise from `generator` (or `latents`) and timesteps
+        (default: all of the schedule; a task may pass a tail of it)."""
+        scheduler, schedule = self.new_scheduler(request.steps)
+        latents = prepare_latents(request.latent_shape, generator, latents=latents,
+                                  init_noise_sigma=scheduler.init_noise_sigma, device=self.backend.device)
+        return DenoiseState(scheduler, schedule if timesteps is None else timesteps, latents, cond,
+                            request.guidance, generator)
+
+    def denoise(self, state: DenoiseState, callback: StepCallback | None = None,
+                recorder: list | None = None) -> torch.Tensor:
+        return denoise(self.backend, state, callback, recorder)
 
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        image = self.backend.run("movq_decoder", {"latents": latents})["image"]
-        image = check_finite(image, "movq_decoder")
-        return (image.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+        return decode_latents(self.backend, latents)
 
     # ------------------------------------------------------------------------------------- API
     def check_request(self, request: Request) -> None:
@@ -204,19 +156,19 @@ class Pipeline:
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int = 1024, width: int = 1024,
                  num_images: int = 1, output_type: str = "pil",
-                 callback: Callable[[StepInfo], bool | None] | None = None, recorder: list | None = None):
+                 callback: StepCallback | None = None, recorder: list | None = None):
         """Images for `prompt` (PIL list, or a float array (N, H, W, 3) in [0, 1] with output_type="np").
 
-        `callback(StepInfo)` runs after every step; returning True cancels (GenerationCancelled)."""
+        `callback(StepInfo)` runs after every step; returning True cancels (GenerationCancelled), returning a
+        tensor replaces the latents. Safe to call from many threads at once: all per-request state is local."""
         if output_type not in ("pil", "np"):
             raise InvalidArgumentError(f"output_type={output_type!r}", accepted="pil, np")
         request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
                                height=height, width=width, num_images=num_images)
         self.check_request(request)
-        generator = torch.Generator("cpu").manual_seed(request.seed)
-        context, context_mask = self.encode(request)
-        latents = self.denoise(request, context, context_mask, generator, callback, recorder)
-        images = self.decode(latents)
+        generator = torch.Generator("cpu").manual_seed(request.seed)  # one per request: thread-safe
+        state = self.start(request, self.encode(request), generator)
+        images = self.decode(self.denoise(state, callback, recorder))
         return to_pil(images) if output_type == "pil" else images
 
     def close(self) -> None:
