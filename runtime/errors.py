@@ -51,3 +51,7 @@ class ValidationError(K3TRTError):
         super().__init__(
             f"{len(failures)} validation failure(s):\n  " + "\n  ".join(failures), fix=fix
         )
+
+
+class BackendBusyError(K3TRTError):
+    """Every execution slot stayed busy past the wait timeout (a server maps it to 503, retry later)."""

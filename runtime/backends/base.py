@@ -9,6 +9,7 @@ from __future__ import annotations
 import abc
 import collections
 import logging
+import threading
 import time
 from typing import Mapping
 
@@ -19,6 +20,27 @@ from ..errors import ArtifactError, InvalidArgumentError, ShapeError
 from ..precision import Precision
 
 log = logging.getLogger("k3trt")
+
+TIMING_WINDOW = 1024  # per component: the last calls' seconds (a ring), so a long-running server stays bounded
+
+
+class StageTimings(collections.defaultdict):
+    """component -> a ring of the last TIMING_WINDOW call durations (seconds), plus lifetime call counts and sums.
+
+    Reads like the dict of lists it replaces (`sum(t["unet"])`, `len(...)`, `.clear()`); `record` is
+    thread-safe, and memory stays bounded however long the process serves."""
+
+    def __init__(self, window: int = TIMING_WINDOW):
+        super().__init__(lambda: collections.deque(maxlen=window))
+        self.calls: collections.Counter = collections.Counter()
+        self.seconds: collections.Counter = collections.Counter()
+        self._lock = threading.Lock()
+
+    def record(self, component: str, seconds: float) -> None:
+        with self._lock:
+            self[component].append(seconds)
+            self.calls[component] += 1
+            self.seconds[component] += seconds
 
 
 def precision_map(precision: str | Mapping[str, str]) -> dict[str, str]:
@@ -74,7 +96,7 @@ class Backend(abc.ABC):
     def __init__(self, manifest: Manifest, precision: str | Mapping[str, str] = "fp32"):
         self.manifest = manifest
         self.precision = precision_map(precision)
-        self.timings: dict[str, list[float]] = collections.defaultdict(list)  # seconds per call
+        self.timings = StageTimings()  # seconds per call, bounded
         self._fallback_warned: set[str] = set()
 
     @property
@@ -105,7 +127,7 @@ class Backend(abc.ABC):
         check_feeds(self.record(component), feeds)
         start = time.perf_counter()
         out = self._run(component, feeds)
-        self.timings[component].append(time.perf_counter() - start)
+        self.timings.record(component, time.perf_counter() - start)
         return out
 
     @abc.abstractmethod

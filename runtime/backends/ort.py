@@ -6,6 +6,7 @@ DLPack), so latents never round-trip through host memory between steps.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Mapping
 
 import numpy as np
@@ -71,15 +72,21 @@ class OrtBackend(Backend):
         self.provider, self.threads, self.optimize = provider, threads or default_threads(), optimize
         self.disable_quant_qdq, self.verify, self.flush_denormals = disable_quant_qdq, verify, flush_denormals
         self._sessions: dict[str, object] = {}
+        self._open_lock = threading.Lock()  # concurrent first calls open one session, not several
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu" if self.provider == "cpu" else "cuda")
 
     def session(self, component: str):
-        if component not in self._sessions:
-            self._sessions[component] = self._open(component)
-        return self._sessions[component]
+        """The component's session, opened once; `InferenceSession.run` itself is safe to call concurrently."""
+        session = self._sessions.get(component)
+        if session is None:
+            with self._open_lock:
+                session = self._sessions.get(component)
+                if session is None:
+                    session = self._sessions[component] = self._open(component)
+        return session
 
     def _open(self, component: str):
         import onnxruntime as ort
@@ -116,7 +123,8 @@ class OrtBackend(Backend):
         return {n: torch.from_dlpack(v.to_dlpack()) for n, v in zip(names, binding.get_outputs())}
 
     def close(self) -> None:
-        self._sessions.clear()
+        with self._open_lock:
+            self._sessions.clear()
 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}

@@ -12,7 +12,6 @@ Outputs are copies: a pooled slot's buffers are reused by the next call, so hand
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from typing import Mapping
@@ -20,7 +19,8 @@ from typing import Mapping
 import torch
 
 from ..errors import ArtifactError, BackendUnavailableError
-from .base import Backend, check_feeds
+from .base import Backend, StageTimings, check_feeds
+from .pool import ResourcePool
 
 
 class _Buffers:
@@ -54,7 +54,8 @@ class _Slot:
 
 
 class _Engine:
-    def __init__(self, name: str, entry: Mapping, engine, max_contexts: int, device: torch.device):
+    def __init__(self, name: str, entry: Mapping, engine, max_contexts: int, device: torch.device,
+                 context_timeout: float | None = 30.0):
         from k3trt.engines.trt_env import require_tensorrt, torch_dtype
 
         trt = require_tensorrt()
@@ -64,32 +65,19 @@ class _Engine:
         self.outputs = [n for n in names if n not in self.inputs]
         self.dtypes = {n: torch_dtype(engine.get_tensor_dtype(n)) for n in names}
         self.profile = {n: tuple(tuple(s) for s in engine.get_tensor_profile_shape(n, 0)) for n in self.inputs}
-        self.max_contexts, self.created = max_contexts, 0
-        self.pool: queue.LifoQueue = queue.LifoQueue()
-        self.lock = threading.Lock()
-
-    def acquire(self) -> _Slot:
-        try:
-            return self.pool.get_nowait()
-        except queue.Empty:
-            pass
-        with self.lock:
-            if self.created < self.max_contexts:
-                self.created += 1
-                return _Slot(self.engine, self.device)
-        return self.pool.get()  # all contexts busy: wait for one
-
-    def release(self, slot: _Slot) -> None:
-        self.pool.put(slot)
+        # at most max_contexts contexts; a caller waits up to context_timeout s for one (BackendBusyError after)
+        self.pool: ResourcePool[_Slot] = ResourcePool(lambda: _Slot(engine, device), max_contexts,
+                                                      timeout=context_timeout, name=f"{name} execution context")
 
 
 class TrtBackend(Backend):
     name = "trt"
 
     def __init__(self, manifest, precision=None, *, cuda_graphs: bool = False, max_contexts: int = 2,
-                 device: int = 0, verify: bool = True, log=None):
+                 device: int = 0, verify: bool = True, log=None, context_timeout: float | None = 30.0):
         """`precision`: one name, a per-component map, or None / "default" for the engines' defaults (bf16 text
-        encoder, fp16 U-Net and MoVQ: what a plain `k3trt build` makes)."""
+        encoder, fp16 U-Net and MoVQ: what a plain `k3trt build` makes). `context_timeout`: seconds a call waits
+        for a free execution context before BackendBusyError (None: forever)."""
         from k3trt.engines.precision import DEFAULT_PRECISION
         from k3trt.engines.trt_env import current_env, require_cuda, require_tensorrt
 
@@ -100,13 +88,14 @@ class TrtBackend(Backend):
         super().__init__(manifest, precision)
         self.env = current_env(device)
         self.cuda_graphs, self.max_contexts, self.verify = cuda_graphs, max(1, int(max_contexts)), verify
+        self.context_timeout = context_timeout
         self._device = torch.device("cuda", device)
         self._engines: dict[str, _Engine] = {}
         self._load_lock = threading.Lock()
         self._runtime = None
         self.warnings: list[str] = []
         self.log = log or (lambda message: None)
-        self.host_timings: dict[str, list[float]] = {}
+        self.host_timings = StageTimings()  # host-side seconds per call (bounded); `timings` holds GPU time
 
     @property
     def device(self) -> torch.device:
@@ -144,14 +133,14 @@ class TrtBackend(Backend):
                                 fix=f"rebuild it: k3trt build --artifacts {self.manifest.root} --components "
                                     f"{component} --force")
         self.log(f"loaded {name} ({file.bytes / 2**20:.1f} MiB)")
-        return _Engine(name, entry, engine, self.max_contexts, self._device)
+        return _Engine(name, entry, engine, self.max_contexts, self._device, self.context_timeout)
 
     # --- running
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feeds(self.record(component), feeds)
         start = time.perf_counter()
         out = self._run(component, feeds)
-        self.host_timings.setdefault(component, []).append(time.perf_counter() - start)
+        self.host_timings.record(component, time.perf_counter() - start)
         return out
 
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -159,11 +148,8 @@ class TrtBackend(Backend):
 
         eng = self.engine(component)
         check_feeds_in_profile(eng.name, eng.profile, {k: tuple(v.shape) for k, v in feeds.items()})
-        slot = eng.acquire()
-        try:
+        with eng.pool.slot() as slot:
             return self._execute(eng, slot, component, feeds)
-        finally:
-            eng.release(slot)
 
     def _execute(self, eng: _Engine, slot: _Slot, component: str, feeds) -> dict[str, torch.Tensor]:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -179,7 +165,7 @@ class TrtBackend(Backend):
             result = {n: t.clone() for n, t in outputs.items()}
             end.record(slot.stream)
         end.synchronize()  # the slot goes back to the pool: its buffers must be free to reuse
-        self.timings[component].append(begin.elapsed_time(end) / 1000.0)
+        self.timings.record(component, begin.elapsed_time(end) / 1000.0)
         return result
 
     def _bind_and_enqueue(self, eng: _Engine, slot: _Slot, inputs, buffers: _Buffers) -> dict[str, torch.Tensor]:
@@ -215,8 +201,7 @@ class TrtBackend(Backend):
 
     def close(self) -> None:
         for eng in self._engines.values():
-            while not eng.pool.empty():
-                slot = eng.pool.get_nowait()
+            for slot in eng.pool.drain():
                 slot.graphs.clear()
                 del slot.context
         self._engines.clear()
