@@ -7,7 +7,8 @@ import sys
 
 from .errors import K3TRTError
 
-STAGE_CLIS = ("k3trt.export.cli", "k3trt.calibration.cli", "k3trt.engines.cli", "k3trt.runtime.commands")
+STAGE_CLIS = ("k3trt.export.cli", "k3trt.calibration.cli", "k3trt.engines.cli", "k3trt.runtime.commands",
+              "k3trt.runtime.serving.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,65 @@
+"""`k3trt serve` as a process: serves, the load test drives it, SIGTERM finishes the running request, exit 0."""
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx", reason="the HTTP tests need httpx (in `dev`)")
+pytest.importorskip("fastapi", reason="the HTTP service needs the `serve` extra (in `dev`)")
+
+from k3trt.runtime.cli import main  # noqa: E402
+from k3trt.runtime.errors import InvalidArgumentError  # noqa: E402
+from k3trt.runtime.serving.loadtest import check_loopback, run_loadtest  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_loadtest_and_graceful_sigterm(tiny_artifacts):
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "k3trt.runtime.cli", "serve", "--artifacts", str(tiny_artifacts), "--port", str(port),
+         "--default-size", "64x64", "--default-steps", "2", "--threads", "1", "--grace", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        report = run_loadtest(base, requests=6, concurrency=3, warmup=1, body={"prompt": "a fox", "steps": 1},
+                              log=lambda *_: None)
+        assert report["statuses"] == {"200": 6} and report["answered"] == 6
+        assert report["rss_before_mib"] > 0 and report["p99_s"] >= report["p50_s"] > 0
+
+        answer = {}
+        slow = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            f"{base}/v1/images/generations", json={"prompt": "finish me", "steps": 40}, timeout=120)))
+        slow.start()
+        deadline = time.monotonic() + 30
+        while "k3trt_active_requests 1.0" not in httpx.get(f"{base}/metrics").text:  # admitted, denoising
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        slow.join(120)
+        assert answer["r"].status_code == 200  # admitted before SIGTERM: finished, not dropped
+        assert server.wait(60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert "stopped" in server.stdout.read()
+
+
+def test_serve_refuses_bad_artifacts_before_starting(tmp_path, capsys):
+    assert main(["serve", "--artifacts", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_loadtest_stays_on_loopback():
+    assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
+    with pytest.raises(InvalidArgumentError, match="not a loopback address"):
+        check_loopback("http://example.com:8000")

@@ -1,0 +1,72 @@
+"""Ray Serve scale-out: 2 local replicas behind Ray's proxy serve the same API and the same images (slow)."""
+import base64
+import io
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the HTTP service needs the `serve` extra (in `dev`)")
+
+from k3trt.runtime.serving.http import ServeSettings  # noqa: E402
+from k3trt.runtime.serving.ray_app import deployment_options  # noqa: E402
+
+
+def test_deployment_options_expose_replicas_and_autoscaling():
+    settings = ServeSettings("art", max_batch=4, max_queue=8)
+    fixed = deployment_options(settings, 2, None)
+    assert fixed["num_replicas"] == 2 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0} and fixed["max_ongoing_requests"] == 12
+    scaled = deployment_options(ServeSettings("art", backend="trt"), 1, 4)
+    assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
+    assert scaled["ray_actor_options"]["num_gpus"] == 1 and "num_replicas" not in scaled
+    from k3trt.runtime.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="--max-replicas 1 < --replicas 2"):
+        deployment_options(settings, 2, 1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_replicas_spread_requests_and_match_the_single_process_service(tiny_artifacts):
+    ray = pytest.importorskip("ray", reason="needs the `ray` extra")
+    from ray import serve
+    httpx = pytest.importorskip("httpx")
+    from PIL import Image
+
+    from k3trt.runtime import Pipeline
+    from k3trt.runtime.metrics import psnr
+    from k3trt.runtime.serving.ray_app import build_application
+
+    settings = ServeSettings(str(tiny_artifacts), default_size="64x64", default_steps=2, max_batch=2,
+                             backend_options=(("threads", 1),))
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(settings, replicas=2), name="k3trt", route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
+        bodies = [{"prompt": f"a red fox number {i}", "seed": i, "steps": 2} for i in range(12)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda b: httpx.post(f"{base}/v1/images/generations", json=b, timeout=300),
+                                    bodies))
+        assert [a.status_code for a in answers] == [200] * len(bodies)
+        replicas = {a.headers["x-k3trt-replica"] for a in answers}
+        assert len(replicas) == 2, replicas  # Ray spread the requests over both replicas
+        bad = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x", "n": 0})
+        assert bad.status_code == 422 and bad.json()["error"]["param"] == "n"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    pipe = Pipeline.from_artifacts(tiny_artifacts, "ort")
+    for body, answer in zip(bodies[:4], answers):
+        image = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
+        expected = pipe.generate(body["prompt"], seed=body["seed"], steps=2, height=64, width=64)[0]
+        assert psnr(np.asarray(expected, np.float32) / 255, np.asarray(image, np.float32) / 255) >= 60.0
