@@ -11,7 +11,8 @@ def log(message: str) -> None:
 
 def add_source_args(parser, *, required: bool = True) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument("--model", metavar="DIR", help="diffusers-layout Kandinsky 3 folder (save_pretrained)")
+    group.add_argument("--model", metavar="DIR", help="Kandinsky 3 folder: diffusers layout (save_pretrained) or the official "
+                       ".pt layout (ai-forever/Kandinsky3.1 weights/)")
     group.add_argument("--preset", choices=["tiny", "small"], help="random-weight preset of the real classes")
     parser.add_argument("--variant", choices=["fp16"], default=None,
                         help="load *.fp16.safetensors files (auto-detected when they are the only ones)")
@@ -21,11 +22,11 @@ def add_source_args(parser, *, required: bool = True) -> None:
 
 
 def open_source(args):
-    from .sources import open_model_dir, preset_source
+    from .sources import open_source_dir, preset_source
 
     if args.preset:
         return preset_source(args.preset, seed=args.seed, damped=not args.undamped, log=log)
-    return open_model_dir(args.model, variant=args.variant)
+    return open_source_dir(args.model, variant=args.variant)
 
 
 def cmd_export(args) -> int:

@@ -20,7 +20,7 @@ from ..runtime.artifacts import sha256_json
 from ..runtime.errors import InvalidArgumentError
 
 CORPUS = Path(__file__).with_name("assets") / "tokenizer_corpus.txt"
-PRESET_FORMAT = 3  # bump when preset construction changes, so caches rebuild (Kandinsky3UNet needs layers_per_block >= 2)
+PRESET_FORMAT = 4  # bump when preset construction changes, so caches rebuild (4: inpainting + Flash U-Nets)
 DAMPING = 0.1
 
 SCHEDULER_CONFIG = dict(  # kandinsky-community/kandinsky-3 scheduler/scheduler_config.json
@@ -150,6 +150,24 @@ def build_models(spec: PresetSpec, *, vocab_size: int, seed: int, damped: bool):
     return text_encoder, unet, movq
 
 
+def build_variant_unets(spec: PresetSpec, *, seed: int, damped: bool) -> dict:
+    """The inpainting (9-channel) and Flash U-Nets with their null embeddings, from their own seed so the
+    base components stay bit-identical to earlier presets. folder -> (unet, null_embedding, sample_channels)."""
+    import torch
+
+    from .unet_variants import VARIANT_FOLDERS, build_unet
+
+    out = {}
+    for offset, (folder, channels) in enumerate(VARIANT_FOLDERS.items(), start=1):
+        torch.manual_seed(seed + 1000 * offset)
+        unet = build_unet(dict(spec.unet), channels)
+        _randomize_time_conditioning(unet)
+        if damped:
+            damp_residual_branches(unet)
+        out[folder] = (unet, torch.randn(spec.unet["cross_attention_dim"]), channels)
+    return out
+
+
 def write_preset(name: str, out: str | os.PathLike, *, seed: int = 0, damped: bool = True) -> Path:
     """Write preset `name` as a diffusers folder (Kandinsky3Pipeline.save_pretrained) at `out`, atomically."""
     spec = preset_spec(name)
@@ -170,6 +188,10 @@ def write_preset(name: str, out: str | os.PathLike, *, seed: int = 0, damped: bo
         pipe = Kandinsky3Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
                                   scheduler=DDPMScheduler(**SCHEDULER_CONFIG), movq=movq)
         pipe.save_pretrained(staging / "model", safe_serialization=True)
+        from .unet_variants import save_variant
+
+        for folder, (variant, null, channels) in build_variant_unets(spec, seed=seed, damped=damped).items():
+            save_variant(staging / "model" / folder, variant, null, sample_channels=channels)
         shutil.copy(staging / "spm" / "spiece.model", staging / "model" / "tokenizer" / "spiece.model")
         stamp = dict(preset=name, seed=seed, damped=damped, key=preset_key(spec, seed=seed, damped=damped),
                      damping=DAMPING if damped else None)

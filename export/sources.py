@@ -12,6 +12,7 @@ from ..runtime.artifacts import sha256_file, sha256_json
 from ..runtime.errors import ModelSourceError
 
 REQUIRED_FOLDERS = ("tokenizer", "text_encoder", "unet", "movq", "scheduler")
+OPTIONAL_FOLDERS = ("unet_inpainting", "unet_flash")  # k3trt's own layout for the U-Net variants (unet_variants)
 EXPECTED_CLASSES = {"text_encoder": "T5EncoderModel", "unet": "Kandinsky3UNet", "movq": "VQModel",
                     "scheduler": "DDPMScheduler"}
 WEIGHT_SUFFIX = ".safetensors"
@@ -22,6 +23,22 @@ class ModelSource:
     root: Path
     variant: str | None  # None for plain fp32 files, "fp16" for `*.fp16.safetensors`
     label: str  # "preset tiny" or the folder path, for messages and the manifest
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def folders(self) -> list[str]:
+        return ["text_encoder", "unet", *[f for f in OPTIONAL_FOLDERS if (self.root / f).is_dir()], "movq"]
+
+    def has(self, folder: str) -> bool:
+        return folder in self.folders() or folder == "scheduler"
+
+    def null_embedding(self, folder: str):
+        """The learned unconditional embedding of a U-Net variant (None for the diffusers base U-Net)."""
+        from .unet_variants import load_variant
+
+        return load_variant(self.root / folder)[1] if folder in OPTIONAL_FOLDERS else None
 
     # --- metadata
     def config(self, folder: str) -> dict:
@@ -42,6 +59,14 @@ class ModelSource:
 
         kwargs = dict(torch_dtype=torch.float32, use_safetensors=True, variant=self.variant)
         path = str(self.root / folder)
+        if folder in OPTIONAL_FOLDERS:
+            from .unet_variants import load_variant
+
+            if not self.has(folder):
+                raise ModelSourceError(f"{str(self.root)!r} has no {folder}/ folder",
+                                       fix=f"rewrite the preset with this version (`k3trt preset tiny --out DIR`) "
+                                           f"or leave {folder} out of --components")
+            return load_variant(self.root / folder)[0]
         try:
             if folder == "text_encoder":
                 from transformers import T5EncoderModel
@@ -108,6 +133,15 @@ def open_model_dir(path: str | Path, *, variant: str | None = None, label: str |
                 accepted="*.safetensors (fp32) or *.fp16.safetensors", fix="download the safetensors files; "
                 ".bin/.pt pickles are refused because loading them can run arbitrary code")
     return source
+
+
+def open_source_dir(path: str | Path, *, variant: str | None = None):
+    """A diffusers-layout folder, or the official `.pt` layout (ai-forever/Kandinsky3.1 `weights/`)."""
+    from .official import is_official_layout, open_official_dir
+
+    if is_official_layout(path) and not (Path(path) / "model_index.json").is_file():
+        return open_official_dir(path)
+    return open_model_dir(path, variant=variant)
 
 
 def preset_source(name: str, *, seed: int = 0, damped: bool = True, log=print) -> ModelSource:

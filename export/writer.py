@@ -76,18 +76,18 @@ def check_tokenizer(tokenizer_json: bytes, spiece: Path) -> None:
 def write_side_files(source: ModelSource, manifest: Manifest) -> None:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(source.root / "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(str(source.tokenizer_dir))
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         tok_bytes = (Path(tmp) / "tokenizer.json").read_bytes()
-    spiece = source.root / "tokenizer" / "spiece.model"
+    spiece = source.tokenizer_dir / "spiece.model"
     if spiece.is_file():
         check_tokenizer(tok_bytes, spiece)
     tok = _write_keyed(manifest.root, "tokenizer", "tokenizer", tok_bytes)
     manifest.data["tokenizer"] = {**tok.__dict__, "max_length": MAX_TEXT_LENGTH, "pad_id": tokenizer.pad_token_id}
     sched = json.dumps(source.config("scheduler"), indent=2, sort_keys=True).encode()
     manifest.data["scheduler"] = _write_keyed(manifest.root, "scheduler", "scheduler_config", sched).__dict__
-    unet = source.config("unet")
+    unet = source.config(next(f for f in source.folders() if f.startswith("unet")))
     manifest.data["pipeline"] = {
         "latent_channels": unet.get("in_channels", 4), "movq_scale_factor": MOVQ_SCALE,
         "context_dim": unet["encoder_hid_dim"], "max_text_length": MAX_TEXT_LENGTH,
