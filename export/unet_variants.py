@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
+
 from ..runtime.errors import ModelSourceError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
@@ -24,7 +26,6 @@ VARIANT_FOLDERS = {"unet_inpainting": 9, "unet_flash": 4}  # folder -> U-Net inp
 
 def build_unet(config: dict, sample_channels: int = 4):
     """A Kandinsky3UNet from a diffusers config with a `sample_channels`-input conv_in (output stays 4)."""
-    import torch
     from diffusers import Kandinsky3UNet
 
     known = {k: v for k, v in config.items() if not k.startswith("_") and k != SAMPLE_CHANNELS_KEY}
@@ -60,3 +61,41 @@ def load_variant(folder: Path):
     unet.load_state_dict(load_file(weights), strict=True)
     null = load_file(folder / NULL_EMBEDDING)["null_embedding"] if (folder / NULL_EMBEDDING).is_file() else None
     return unet.eval(), null
+
+
+class OfficialUNet(torch.nn.Module):
+    """The inpainting / Flash U-Net with the official text semantics (docs/tasks.md), same I/O as UNetOnnx.
+
+    - the text projection runs here and positions with mask 0 are zeroed after it (official
+      `T5TextConditionEncoder`), not before it (diffusers);
+    - a row whose mask is all zero is the unconditional row: it gets the learned null embedding at position
+      0 with mask 1 there (official `BaseDiffusion.text_guidance`), so the runtime's conditioning (zero
+      context, zero mask for the unconditional branch) stays the same for every U-Net.
+    `sample` carries all input channels (9 for inpainting: latents, mask, masked-image latents)."""
+
+    def __init__(self, unet, null_embedding):
+        super().__init__()
+        self.projection = unet.encoder_hid_proj
+        unet.encoder_hid_proj = torch.nn.Identity()
+        self.unet = unet
+        null = null_embedding if null_embedding is not None else torch.zeros(self.projection_dim())
+        self.register_buffer("null_embedding", null.reshape(-1).float().clone())
+
+    def projection_dim(self) -> int:
+        return self.projection.projection_linear.out_features
+
+    def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
+        mask = encoder_attention_mask
+        context = self.projection(encoder_hidden_states) * mask[..., None]
+        null_row = (mask.sum(-1, keepdim=True) == 0).to(mask.dtype)  # (B, 1)
+        first = (torch.arange(mask.shape[1], device=mask.device) == 0).to(mask.dtype)[None]  # (1, L)
+        context = context * (1 - null_row[..., None]) + (null_row * first)[..., None] * self.null_embedding
+        mask = mask * (1 - null_row) + null_row * first
+        return self.unet(sample, timestep, encoder_hidden_states=context, encoder_attention_mask=mask,
+                         return_dict=False)[0]
+
+
+
+def official_unet(unet, null_embedding) -> OfficialUNet:
+    """Wrap a variant U-Net (see OfficialUNet) for export and for the torch backend."""
+    return OfficialUNet(unet, null_embedding).eval()

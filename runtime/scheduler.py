@@ -98,6 +98,18 @@ class DDPMScheduler:
     def _alpha_prod(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else torch.tensor(1.0)
 
+    def add_noise(self, original: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """q(x_t | x_0), eq. (4): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (diffusers' `add_noise`)."""
+        if not 0 <= int(t) < self.config.num_train_timesteps:
+            raise InvalidArgumentError(f"timestep {t}", accepted=f"0..{self.config.num_train_timesteps - 1}")
+        a_t = self.alphas_cumprod[int(t)].to(original.device)
+        return a_t ** 0.5 * original + (1 - a_t) ** 0.5 * noise.to(original.device)
+
+    def predicted_x0(self, noise_pred: torch.Tensor, t: int, sample: torch.Tensor) -> torch.Tensor:
+        """The x_0 an epsilon prediction implies, eq. (15), before clipping."""
+        a_t = self._alpha_prod(t)
+        return (sample - (1 - a_t) ** 0.5 * noise_pred) / a_t ** 0.5
+
     def step(self, noise_pred: torch.Tensor, t: int, sample: torch.Tensor,
              generator: torch.Generator | None = None) -> torch.Tensor:
         prev_t = self._prev[t]
@@ -107,7 +119,7 @@ class DDPMScheduler:
         alpha_t = a_t / a_prev
         beta_t = 1 - alpha_t
         # 2. predicted x_0, eq. (15)
-        x0 = (sample - b_t ** 0.5 * noise_pred) / a_t ** 0.5
+        x0 = self.predicted_x0(noise_pred, t, sample)
         # 3. clip x_0
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
@@ -136,7 +148,7 @@ class DDIMScheduler(DDPMScheduler):
 
     def step(self, noise_pred, t, sample, generator=None):
         a_t, a_prev = self._alpha_prod(t), self._alpha_prod(self._prev[t])
-        x0 = (sample - (1 - a_t) ** 0.5 * noise_pred) / a_t ** 0.5  # eq. (12), "predicted x_0"
+        x0 = self.predicted_x0(noise_pred, t, sample)  # eq. (12), "predicted x_0"
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)
         return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * noise_pred  # "direction pointing to x_t", sigma=0
