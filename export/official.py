@@ -44,7 +44,12 @@ def safe_torch_load(path: Path):
     import torch
 
     try:
-        return torch.load(str(path), map_location="cpu", weights_only=True)
+        try:  # memory-mapped: reading a config from a 12 GB checkpoint does not load its tensors
+            return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(str(path), map_location="cpu", weights_only=True)  # legacy (non-zip) format
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelSourceError(f"{str(path)!r} needs code execution to unpickle and was refused ({first})",
@@ -144,7 +149,7 @@ class OfficialSource:
             return json.loads((self.root / T5_FOLDER / "config.json").read_text())
         if folder == "movq":
             return infer_movq_config(self._state("movq"))
-        state, projection = self._unet_states(folder)
+        state, projection, _ = self._unet_states(folder)
         config, channels = infer_unet_config(state, projection, self._overrides().get("unet", {}))
         return {**config, "in_channels": 4, "k3trt_sample_channels": channels}
 
@@ -158,28 +163,28 @@ class OfficialSource:
             return safe_torch_load(self.root / MOVQ_FILE)
         raise ModelSourceError(f"no single state dict for {folder!r}")
 
-    def _unet_states(self, folder: str) -> tuple[dict, dict]:
+    def _unet_states(self, folder: str) -> tuple[dict, dict, object]:
         self._require(folder)
         pt, proj = UNET_FILES[folder]
         checkpoint = safe_torch_load(self.root / pt)
         if not isinstance(checkpoint, dict) or "unet" not in checkpoint:
             raise ModelSourceError(f"{str(self.root / pt)!r} has no 'unet' entry",
                                    accepted="{'unet': state dict, 'null_embedding': tensor} (official layout)")
-        return checkpoint["unet"], safe_torch_load(self.root / T5_FOLDER / proj)
+        null = checkpoint.get("null_embedding")
+        null = None if null is None else null.reshape(-1).float()
+        return checkpoint["unet"], safe_torch_load(self.root / T5_FOLDER / proj), null
 
     def null_embedding(self, folder: str):
-        pt = UNET_FILES[folder][0]
-        value = safe_torch_load(self.root / pt).get("null_embedding")
-        return None if value is None else value.reshape(-1).float()
+        return self._unet_states(folder)[2]
 
     def load(self, folder: str):
         if folder == "text_encoder":
             return self._load_text_encoder()
         if folder == "movq":
             return self._load_movq()
-        state, projection = self._unet_states(folder)
-        config = self.config(folder)
-        unet = build_unet(config, config["k3trt_sample_channels"])
+        state, projection, null = self._unet_states(folder)
+        config, channels = infer_unet_config(state, projection, self._overrides().get("unet", {}))
+        unet = build_unet(config, channels)
         target = unet.state_dict()
         mapped = remap(state, unet_key, target, what=f"{folder} ({UNET_FILES[folder][0]})",
                        allowed_missing=tuple(k for k in target if k.startswith("encoder_hid_proj.")))
@@ -187,6 +192,7 @@ class OfficialSource:
                                                          if k.startswith("encoder_hid_proj.")},
                             what=f"text projection ({UNET_FILES[folder][1]})"))
         unet.load_state_dict(mapped, strict=True)
+        unet.k3trt_null_embedding = null  # read by the export wrapper (official_unet)
         return unet.float().eval()
 
     def _load_movq(self):

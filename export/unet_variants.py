@@ -60,6 +60,7 @@ def load_variant(folder: Path):
     unet = build_unet(config, int(config.get(SAMPLE_CHANNELS_KEY, 4)))
     unet.load_state_dict(load_file(weights), strict=True)
     null = load_file(folder / NULL_EMBEDDING)["null_embedding"] if (folder / NULL_EMBEDDING).is_file() else None
+    unet.k3trt_null_embedding = null  # read by the export wrapper (official_unet)
     return unet.eval(), null
 
 
@@ -96,6 +97,9 @@ class OfficialUNet(torch.nn.Module):
 
 
 
-def official_unet(unet, null_embedding) -> OfficialUNet:
-    """Wrap a variant U-Net (see OfficialUNet) for export and for the torch backend."""
+def official_unet(unet, null_embedding=None) -> OfficialUNet:
+    """Wrap a variant U-Net (see OfficialUNet) for export and for the torch backend; the null embedding
+    defaults to the one its loader attached."""
+    if null_embedding is None:
+        null_embedding = getattr(unet, "k3trt_null_embedding", None)
     return OfficialUNet(unet, null_embedding).eval()
