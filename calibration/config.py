@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
+from ..runtime.cards import PIXEL_MULTIPLE
 from ..runtime.errors import InvalidArgumentError
 
 CALIBRATION_VERSION = 1  # bump when collection or quantization changes, so caches and int8 keys refresh
@@ -51,8 +52,9 @@ class TrajectoryConfig:
                                        fix="--steps 25 (the default)")
         for name in ("height", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 64 or value % 64:
-                raise InvalidArgumentError(f"--{name} {value!r}", accepted="a multiple of 64, at least 64",
+            if not isinstance(value, int) or value < PIXEL_MULTIPLE or value % PIXEL_MULTIPLE:
+                raise InvalidArgumentError(f"--{name} {value!r}", accepted=f"a multiple of {PIXEL_MULTIPLE}, at "
+                                           f"least {PIXEL_MULTIPLE}",
                                            fix="omit it to use the model's native size")
 
     def as_dict(self) -> dict:

@@ -1,14 +1,7 @@
-"""Per-component precision with parity-keeping defaults, and the ONNX nodes that must stay fp32.
+"""Per-component precision selection for engine builds, and the ONNX nodes that must stay fp32.
 
-Defaults and why (shared/notes/kandinsky3.md, "Hazards"):
-- text_encoder: bf16. T5 activations exceed fp16's 65504 (FFN output `wo`, the residual stream, the norms);
-  bf16 has fp32's exponent range. Forced fp16 keeps the RMSNorms, the `wo` MatMuls and the residual Adds in
-  fp32 (what transformers does with `_keep_in_fp32_modules = ["wo"]` plus its fp16 clamping). Norms stay fp32
-  in bf16 too: the reference T5LayerNorm computes its variance in fp32 whatever the weights' dtype.
-- unet: fp16 (the bulk of the FLOPs); int8/fp8 only from an explicit Q/DQ variant in the manifest, built with
-  fp16 enabled so unquantized layers fall back to fp16 rather than fp32.
-- movq_decoder: fp16 with GroupNorm/InstanceNorm (+ their affine and SpatialNorm modulation) and Softmax in
-  fp32: normalization statistics over 16k positions and a 16k x 16k softmax are where fp16 loses accuracy.
+The defaults and the fp32-island policy per precision are on each component's card (k3trt.runtime.cards,
+`PrecisionPolicy`, with the reasons); this module resolves what a build asks for against them.
 
 The node finders are pure functions of an onnx.ModelProto; the builder maps node names to TensorRT layers.
 """
@@ -17,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping
 
-from k3trt.runtime.artifacts import COMPONENTS
+from k3trt.runtime.cards import CARDS, COMPONENTS
 from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
 from k3trt.runtime.precision import Precision
 
-DEFAULT_PRECISION = {"text_encoder": Precision.BF16, "unet": Precision.FP16, "movq_decoder": Precision.FP16}
+DEFAULT_PRECISION = {name: Precision.parse(c.precision.default) for name, c in CARDS.items()}
 QUANTIZED = (Precision.INT8, Precision.FP8)  # need an explicit Q/DQ ONNX variant in the manifest
 
 # Builder flags per precision (Polygraphy CreateConfig keyword arguments set to True).
@@ -36,10 +29,6 @@ BUILDER_FLAGS = {
 # A strongly typed network follows the ONNX types and forbids precision flags and per-layer constraints, so
 # it suits only plans that need neither: plain fp32 (the exported graphs are fp32 throughout).
 STRONGLY_TYPED = (Precision.FP32,)
-
-T5_FP32_POLICY = {Precision.FP16: "t5_norms_wo_residual", Precision.BF16: "t5_norms"}
-MOVQ_FP32_POLICY = {p: "movq_norms_softmax" for p in (Precision.FP16, Precision.BF16, Precision.INT8,
-                                                         Precision.FP8)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +66,7 @@ def parse_component_precision(text: str | None) -> dict[str, Precision]:
 
 
 def _policy(component: str, precision: Precision) -> str:
-    if component == "text_encoder":
-        return T5_FP32_POLICY.get(precision, "none")
-    if component == "movq_decoder":
-        return MOVQ_FP32_POLICY.get(precision, "none")
-    return "none"
+    return CARDS[component].precision.islands(precision.value)
 
 
 def _resolve(component: str, precision: Precision | None, explicit: Precision | None,

@@ -4,32 +4,30 @@ Pure functions, no TensorRT. Every derived range is checked against the manifest
 multiples), so a request the exported ONNX cannot serve fails here, naming the value and the accepted range,
 instead of deep inside a 40-minute engine build.
 
-How each Kandinsky 3 axis is derived (see shared/notes/kandinsky3.md):
-- latent side = ceil(pixels / 64) * 8 (the pipeline's rounding; 1024 px -> 128).
-- U-Net batch = 2 x images with classifier-free guidance ([uncond, cond] in one call), images without.
-- U-Net context L = 1..128 always: L is cut to the longest prompt's token count + 1, so it depends on the
+How each axis is derived is the card's business (k3trt.runtime.cards): every dynamic input axis has a role,
+and this module turns roles into ranges once for every component:
+- latent: latent_side(pixels) of each requested resolution (diffusers' 64-px rounding, MoVQ's 8x factor);
+  pixel: the rounded image side itself.
+- batch: images per call through the card's batch rule (x2 for the guided U-Net; 1x..2x for the text encoder,
+  which may encode prompt and negative prompt in one call; 1x for the MoVQ decoder).
+- context (U-Net): 1..128 always: L is cut to the longest prompt's token count + 1, so it depends on the
   prompt, not on the request; padding it to a fixed 128 would change the attention pooling's mean.
   Opt 77: TensorRT tunes tactics at opt; typical prompts trim to tens of tokens, and 77 (the CLIP-era prompt
   budget many prompts are written for) sits mid-range, so neither short nor long prompts land at an extreme.
-- Text encoder batch = images .. 2 x images: the runtime may encode the prompt and the negative prompt in one
-  call. Sequence = the tokenizer's max length (128), fixed: the pipeline always pads to it, so a static
-  sequence axis loses nothing and lets TensorRT specialise the attention.
-- MoVQ decoder batch = images, at the image's latent size.
+- sequence (text encoder): the tokenizer's max length (128), fixed: the pipeline always pads to it, so a
+  static sequence axis loses nothing and lets TensorRT specialise the attention.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Iterable, Mapping
 
 from k3trt.runtime.artifacts import OnnxRecord
+from k3trt.runtime.cards import MAX_TEXT_LENGTH as MAX_CONTEXT
+from k3trt.runtime.cards import OPT_CONTEXT, AxisRole, card, latent_side, round_pixels
 from k3trt.runtime.errors import ArtifactError, InvalidArgumentError, ShapeError
 
-LATENT_DIVISOR = 64  # pixels per 8 latent cells: latent = ceil(px / 64) * 8
-LATENT_MULTIPLE = 8
-MAX_CONTEXT = 128
-OPT_CONTEXT = 77
 DEFAULT_RESOLUTION = "1024x1024"
 
 
@@ -86,7 +84,7 @@ def make_request(resolutions: Iterable[str] | None = None, batch: str | int = 1,
 
 
 def latent_size(pixels: int) -> int:
-    return math.ceil(pixels / LATENT_DIVISOR) * LATENT_MULTIPLE
+    return latent_side(pixels)
 
 
 # ----------------------------------------------------------------------------------------- profiles
@@ -140,31 +138,36 @@ def _span(values: Iterable[int], opt: int, why: str) -> AxisRange:
     return AxisRange(min(values), min(max(opt, min(values)), max(values)), max(values), why)
 
 
-def axis_ranges(component: str, request: ProfileRequest) -> dict[str, AxisRange]:
-    """The requested range of every dynamic axis of `component` (before checking it against the artifacts)."""
-    lo, hi = request.batch
-    heights = [latent_size(h) for h, _ in request.resolutions]
-    widths = [latent_size(w) for _, w in request.resolutions]
+def _role_range(role: AxisRole, request: ProfileRequest, batch: tuple[int, int], batch_why: str) -> AxisRange:
+    if role is AxisRole.BATCH:
+        return _span(batch, batch[0], batch_why)
+    if role is AxisRole.SEQUENCE:
+        n = request.max_text_length
+        return AxisRange(n, n, n, "the tokenizer always pads to max_length")
+    if role is AxisRole.CONTEXT:
+        return _span((1, request.max_text_length), request.opt_context, "cut context: 1..max_length, data-dependent")
+    raise AssertionError(f"no profile rule for axis role {role}")
+
+
+def _spatial(axis: str, role: AxisRole, request: ProfileRequest) -> AxisRange:
+    """Height-like axes take each resolution's height, width-like axes its width (by the axis name)."""
+    side = latent_side if role is AxisRole.LATENT else round_pixels
+    index = 1 if "width" in axis else 0
+    values = [side(size[index]) for size in request.resolutions]
     sizes = ", ".join(f"{w}x{h}" for h, w in request.resolutions)
-    spatial = {"height": AxisRange(min(heights), heights[0], max(heights), f"--resolution {sizes}"),
-               "width": AxisRange(min(widths), widths[0], max(widths), f"--resolution {sizes}")}
-    batch_why = f"--batch {lo}-{hi}"
-    if component == "text_encoder":
-        top = 2 * hi if request.guidance else hi
-        return {"batch": _span((lo, top), lo, batch_why + " (prompt + negative prompt in one call: up to 2x)"),
-                "sequence": AxisRange(request.max_text_length, request.max_text_length,
-                                      request.max_text_length, "the tokenizer always pads to max_length")}
-    if component == "unet":
-        factor = 2 if request.guidance else 1
-        return {"batch": _span((factor * lo, factor * hi), factor * lo,
-                               batch_why + (" x2 for classifier-free guidance" if factor == 2 else "")),
-                **spatial,
-                "context": _span((1, request.max_text_length), request.opt_context,
-                                 "cut context: 1..max_length, data-dependent")}
-    if component == "movq_decoder":
-        return {"batch": _span((lo, hi), lo, batch_why), **spatial}
-    raise InvalidArgumentError(f"unknown component {component!r}", accepted="text_encoder, unet, movq_decoder",
-                               fix="e.g. --components text_encoder,unet,movq_decoder")
+    return AxisRange(min(values), values[0], max(values), f"--resolution {sizes}")
+
+
+def axis_ranges(component: str, request: ProfileRequest) -> dict[str, AxisRange]:
+    """The requested range of every dynamic axis of `component` (before checking it against the artifacts),
+    from the roles and batch rule on its card."""
+    spec = card(component)
+    lo, hi = request.batch
+    batch = spec.batch_rule.span(lo, hi, request.guidance)
+    batch_why = f"--batch {lo}-{hi}" + spec.batch_rule.why(request.guidance)
+    return {name: (_spatial(name, axis.role, request) if axis.role in (AxisRole.LATENT, AxisRole.PIXEL)
+                   else _role_range(axis.role, request, batch, batch_why))
+            for name, axis in spec.axes.items()}
 
 
 def check_axes(record: OnnxRecord, ranges: Mapping[str, AxisRange]) -> None:

@@ -1,4 +1,5 @@
-"""One frozen spec per exported component: names, dtypes, dynamic axes with ranges, sample inputs, tolerance.
+"""The export recipe of each component, keyed by its card (k3trt.runtime.cards): torch wrapper, sample inputs,
+trace and validation shapes. What the component *is* (I/O, axes, multiples, precision, tolerances) is on the card.
 
 `trace` dims are what torch.onnx.export sees; `validate` dims differ from them in every dynamic axis, so a
 dimension accidentally baked in as a constant fails validation instead of shipping.
@@ -10,11 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..runtime.artifacts import TensorSpec
-
-MAX_TEXT_LENGTH = 128  # the pipeline tokenizes to 128 and the trimmed context is 1..128
-MOVQ_SCALE = 8  # MoVQ up-scales latents 8x
-UNET_MULTIPLE = 8  # the U-Net halves latents three times; the pipeline's rounding keeps them multiples of 8
+from ..runtime.cards import CARDS, MAX_TEXT_LENGTH, ComponentCard, TensorSpec
 
 
 class TextEncoderOnnx(torch.nn.Module):
@@ -84,75 +81,72 @@ def _movq_inputs(dims: dict, info: dict, gen: torch.Generator) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class ComponentSpec:
-    name: str
+    """How to export one component: the export-only facts (weights folder, torch wrapper, sample inputs, trace
+    and validation shapes), keyed by its card. Everything else (I/O, axes, multiples, tolerances) is the card's."""
+
+    card: ComponentCard
     folder: str  # diffusers sub-folder holding its weights
     wrapper: Callable[[torch.nn.Module], torch.nn.Module]
-    inputs: tuple[TensorSpec, ...]
-    outputs: tuple[TensorSpec, ...]
-    axes: dict  # axis -> (min, max), inclusive
-    multiples: dict  # axis -> required multiple
     make_inputs: Callable[[dict, dict, torch.Generator], dict]
     trace: dict
     validate: tuple[dict, ...]
-    rel_l2_fp32: float = 1e-4  # fp32 ONNX Runtime vs torch: both compute in fp32, only op order differs
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    @property
+    def inputs(self) -> tuple[TensorSpec, ...]:
+        return self.card.inputs
+
+    @property
+    def outputs(self) -> tuple[TensorSpec, ...]:
+        return self.card.outputs
+
+    @property
+    def axes(self) -> dict:  # axis -> (min, max), inclusive
+        return self.card.ranges()
+
+    @property
+    def multiples(self) -> dict:  # axis -> required multiple
+        return self.card.multiples()
+
+    @property
+    def rel_l2_fp32(self) -> float:  # fp32 ONNX Runtime vs torch: both compute in fp32, only op order differs
+        return self.card.parity_tolerance("fp32").rel_l2
 
     def dynamic_axes(self) -> dict:
-        spec = {}
-        for tensor in self.inputs + self.outputs:
-            named = {i: d for i, d in enumerate(tensor.shape) if self.is_dynamic(d)}
-            if named:
-                spec[tensor.name] = named
-        return spec
+        return self.card.dynamic_axes()
 
     def is_dynamic(self, dim) -> bool:
-        # model constants ("hidden", "context_dim") are named in specs but fixed in the graph
-        return isinstance(dim, str) and (dim in self.axes or dim.startswith("image_"))
+        return self.card.is_dynamic(dim)
 
     def resolved(self, tensors: tuple[TensorSpec, ...], constants: dict) -> tuple[TensorSpec, ...]:
-        """Specs with model constants replaced by their values, as the manifest records them."""
-        return tuple(TensorSpec(t.name, t.dtype, tuple(constants.get(d, d) if isinstance(d, str) else d
-                                                       for d in t.shape)) for t in tensors)
+        return self.card.resolved(tensors, constants)
 
     @property
     def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
+        return self.card.input_names
 
     @property
     def output_names(self) -> list[str]:
-        return [t.name for t in self.outputs]
+        return self.card.output_names
 
 
 SPECS: dict[str, ComponentSpec] = {
     "text_encoder": ComponentSpec(
-        "text_encoder", "text_encoder", TextEncoderOnnx,
-        inputs=(TensorSpec("input_ids", "int32", ("batch", "sequence")),
-                TensorSpec("attention_mask", "int32", ("batch", "sequence"))),
-        outputs=(TensorSpec("last_hidden_state", "float32", ("batch", "sequence", "hidden")),),
-        axes={"batch": (1, 32), "sequence": (1, MAX_TEXT_LENGTH)}, multiples={},
-        make_inputs=_text_inputs,
+        CARDS["text_encoder"], "text_encoder", TextEncoderOnnx, make_inputs=_text_inputs,
         trace={"batch": 2, "sequence": 16},
         validate=({"batch": 1, "sequence": MAX_TEXT_LENGTH}, {"batch": 3, "sequence": 77}),
     ),
     "unet": ComponentSpec(
-        "unet", "unet", UNetOnnx,
-        inputs=(TensorSpec("sample", "float32", ("batch", 4, "height", "width")),
-                TensorSpec("timestep", "float32", ("batch",)),
-                TensorSpec("encoder_hidden_states", "float32", ("batch", "context", "context_dim")),
-                TensorSpec("encoder_attention_mask", "float32", ("batch", "context"))),
-        outputs=(TensorSpec("noise_pred", "float32", ("batch", 4, "height", "width")),),
-        axes={"batch": (1, 64), "height": (8, 256), "width": (8, 256), "context": (1, MAX_TEXT_LENGTH)},
-        multiples={"height": UNET_MULTIPLE, "width": UNET_MULTIPLE},
-        make_inputs=_unet_inputs,
+        CARDS["unet"], "unet", UNetOnnx, make_inputs=_unet_inputs,
         trace={"batch": 2, "height": 16, "width": 16, "context": 12},
         validate=({"batch": 1, "height": 8, "width": 24, "context": 1},
                   {"batch": 3, "height": 24, "width": 40, "context": 77}),
     ),
     "movq_decoder": ComponentSpec(
-        "movq_decoder", "movq", MoVQDecoderOnnx,
-        inputs=(TensorSpec("latents", "float32", ("batch", 4, "height", "width")),),
-        outputs=(TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
-        axes={"batch": (1, 32), "height": (1, 256), "width": (1, 256)}, multiples={},
-        make_inputs=_movq_inputs,
+        CARDS["movq_decoder"], "movq", MoVQDecoderOnnx, make_inputs=_movq_inputs,
         trace={"batch": 2, "height": 8, "width": 8},
         validate=({"batch": 1, "height": 16, "width": 8}, {"batch": 3, "height": 24, "width": 40}),
     ),
@@ -160,11 +154,13 @@ SPECS: dict[str, ComponentSpec] = {
 
 
 def component_spec(name: str) -> ComponentSpec:
-    from ..runtime.errors import InvalidArgumentError
+    from ..runtime.cards import card
+    from ..runtime.errors import ArtifactError
 
+    card(name)  # unknown names: the card registry's typed error
     if name not in SPECS:
-        raise InvalidArgumentError(f"unknown component {name!r}", accepted=", ".join(SPECS),
-                                   fix="e.g. --components text_encoder,unet,movq_decoder")
+        raise ArtifactError(f"component {name!r} has a card but no export recipe", accepted=", ".join(SPECS),
+                            fix=f"add its recipe to SPECS in {__name__}")
     return SPECS[name]
 
 

@@ -22,7 +22,8 @@ import torch
 
 from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, atomic_write_bytes, sha256_file, sha256_json
 from ..runtime.errors import ValidationError
-from .components import MAX_TEXT_LENGTH, MOVQ_SCALE, SPECS, component_spec, model_info
+from ..runtime.cards import LATENT_FACTOR, MAX_TEXT_LENGTH
+from .components import SPECS, component_spec, model_info
 from .onnx_export import DEFAULT_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
 from .sources import ModelSource
 from .validate import validate_component
@@ -89,7 +90,7 @@ def write_side_files(source: ModelSource, manifest: Manifest) -> None:
     manifest.data["scheduler"] = _write_keyed(manifest.root, "scheduler", "scheduler_config", sched).__dict__
     unet = source.config(next(f for f in source.folders() if f.startswith("unet")))
     manifest.data["pipeline"] = {
-        "latent_channels": unet.get("in_channels", 4), "movq_scale_factor": MOVQ_SCALE,
+        "latent_channels": unet.get("in_channels", 4), "movq_scale_factor": LATENT_FACTOR,
         "context_dim": unet["encoder_hid_dim"], "max_text_length": MAX_TEXT_LENGTH,
         "reference": "diffusers.Kandinsky3Pipeline",
     }

@@ -13,11 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
+from .cards import COMPONENTS, TensorSpec  # noqa: F401  (re-exported: the records below are made of them)
 from .errors import ArtifactError
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "movq_decoder")
 
 
 # ----------------------------------------------------------------------------------------- files
@@ -81,13 +81,6 @@ class FileRecord:
     @classmethod
     def of(cls, root: Path, path: Path) -> "FileRecord":
         return cls(str(path.relative_to(root)), sha256_file(path), path.stat().st_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: str  # numpy dtype name: float32, float16, int32, int64
-    shape: tuple  # ints for fixed dims, axis names (keys of OnnxRecord.axes) for dynamic ones
 
 
 @dataclasses.dataclass(frozen=True)

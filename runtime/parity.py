@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cards import IMAGE_PSNR_DB, card
 from .metrics import compare, psnr
 
-# Bounds per precision of the component under test. fp32 is verified here on ONNX Runtime CPU; the others are
-# engineering targets for TensorRT engines, not yet verified on a GPU.
-REL_L2 = {"fp32": 1e-4, "tf32": 5e-3, "fp16": 2e-2, "bf16": 5e-2, "int8": 0.2, "fp8": 0.25}
-PSNR_DB = {"fp32": 40.0, "tf32": 35.0, "fp16": 30.0, "bf16": 25.0, "int8": 20.0, "fp8": 18.0}
+# Bounds per component and precision are on the cards (`ComponentCard.parity`); end-to-end image PSNR by the
+# lowest precision any component runs in is `cards.IMAGE_PSNR_DB`.
 
 
 @dataclasses.dataclass
@@ -48,10 +47,14 @@ class ParityReport:
                 "checks": [dataclasses.asdict(c) for c in self.checks], "teacher_forced": self.teacher_forced}
 
 
+def _bound_text(tolerance) -> str:
+    return f"rel_l2 <= {tolerance.rel_l2:g}, cosine >= {tolerance.cosine:g}"
+
+
 def _judged(name: str, ref, got, precision: str) -> Check:
     metrics = compare(ref, got)
-    bound = REL_L2[precision]
-    return Check(name, metrics.as_dict(), f"rel_l2 <= {bound:g}", metrics.within(rel_l2=bound))
+    tolerance = card(name).parity_tolerance(precision)
+    return Check(name, metrics.as_dict(), _bound_text(tolerance), metrics.within(**tolerance.bounds()))
 
 
 def _text_check(backend, reference, precision: str) -> Check:
@@ -69,10 +72,10 @@ def _teacher_forced(backend, reference, precision: str) -> tuple[list[dict], Che
                  "encoder_hidden_states": call["context"], "encoder_attention_mask": call["mask"].float()}
         got = backend.run("unet", {k: v.to(backend.device) for k, v in feeds.items()})["noise_pred"]
         steps.append({"step": i, "timestep": call["timestep"], **compare(call["out"], got).as_dict()})
-    bound = REL_L2[precision]
+    tolerance = card("unet").parity_tolerance(precision)
     worst = max(steps, key=lambda s: s["rel_l2"] if s["finite"] else math.inf)
-    ok = all(s["finite"] and s["rel_l2"] <= bound for s in steps)
-    return steps, Check("unet teacher-forced (worst step)", worst, f"every step rel_l2 <= {bound:g}", ok)
+    ok = all(s["finite"] and s["rel_l2"] <= tolerance.rel_l2 and s["cosine"] >= tolerance.cosine for s in steps)
+    return steps, Check("unet teacher-forced (worst step)", worst, "every step " + _bound_text(tolerance), ok)
 
 
 def _free_running(reference, recorded: list) -> list[Check]:
@@ -97,7 +100,7 @@ def compare_runs(pipeline, reference, request, runtime_images: np.ndarray, recor
     steps, forced = _teacher_forced(pipeline.backend, reference, precision["unet"])
     checks += [forced, *_free_running(reference, recorded), _movq_check(pipeline.backend, reference,
                                                                         precision["movq_decoder"])]
-    e2e_bound = min(PSNR_DB[p] for p in precision.values())
+    e2e_bound = min(IMAGE_PSNR_DB[p] for p in precision.values())
     image_db = psnr(reference.images, runtime_images)
     checks.append(Check("end-to-end image", {"psnr_db": image_db, **compare(reference.images, runtime_images)
                                              .as_dict()}, f"psnr_db >= {e2e_bound:g}", image_db >= e2e_bound))

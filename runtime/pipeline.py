@@ -18,6 +18,7 @@ import torch
 
 from .artifacts import Manifest
 from .backends.base import Backend, check_shapes, make_backend
+from .cards import LATENT_FACTOR, PIXEL_MULTIPLE, guided_batch, round_pixels
 from .errors import InvalidArgumentError
 from .scheduler import make_scheduler
 from .stages import (Conditioning, DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite,
@@ -37,13 +38,13 @@ class Request:
     seed: int
     steps: int
     guidance: float
-    height: int  # actual output size: multiples of 64, as diffusers rounds
+    height: int  # actual output size: multiples of PIXEL_MULTIPLE (64), as diffusers rounds
     width: int
     num_images: int
 
     @property
     def latent_shape(self) -> tuple[int, int, int, int]:
-        return (len(self.prompts) * self.num_images, 4, self.height // 8, self.width // 8)
+        return (len(self.prompts) * self.num_images, 4, self.height // LATENT_FACTOR, self.width // LATENT_FACTOR)
 
     @property
     def guided(self) -> bool:
@@ -74,10 +75,10 @@ def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25
     size = []
     for name, value in (("height", height), ("width", width)):
         _check_range(name, value, 1, 1 << 16, "e.g. 1024")
-        rounded = -(-value // 64) * 64  # diffusers' downscale_height_and_width rounds up to 64
+        rounded = round_pixels(value)  # diffusers' downscale_height_and_width
         if rounded != value:
-            log.warning("%s %d is not a multiple of 64: the image will be %d px (diffusers rounds up)",
-                        name, value, rounded)
+            log.warning("%s %d is not a multiple of %d: the image will be %d px (diffusers rounds up)",
+                        name, value, PIXEL_MULTIPLE, rounded)
         size.append(rounded)
     return Request(tuple(prompts), tuple(negatives) if negatives else None, seed, steps, float(guidance),
                    size[0], size[1], num_images)
@@ -146,7 +147,7 @@ class Pipeline:
     def check_request(self, request: Request) -> None:
         """Fail before any work if the request's shapes fall outside what the artifacts allow."""
         b, c, h, w = request.latent_shape
-        unet_batch = b * (2 if request.guided else 1)
+        unet_batch = guided_batch(b, request.guided)
         check_shapes(self.backend.record("unet"), {
             "sample": (unet_batch, c, h, w), "timestep": (unet_batch,),
             "encoder_hidden_states": (unet_batch, 1, self.manifest.data["pipeline"]["context_dim"]),

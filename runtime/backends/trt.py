@@ -18,6 +18,7 @@ from typing import Mapping
 
 import torch
 
+from ..cards import CARDS
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import Backend, StageTimings, check_feeds
 from .pool import ResourcePool
@@ -78,13 +79,12 @@ class TrtBackend(Backend):
         """`precision`: one name, a per-component map, or None / "default" for the engines' defaults (bf16 text
         encoder, fp16 U-Net and MoVQ: what a plain `k3trt build` makes). `context_timeout`: seconds a call waits
         for a free execution context before BackendBusyError (None: forever)."""
-        from k3trt.engines.precision import DEFAULT_PRECISION
         from k3trt.engines.trt_env import current_env, require_cuda, require_tensorrt
 
         self._trt = require_tensorrt()
         require_cuda()
         if precision is None or precision in ("default", "auto"):
-            precision = {c: p.value for c, p in DEFAULT_PRECISION.items()}
+            precision = {name: c.precision.default for name, c in CARDS.items()}
         super().__init__(manifest, precision)
         self.env = current_env(device)
         self.cuda_graphs, self.max_contexts, self.verify = cuda_graphs, max(1, int(max_contexts)), verify

@@ -72,7 +72,7 @@ def test_rebuild_is_skipped_when_up_to_date(built):
 
 
 def test_trt_matches_onnx_runtime(built):
-    from k3trt.engines.selftest import TOLERANCES
+    from k3trt.runtime.cards import card
     from k3trt.runtime.artifacts import Manifest
     from k3trt.runtime.backends.ort import OrtBackend
     from k3trt.runtime.backends.trt import TrtBackend
@@ -85,7 +85,8 @@ def test_trt_matches_onnx_runtime(built):
             got, want = trt.run(component, feeds), ort.run(component, feeds)
             for name in want:
                 metrics = compare(want[name], got[name].cpu())
-                assert metrics.within(**TOLERANCES[precision]), f"{component}.{name} {precision}: {metrics}"
+                bounds = card(component).engine_tolerance(precision).bounds()
+                assert metrics.within(**bounds), f"{component}.{name} {precision}: {metrics}"
             assert trt.timings[component] and trt.timings[component][-1] > 0
 
 

@@ -12,6 +12,7 @@ from k3trt.export.components import SPECS
 from k3trt.export.sources import open_model_dir
 from k3trt.export.writer import export_artifacts
 from k3trt.runtime.artifacts import Manifest
+from k3trt.runtime.cards import Tolerance
 from k3trt.runtime.cli import main
 from k3trt.runtime.errors import ValidationError
 
@@ -92,7 +93,8 @@ def strict_validation(monkeypatch):
     real = writer.validate_component
 
     def validate(spec, *args, **kwargs):
-        return real(dataclasses.replace(spec, rel_l2_fp32=1e-12), *args, **kwargs)
+        strict = {**spec.card.parity, "fp32": Tolerance(1e-12, 1.0)}
+        return real(dataclasses.replace(spec, card=dataclasses.replace(spec.card, parity=strict)), *args, **kwargs)
 
     monkeypatch.setattr(writer, "validate_component", validate)
 
