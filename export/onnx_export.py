@@ -2,7 +2,9 @@
 inference), with external data once the model is past the protobuf limit (or a lower, testable threshold)."""
 from __future__ import annotations
 
+import contextlib
 import os
+import types
 import warnings
 from pathlib import Path
 
@@ -17,11 +19,35 @@ DEFAULT_OPSET = 19
 MIN_OPSET = 17  # LayerNormalization/GroupNorm-friendly; TensorRT 10 parses 9..20
 
 
+def _pooling_forward_rank_static(self, x, context, context_mask=None):
+    """Kandinsky3AttentionPooling.forward with `context[:, 0]` for `context.squeeze(1)`: the same values, but the
+    tracer cannot prove that axis is 1 and exports `squeeze(1)` as an `If` whose output rank is unknown, which
+    OpenVINO cannot read (and which hides the shapes of every conditional-norm MLP from shape inference)."""
+    context_mask = context_mask.to(dtype=context.dtype)
+    context = self.attention(context.mean(dim=1, keepdim=True), context, context_mask)
+    return x + context[:, 0]
+
+
+@contextlib.contextmanager
+def rank_static_pooling(module: torch.nn.Module):
+    """Swap the attention pooling's forward for the rank-static one while tracing; restored afterwards."""
+    from diffusers.models.unets.unet_kandinsky3 import Kandinsky3AttentionPooling
+
+    pools = [m for m in module.modules() if isinstance(m, Kandinsky3AttentionPooling)]
+    for pool in pools:
+        pool.forward = types.MethodType(_pooling_forward_rank_static, pool)
+    try:
+        yield len(pools)
+    finally:
+        for pool in pools:
+            del pool.forward  # back to the class's method
+
+
 def trace_to_onnx(spec: ComponentSpec, module: torch.nn.Module, inputs: dict, path: Path, opset: int) -> None:
     """torch.onnx.export (TorchScript tracer: mature dynamic-axes support for these models)."""
     wrapper = spec.wrapper(module).eval()  # eval: the exporter restores the previous mode afterwards
     args = tuple(inputs[name] for name in spec.input_names)
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), rank_static_pooling(module):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             wrapper, args, str(path), input_names=spec.input_names, output_names=spec.output_names,

@@ -1,8 +1,11 @@
-"""Side-by-side latency of the runtime and the diffusers pipeline on the same request, in one run.
+"""Side-by-side latency of the runtime and the diffusers pipeline on the same request, in one run, and how far
+each stage is from this machine's limit.
 
 A benchmark, not a timed test: every side is warmed up once, then the sides run in turn, repeat after repeat
-(runtime, reference, runtime, ...), so a change in machine load hits all of them alike; medians are reported,
-and the ratio of the median totals.
+(runtime, reference, GEMM peak, runtime, ...), so a change in machine load hits all of them alike; medians are
+reported, and the ratio of the median totals. The limit: each stage's FLOPs (counted once from its ONNX graph
+at the request's shapes, see flops.py) over its median time, against a large fp32 GEMM measured in the same
+run, with the same thread count.
 """
 from __future__ import annotations
 
@@ -11,14 +14,27 @@ import statistics
 import time
 from typing import Callable
 
+import numpy as np
+
 Sample = dict[str, list[float]]  # stage -> seconds: one value per generation, one per call for the U-Net
+STAGES = ("text_encoder", "unet_step", "movq_decoder", "total")
+PEAK_N = 2048  # GEMM side for the peak: large enough to run at the machine's rate, small enough for ~0.1 s
 
 
-def runtime_runner(pipeline, request_kwargs: dict) -> Callable[[], Sample]:
+def runtime_runner(pipeline, request_kwargs: dict, keep: dict | None = None) -> Callable[[], Sample]:
+    """One generation per call. `keep` receives the last images and, on the first call, every component's
+    input shapes (what the FLOP count needs)."""
+    keep = {} if keep is None else keep
+
     def once() -> Sample:
         pipeline.backend.timings.clear()
         start = time.perf_counter()
-        pipeline.generate(**request_kwargs)
+        if "shapes" not in keep:
+            keep["shapes"] = {}
+            with _recording_shapes(pipeline.backend, keep["shapes"]):
+                keep["images"] = pipeline.generate(**request_kwargs, output_type="np")
+        else:
+            keep["images"] = pipeline.generate(**request_kwargs, output_type="np")
         total = time.perf_counter() - start
         t = pipeline.backend.timings
         return {"text_encoder": [sum(t["text_encoder"])], "unet": list(t["unet"]),
@@ -26,27 +42,126 @@ def runtime_runner(pipeline, request_kwargs: dict) -> Callable[[], Sample]:
     return once
 
 
-def reference_runner(pipe, request) -> Callable[[], Sample]:
+class _recording_shapes:
+    """Wrap `backend.run` to note each component's first input shapes."""
+
+    def __init__(self, backend, shapes: dict):
+        self.backend, self.shapes = backend, shapes
+
+    def __enter__(self):
+        original = self.backend.run
+
+        def run(component, feeds):
+            self.shapes.setdefault(component, {k: tuple(v.shape) for k, v in feeds.items()})
+            return original(component, feeds)
+
+        self.backend.run = run  # instance attribute shadows the method until __exit__
+
+    def __exit__(self, *exc):
+        del self.backend.run
+
+
+def reference_runner(pipe, request, keep: dict | None = None) -> Callable[[], Sample]:
     from ..export.reference import run_reference
+
+    keep = {} if keep is None else keep
 
     def once() -> Sample:
         run = run_reference(pipe, request, record=False)
+        keep["images"] = run.images
         return {"text_encoder": [sum(run.timings["text_encoder"])], "unet": list(run.timings["unet"]),
                 "movq_decoder": [sum(run.timings["movq_decoder"])], "total": [run.total_s]}
     return once
 
 
-def interleaved_medians(runners: dict[str, Callable[[], Sample]], repeats: int) -> dict[str, dict]:
-    """Per side: median ms of the text encoder, one U-Net step, the MoVQ decoder and the whole generation."""
+# ----------------------------------------------------------------------------------------- the machine's limit
+def _ort_matmul_session(n: int, threads: int | None):
+    import onnx
+    from onnx import TensorProto, helper
+
+    from .backends.ort import cpu_session
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n]),
+                               helper.make_tensor_value_info("b", TensorProto.FLOAT, [n, n])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return cpu_session(model.SerializeToString(), threads=threads)
+
+
+def gemm_runner(threads: int | None, *, n: int = PEAK_N, bf16: bool = False) -> Callable[[], Sample]:
+    """Seconds of one n^3 GEMM per library: ONNX Runtime fp32 (what the runtime's kernels reach), torch fp32
+    and, on CPUs with native bf16, torch bf16."""
+    import torch
+
+    session = _ort_matmul_session(n, threads)
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    ta = torch.from_numpy(a)
+    dtypes = {"torch_fp32": torch.float32, **({"torch_bf16": torch.bfloat16} if bf16 else {})}
+    operands = {name: ta.to(dtype) for name, dtype in dtypes.items()}
+
+    def once() -> Sample:
+        out = {}
+        start = time.perf_counter()
+        session.run(None, {"a": a, "b": a})
+        out["ort_fp32"] = [time.perf_counter() - start]
+        for name, x in operands.items():
+            start = time.perf_counter()
+            torch.mm(x, x)
+            out[name] = [time.perf_counter() - start]
+        return out
+    return once
+
+
+def gemm_gflops(seconds: dict, n: int = PEAK_N) -> dict:
+    """Median seconds per GEMM -> GFLOP/s per library, and `fp32_peak`: the best fp32 one."""
+    rates = {name: 2.0 * n**3 / s / 1e9 for name, s in seconds.items()}
+    rates["fp32_peak"] = max(v for k, v in rates.items() if k.endswith("fp32"))
+    return rates
+
+
+def stage_gflop(manifest, shapes: dict, steps: int) -> dict:
+    """GFLOP per stage of one generation: the text encoder call, one U-Net step, the MoVQ call, and the total."""
+    from .flops import count_file
+
+    per_call = {c: count_file(manifest.path(manifest.onnx(c).graph.path), s) for c, s in shapes.items()}
+    missing = {c: r.uncounted_nodes for c, r in per_call.items() if r.uncounted_nodes}
+    gflop = {"text_encoder": per_call["text_encoder"].gflop, "unet_step": per_call["unet"].gflop,
+             "movq_decoder": per_call["movq_decoder"].gflop}
+    gflop["total"] = gflop["text_encoder"] + steps * gflop["unet_step"] + gflop["movq_decoder"]
+    return {"gflop": gflop, "unresolved_nodes": {c: len(v) for c, v in missing.items()}}
+
+
+def limit_columns(times: dict, gflop: dict, peak: float) -> dict:
+    """Per stage: achieved GFLOP/s and percent of the fp32 GEMM peak, for one side's median times."""
+    out = {}
+    for stage in STAGES:
+        rate = gflop[stage] / (times[f"{stage}_ms"] / 1e3)
+        out[stage] = {"gflops": rate, "percent_of_peak": 100.0 * rate / peak}
+    return out
+
+
+# ----------------------------------------------------------------------------------------- interleaving
+def interleaved_samples(runners: dict[str, Callable[[], Sample]], repeats: int) -> dict[str, dict]:
     for once in runners.values():
-        once()  # warm-up: sessions, allocations, caches
+        once()  # warm-up: sessions, allocations, caches, shapes
     samples = {name: collections.defaultdict(list) for name in runners}
     for _ in range(repeats):
         for name, once in runners.items():
             for stage, values in once().items():
                 samples[name][stage] += values
-    return {name: {f"{'unet_step' if stage == 'unet' else stage}_ms": statistics.median(values) * 1e3
-                   for stage, values in stages.items()} for name, stages in samples.items()}
+    return samples
+
+
+def medians_ms(stages: dict) -> dict:
+    return {f"{'unet_step' if stage == 'unet' else stage}_ms": statistics.median(values) * 1e3
+            for stage, values in stages.items()}
+
+
+def interleaved_medians(runners: dict[str, Callable[[], Sample]], repeats: int) -> dict[str, dict]:
+    """Per side: median ms of the text encoder, one U-Net step, the MoVQ decoder and the whole generation."""
+    return {name: medians_ms(stages) for name, stages in interleaved_samples(runners, repeats).items()}
 
 
 def unet_int8_vs_fp32(int8_times: dict, fp32_times: dict) -> dict:
@@ -56,15 +171,65 @@ def unet_int8_vs_fp32(int8_times: dict, fp32_times: dict) -> dict:
             "fp32_runtime": fp32_times}
 
 
+# ----------------------------------------------------------------------------------------- report
 def format_bench(result: dict) -> str:
-    rows = [f"{'stage (median ms)':<20} {'runtime':>12} {'diffusers':>12} {'speed-up':>9}"]
-    for key in ("text_encoder_ms", "unet_step_ms", "movq_decoder_ms", "total_ms"):
-        ours, ref = result["runtime"][key], result["reference"][key]
-        rows.append(f"{key[:-3]:<20} {ours:12.1f} {ref:12.1f} {ref / ours:8.2f}x")
+    limit = result.get("limit")
+    rows = []
+    if limit:
+        peak = limit["peak_gflops"]
+        libs = ", ".join(f"{k.replace('_', ' ')} {v:.0f}" for k, v in peak.items() if k != "fp32_peak")
+        rows += [f"machine: {limit['cpu']}, {limit['threads']} threads",
+                 f"GEMM {PEAK_N}^3 in this run (median GFLOP/s): {libs} -> fp32 peak {peak['fp32_peak']:.0f}"]
+    head = f"{'stage (median)':<16} {'runtime ms':>10} {'diffusers ms':>12} {'speed-up':>8}"
+    if limit:
+        head += f" {'GFLOP':>8} {'runtime GFLOP/s':>15} {'% peak':>6} {'diffusers GFLOP/s':>17} {'% peak':>6}"
+    rows.append(head)
+    for stage in STAGES:
+        ours, ref = result["runtime"][f"{stage}_ms"], result["reference"][f"{stage}_ms"]
+        row = f"{stage:<16} {ours:10.1f} {ref:12.1f} {ref / ours:7.2f}x"
+        if limit:
+            mine, theirs = limit["runtime"][stage], limit["reference"][stage]
+            row += (f" {limit['gflop'][stage]:8.1f} {mine['gflops']:15.0f} {mine['percent_of_peak']:5.0f}%"
+                    f" {theirs['gflops']:17.0f} {theirs['percent_of_peak']:5.0f}%")
+        rows.append(row)
     rows.append(f"ratio (diffusers total / runtime total): {result['ratio']:.2f}x")
+    if limit:
+        floor = limit["gflop"]["total"] / limit["peak_gflops"]["fp32_peak"]
+        rows.append(f"floor at the fp32 GEMM peak: {floor * 1e3:.0f} ms per generation "
+                    f"({limit['gflop']['total']:.1f} GFLOP counted: Conv/ConvTranspose/MatMul/Gemm, attention "
+                    f"included)")
+    if "psnr_db" in result:
+        rows.append(f"image PSNR runtime ({result['precision']}) vs diffusers fp32, same seed: "
+                    f"{result['psnr_db']:.1f} dB")
     cmp = result.get("unet_int8_vs_fp32")
     if cmp:
         rows.append(f"U-Net step (median ms): int8 {cmp['int8_unet_step_ms']:.1f} vs fp32 "
                     f"{cmp['fp32_unet_step_ms']:.1f} -> int8 speed-up {cmp['int8_speedup']:.2f}x "
                     "(ONNX Runtime kernels; the Q/DQ model targets TensorRT and may run slower than fp32 on a CPU)")
     return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------- one benchmark run
+def run_benchmark(pipe, reference_pipe, request, request_kwargs: dict, *, repeats: int, threads: int | None,
+                  extra: dict[str, Callable[[], Sample]] | None = None) -> dict:
+    """Runtime vs diffusers (+ `extra` runners) interleaved with the GEMM peak; medians, limit columns, PSNR."""
+    from .backends.ort import default_threads
+    from .cpuinfo import cpu_info
+    from .metrics import psnr
+
+    ours, theirs = {}, {}
+    runners = {"runtime": runtime_runner(pipe, request_kwargs, ours),
+               "reference": reference_runner(reference_pipe, request, theirs), **(extra or {}),
+               "gemm": gemm_runner(threads, bf16=cpu_info().bf16)}
+    samples = interleaved_samples(runners, repeats)
+    gemm = samples.pop("gemm")
+    result = {name: medians_ms(stages) for name, stages in samples.items()}
+    result["ratio"] = result["reference"]["total_ms"] / result["runtime"]["total_ms"]
+    peak = gemm_gflops({name: statistics.median(values) for name, values in gemm.items()})
+    counted = stage_gflop(pipe.manifest, ours["shapes"], request.steps)
+    result["limit"] = {"cpu": cpu_info().describe(), "threads": threads or default_threads(),
+                       "peak_gflops": peak, **counted,
+                       **{side: limit_columns(result[side], counted["gflop"], peak["fp32_peak"])
+                          for side in ("runtime", "reference")}}
+    result["psnr_db"] = float(psnr(theirs["images"], ours["images"]))
+    return result

@@ -24,13 +24,15 @@ def add_generation_args(p, *, size: int = 1024, steps: int = 25) -> None:
     p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
 
 
-def add_backend_args(p, backends=("ort", "trt", "torch")) -> None:
+def add_backend_args(p, backends=("ort", "trt", "openvino", "torch")) -> None:
     p.add_argument("--backend", choices=backends, default="ort")
     p.add_argument("--precision", default=None,
                    help="ort: fp32 (default) | int8 (the U-Net's Q/DQ variant from `k3trt calibrate`); trt: the "
-                        "engines' precision, default bf16 text encoder + fp16 U-Net and MoVQ (`k3trt build`)")
+                        "engines' precision, default bf16 text encoder + fp16 U-Net and MoVQ (`k3trt build`); "
+                        "openvino: fp32 (default) | bf16 (CPUs with AVX-512 BF16 or AMX)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="ONNX Runtime / OpenVINO threads (default: all cores)")
 
 
 def generation_kwargs(args) -> dict:
@@ -49,6 +51,8 @@ def open_pipeline(args, model_dir: str | None = None):
     options = {}
     if args.backend == "ort":
         options = {"provider": args.provider, "threads": args.threads}
+    elif args.backend == "openvino":
+        options = {"threads": args.threads}
     elif args.backend == "torch":
         options = {"model_dir": model_dir or getattr(args, "model", None)}
     return Pipeline.from_artifacts(args.artifacts, args.backend, resolved_precision(args), scheduler=args.scheduler,
@@ -124,7 +128,7 @@ def cmd_bench(args) -> int:
     import torch
 
     from ..export.reference import load_reference
-    from .bench import format_bench, interleaved_medians, reference_runner, runtime_runner, unet_int8_vs_fp32
+    from .bench import format_bench, run_benchmark, runtime_runner, unet_int8_vs_fp32
     from .pipeline import make_request
 
     kwargs = generation_kwargs(args)
@@ -132,18 +136,17 @@ def cmd_bench(args) -> int:
                                                                           if k not in ("prompt", "negative_prompt")})
     pipe = open_pipeline(args)
     int8 = args.backend == "ort" and str(args.precision).lower() == "int8"
-    runners = {"runtime": runtime_runner(pipe, kwargs),
-               "reference": reference_runner(load_reference(args.model), request)}
+    extra = {}
     if int8:  # same run, same request: the fp32 pipeline's U-Net for comparison
         pipe.manifest.onnx("unet", "int8")  # typed error with the fix (`k3trt calibrate`) before any timing
         fp32_pipe = open_pipeline(argparse.Namespace(**{**vars(args), "precision": "fp32"}))
-        runners["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
+        extra["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
     log(f"benchmarking {args.repeats} interleaved repeats at {request.width}x{request.height}, {request.steps} "
         f"steps, torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
     result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend,
               "precision": resolved_precision(args),
-              **interleaved_medians(runners, args.repeats)}
-    result["ratio"] = result["reference"]["total_ms"] / result["runtime"]["total_ms"]
+              **run_benchmark(pipe, load_reference(args.model), request, kwargs, repeats=args.repeats,
+                              threads=args.threads, extra=extra)}
     if int8:
         result["unet_int8_vs_fp32"] = unet_int8_vs_fp32(result["runtime"], result.pop("runtime_fp32"))
     print(format_bench(result))
@@ -192,7 +195,7 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR")
     p.add_argument("--artifacts", required=True, metavar="ART")
     add_generation_args(p)
-    add_backend_args(p, ("ort", "trt"))
+    add_backend_args(p, ("ort", "trt", "openvino"))
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--report", metavar="DIR", help="write report.md with side-by-side images and heat maps")
     p.set_defaults(func=cmd_parity)
@@ -202,7 +205,7 @@ def register(sub) -> None:
     p.add_argument("--artifacts", required=True, metavar="ART")
     p.add_argument("--model", required=True, metavar="DIR")
     add_generation_args(p)
-    add_backend_args(p, ("ort", "trt"))
+    add_backend_args(p, ("ort", "trt", "openvino"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=cmd_bench)

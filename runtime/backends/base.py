@@ -155,9 +155,13 @@ def make_backend(name: str, manifest: Manifest, precision: str | Mapping[str, st
         from .trt import TrtBackend
 
         return TrtBackend(manifest, precision, **options)
+    if name == "openvino":
+        from .openvino import OpenVinoBackend
+
+        return OpenVinoBackend(manifest, precision, **options)
     if name == "torch":
         from ...export.reference import TorchBackend
 
         return TorchBackend(manifest, precision, **options)
-    raise InvalidArgumentError(f"unknown backend {name!r}", accepted="ort, trt, torch",
+    raise InvalidArgumentError(f"unknown backend {name!r}", accepted="ort, trt, openvino, torch",
                                fix="--backend ort (ONNX Runtime) works everywhere")

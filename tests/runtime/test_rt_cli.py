@@ -46,3 +46,14 @@ def test_bench_reports_medians_and_ratio(tiny_model_dir, tiny_artifacts, tmp_pat
     for side in ("runtime", "reference"):
         assert set(result[side]) == {"text_encoder_ms", "unet_step_ms", "movq_decoder_ms", "total_ms"}
         assert result[side]["total_ms"] >= result[side]["unet_step_ms"] > 0
+    limit = result["limit"]  # FLOPs per stage, GFLOP/s against a GEMM peak measured in the same run
+    assert limit["unresolved_nodes"] == {} and limit["peak_gflops"]["fp32_peak"] > 0
+    gflop = limit["gflop"]
+    assert gflop["total"] == gflop["text_encoder"] + 2 * gflop["unet_step"] + gflop["movq_decoder"] > 0
+    for side in ("runtime", "reference"):
+        for stage in ("text_encoder", "unet_step", "movq_decoder", "total"):
+            cols = limit[side][stage]
+            expected = gflop[stage] / (result[side][f"{stage}_ms"] / 1e3)
+            assert abs(cols["gflops"] - expected) < 1e-6 * expected
+            assert abs(cols["percent_of_peak"] - 100 * expected / limit["peak_gflops"]["fp32_peak"]) < 1e-6
+    assert result["psnr_db"] > 40  # fp32 runtime vs diffusers on the same seed

@@ -1,0 +1,110 @@
+"""OpenVINO backend (CPU): the exported fp32 ONNX, compiled per request shape, in fp32 or bf16.
+
+OpenVINO reads the same fp32 ONNX files ONNX Runtime runs; the precision is a compile setting, not another
+ONNX variant. Each component is compiled once per input-shape set with those shapes made static (the CPU
+plugin then plans memory and picks kernels for exactly that shape), and OpenVINO's model cache keeps the
+compiled blobs on disk, so the next process skips the compile. The inference precision hint is always set
+explicitly: left unset, OpenVINO picks bf16 by itself on AMX CPUs, so an "fp32" run would not be fp32 there.
+
+bf16 needs native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere OpenVINO would emulate it slowly, so it is
+refused with a typed error before anything compiles.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from ..artifacts import check_external_data_paths
+from ..cpuinfo import cpu_info
+from ..errors import BackendUnavailableError, InvalidArgumentError
+from .base import Backend
+
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}  # our names -> OpenVINO's element types
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("K3TRT_CACHE", Path.home() / ".cache" / "k3trt")) / "openvino"
+
+
+def check_precisions(precisions: Mapping[str, str]) -> None:
+    """Every component's precision is one OpenVINO computes here; bf16 only with native bf16 arithmetic."""
+    for component, precision in precisions.items():
+        if precision not in INFERENCE_PRECISION:
+            raise InvalidArgumentError(f"--backend openvino cannot run {component} in {precision}",
+                                       accepted=", ".join(INFERENCE_PRECISION),
+                                       fix="--precision fp32 or bf16 (int8 runs on --backend ort or trt)")
+    if "bf16" in precisions.values() and not cpu_info().bf16:
+        raise BackendUnavailableError(
+            f"bf16 needs a CPU with AVX-512 BF16 or AMX; this one is {cpu_info().describe()}",
+            accepted="fp32 on this CPU", fix="--precision fp32 (the default), or run on a CPU that reports "
+                                             "avx512_bf16 or amx_bf16 in /proc/cpuinfo")
+
+
+def _openvino():
+    try:
+        import openvino
+    except ImportError:
+        raise BackendUnavailableError("OpenVINO is not installed", accepted="--backend ort (always installed)",
+                                      fix="pip install 'kandinsky3-trt[openvino]'") from None
+    return openvino
+
+
+class OpenVinoBackend(Backend):
+    name = "openvino"
+
+    def __init__(self, manifest, precision="fp32", *, threads: int | None = None,
+                 cache_dir: str | os.PathLike | None = None, verify: bool = True):
+        super().__init__(manifest, precision)
+        check_precisions(self.precision)
+        self.ov = _openvino()
+        self.core = self.ov.Core()
+        self.threads, self.verify = threads, verify
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self._compiled: dict[tuple, object] = {}  # (component, input shapes) -> compiled model
+        self._verified: set[str] = set()
+
+    def record(self, component: str):
+        """OpenVINO always reads the fp32 graph; the precision is how it computes it."""
+        return self.manifest.onnx(component, "fp32")
+
+    def effective_precision(self, component: str) -> str:
+        return self.precision[component]
+
+    def config(self, component: str) -> dict:
+        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision[component]],
+                  "PERFORMANCE_HINT": "LATENCY", "CPU_DENORMALS_OPTIMIZATION": True,  # as ORT: flush denormals
+                  "CACHE_DIR": str(self.cache_dir)}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = int(self.threads)
+        return config
+
+    def compiled(self, component: str, shapes: Mapping[str, tuple]):
+        """The compiled model for these exact input shapes (compiled, or loaded from the disk cache, once)."""
+        key = (component, tuple(sorted((name, tuple(shape)) for name, shape in shapes.items())))
+        if key not in self._compiled:
+            record = self.record(component)
+            path = self.manifest.path(record.graph.path)
+            if self.verify and component not in self._verified:
+                self.manifest.verify_onnx(record)
+                self._verified.add(component)
+            check_external_data_paths(path, self.manifest.root)
+            model = self.core.read_model(str(path))
+            model.reshape({name: self.ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._compiled[key] = self.core.compile_model(model, "CPU", self.config(component))
+        return self._compiled[key]
+
+    def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
+        compiled = self.compiled(component, {k: a.shape for k, a in arrays.items()})
+        results = compiled(arrays)  # the request's output buffers are reused by the next call: copy out
+        names = [spec.name for spec in self.record(component).outputs]  # OpenVINO keeps the ONNX output order
+        return {name: torch.from_numpy(np.array(results[out], copy=True))
+                for name, out in zip(names, compiled.outputs)}
+
+    def close(self) -> None:
+        self._compiled.clear()
