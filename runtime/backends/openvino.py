@@ -12,6 +12,7 @@ refused with a typed error before anything compiles.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Mapping
 
@@ -66,6 +67,8 @@ class OpenVinoBackend(Backend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._compiled: dict[tuple, object] = {}  # (component, input shapes) -> compiled model
         self._verified: set[str] = set()
+        self._compile_lock = threading.Lock()  # concurrent first calls compile once
+        self._local = threading.local()  # an infer request holds its buffers: one per thread and shape
 
     def record(self, component: str):
         """OpenVINO always reads the fp32 graph; the precision is how it computes it."""
@@ -85,26 +88,41 @@ class OpenVinoBackend(Backend):
     def compiled(self, component: str, shapes: Mapping[str, tuple]):
         """The compiled model for these exact input shapes (compiled, or loaded from the disk cache, once)."""
         key = (component, tuple(sorted((name, tuple(shape)) for name, shape in shapes.items())))
-        if key not in self._compiled:
-            record = self.record(component)
-            path = self.manifest.path(record.graph.path)
-            if self.verify and component not in self._verified:
-                self.manifest.verify_onnx(record)
-                self._verified.add(component)
-            check_external_data_paths(path, self.manifest.root)
-            model = self.core.read_model(str(path))
-            model.reshape({name: self.ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self._compiled[key] = self.core.compile_model(model, "CPU", self.config(component))
+        if key in self._compiled:
+            return self._compiled[key]
+        with self._compile_lock:
+            if key not in self._compiled:
+                self._compiled[key] = self._compile(component, shapes)
         return self._compiled[key]
+
+    def _compile(self, component: str, shapes: Mapping[str, tuple]):
+        record = self.record(component)
+        path = self.manifest.path(record.graph.path)
+        if self.verify and component not in self._verified:
+            self.manifest.verify_onnx(record)
+            self._verified.add(component)
+        check_external_data_paths(path, self.manifest.root)
+        model = self.core.read_model(str(path))
+        model.reshape({name: self.ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return self.core.compile_model(model, "CPU", self.config(component))
+
+    def infer_request(self, component: str, shapes: Mapping[str, tuple]):
+        compiled = self.compiled(component, shapes)
+        requests = self._local.__dict__.setdefault("requests", {})
+        if id(compiled) not in requests:
+            requests[id(compiled)] = (compiled, compiled.create_infer_request())
+        return requests[id(compiled)]
 
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
-        compiled = self.compiled(component, {k: a.shape for k, a in arrays.items()})
-        results = compiled(arrays)  # the request's output buffers are reused by the next call: copy out
+        compiled, request = self.infer_request(component, {k: a.shape for k, a in arrays.items()})
+        results = request.infer(arrays)  # the request's output buffers are reused by the next call: copy out
         names = [spec.name for spec in self.record(component).outputs]  # OpenVINO keeps the ONNX output order
         return {name: torch.from_numpy(np.array(results[out], copy=True))
                 for name, out in zip(names, compiled.outputs)}
 
     def close(self) -> None:
-        self._compiled.clear()
+        with self._compile_lock:
+            self._compiled.clear()
+        self._local = threading.local()
