@@ -18,6 +18,7 @@ import numpy as np
 
 Sample = dict[str, list[float]]  # stage -> seconds: one value per generation, one per call for the U-Net
 STAGES = ("text_encoder", "unet_step", "movq_decoder", "total")
+PSNR_BOUND_DB = {"fp32": 40.0, "bf16": 30.0}  # end-to-end image vs diffusers fp32, same seed, damped presets
 PEAK_N = 2048  # GEMM side for the peak: large enough to run at the machine's rate, small enough for ~0.1 s
 
 
@@ -200,7 +201,13 @@ def format_bench(result: dict) -> str:
                     f"included)")
     if "psnr_db" in result:
         rows.append(f"image PSNR runtime ({result['precision']}) vs diffusers fp32, same seed: "
-                    f"{result['psnr_db']:.1f} dB")
+                    f"{result['psnr_db']:.1f} dB{_bound(result['precision'], result['psnr_db'])}")
+    for label, other in result.get("also", {}).items():
+        mine = result["limit"][label]
+        rows.append(f"{label}: total {other['total_ms']:.1f} ms (U-Net step {other['unet_step_ms']:.1f}, MoVQ "
+                    f"{other['movq_decoder_ms']:.1f}), {mine['total']['gflops']:.0f} GFLOP/s = "
+                    f"{mine['total']['percent_of_peak']:.0f}% of the fp32 peak, {other['ratio']:.2f}x diffusers, "
+                    f"PSNR vs diffusers fp32 {other['psnr_db']:.1f} dB{_bound(label.split()[-1], other['psnr_db'])}")
     cmp = result.get("unet_int8_vs_fp32")
     if cmp:
         rows.append(f"U-Net step (median ms): int8 {cmp['int8_unet_step_ms']:.1f} vs fp32 "
@@ -209,27 +216,39 @@ def format_bench(result: dict) -> str:
     return "\n".join(rows)
 
 
+def _bound(precision: str, value: float) -> str:
+    bound = PSNR_BOUND_DB.get(str(precision))
+    return "" if bound is None else f" (bound >= {bound:.0f} dB: {'ok' if value >= bound else 'BELOW'})"
+
+
 # ----------------------------------------------------------------------------------------- one benchmark run
 def run_benchmark(pipe, reference_pipe, request, request_kwargs: dict, *, repeats: int, threads: int | None,
-                  extra: dict[str, Callable[[], Sample]] | None = None) -> dict:
-    """Runtime vs diffusers (+ `extra` runners) interleaved with the GEMM peak; medians, limit columns, PSNR."""
+                  extra: dict[str, Callable[[], Sample]] | None = None, also: dict | None = None) -> dict:
+    """Runtime vs diffusers (+ `extra` runners, + `also`: label -> another runtime Pipeline, e.g. OpenVINO bf16)
+    interleaved with the GEMM peak; medians, limit columns, PSNR against diffusers."""
     from .backends.ort import default_threads
     from .cpuinfo import cpu_info
-    from .metrics import psnr
 
-    ours, theirs = {}, {}
-    runners = {"runtime": runtime_runner(pipe, request_kwargs, ours),
-               "reference": reference_runner(reference_pipe, request, theirs), **(extra or {}),
+    keeps = {"runtime": {}, "reference": {}, **{label: {} for label in (also or {})}}
+    runners = {"runtime": runtime_runner(pipe, request_kwargs, keeps["runtime"]),
+               "reference": reference_runner(reference_pipe, request, keeps["reference"]), **(extra or {}),
+               **{label: runtime_runner(other, request_kwargs, keeps[label]) for label, other in (also or {}).items()},
                "gemm": gemm_runner(threads, bf16=cpu_info().bf16)}
     samples = interleaved_samples(runners, repeats)
     gemm = samples.pop("gemm")
     result = {name: medians_ms(stages) for name, stages in samples.items()}
-    result["ratio"] = result["reference"]["total_ms"] / result["runtime"]["total_ms"]
     peak = gemm_gflops({name: statistics.median(values) for name, values in gemm.items()})
-    counted = stage_gflop(pipe.manifest, ours["shapes"], request.steps)
+    counted = stage_gflop(pipe.manifest, keeps["runtime"]["shapes"], request.steps)
     result["limit"] = {"cpu": cpu_info().describe(), "threads": threads or default_threads(),
                        "peak_gflops": peak, **counted,
-                       **{side: limit_columns(result[side], counted["gflop"], peak["fp32_peak"])
-                          for side in ("runtime", "reference")}}
-    result["psnr_db"] = float(psnr(theirs["images"], ours["images"]))
+                       **{side: limit_columns(result[side], counted["gflop"], peak["fp32_peak"]) for side in keeps}}
+    result.update(_versus_reference(result, keeps, "runtime"))
+    result["also"] = {label: {**result.pop(label), **_versus_reference(result, keeps, label)} for label in also or {}}
     return result
+
+
+def _versus_reference(result: dict, keeps: dict, side: str) -> dict:
+    from .metrics import psnr
+
+    return {"ratio": result["reference"]["total_ms"] / result[side]["total_ms"],
+            "psnr_db": float(psnr(keeps["reference"]["images"], keeps[side]["images"]))}

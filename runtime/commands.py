@@ -141,18 +141,30 @@ def cmd_bench(args) -> int:
         pipe.manifest.onnx("unet", "int8")  # typed error with the fix (`k3trt calibrate`) before any timing
         fp32_pipe = open_pipeline(argparse.Namespace(**{**vars(args), "precision": "fp32"}))
         extra["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
+    also = {f"{b} {p}": open_pipeline(argparse.Namespace(**{**vars(args), "backend": b, "precision": p}))
+            for b, p in (parse_also(item) for item in args.also or [])}
     log(f"benchmarking {args.repeats} interleaved repeats at {request.width}x{request.height}, {request.steps} "
         f"steps, torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
     result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend,
               "precision": resolved_precision(args),
               **run_benchmark(pipe, load_reference(args.model), request, kwargs, repeats=args.repeats,
-                              threads=args.threads, extra=extra)}
+                              threads=args.threads, extra=extra, also=also)}
     if int8:
         result["unet_int8_vs_fp32"] = unet_int8_vs_fp32(result["runtime"], result.pop("runtime_fp32"))
     print(format_bench(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
+
+
+def parse_also(item: str) -> tuple[str, str]:
+    from .errors import InvalidArgumentError
+
+    backend, _, precision = item.partition(":")
+    if backend not in ("ort", "openvino", "trt") or not precision:
+        raise InvalidArgumentError(f"--also {item!r}", accepted="BACKEND:PRECISION with BACKEND ort, openvino or trt",
+                                   fix="e.g. --also openvino:bf16 --also openvino:fp32")
+    return backend, precision
 
 
 def cmd_demo(args) -> int:
@@ -207,6 +219,8 @@ def register(sub) -> None:
     add_generation_args(p)
     add_backend_args(p, ("ort", "trt", "openvino"))
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--also", action="append", metavar="BACKEND:PRECISION",
+                   help="time another runtime configuration in the same interleaved run, e.g. openvino:bf16")
     p.add_argument("--json", metavar="FILE")
     p.set_defaults(func=cmd_bench)
 

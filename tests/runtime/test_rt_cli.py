@@ -40,7 +40,8 @@ def test_parity_exit_status(tiny_model_dir, tiny_artifacts, tmp_path, capsys):
 def test_bench_reports_medians_and_ratio(tiny_model_dir, tiny_artifacts, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--model", str(tiny_model_dir), "--prompt", "a",
-                 "--steps", "2", "--height", "64", "--width", "64", "--repeats", "1", "--json", str(out)]) == 0
+                 "--steps", "2", "--height", "64", "--width", "64", "--repeats", "1", "--json", str(out),
+                 "--also", "openvino:fp32"]) == 0
     result = json.loads(out.read_text())
     assert result["ratio"] > 0
     for side in ("runtime", "reference"):
@@ -57,3 +58,5 @@ def test_bench_reports_medians_and_ratio(tiny_model_dir, tiny_artifacts, tmp_pat
             assert abs(cols["gflops"] - expected) < 1e-6 * expected
             assert abs(cols["percent_of_peak"] - 100 * expected / limit["peak_gflops"]["fp32_peak"]) < 1e-6
     assert result["psnr_db"] > 40  # fp32 runtime vs diffusers on the same seed
+    also = result["also"]["openvino fp32"]  # timed in the same interleaved run
+    assert also["psnr_db"] > 40 and also["ratio"] == result["reference"]["total_ms"] / also["total_ms"]
