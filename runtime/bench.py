@@ -243,7 +243,8 @@ def run_benchmark(pipe, reference_pipe, request, request_kwargs: dict, *, repeat
                        "peak_gflops": peak, **counted,
                        **{side: limit_columns(result[side], counted["gflop"], peak["fp32_peak"]) for side in keeps}}
     result.update(_versus_reference(result, keeps, "runtime"))
-    result["also"] = {label: {**result.pop(label), **_versus_reference(result, keeps, label)} for label in also or {}}
+    versus = {label: _versus_reference(result, keeps, label) for label in also or {}}
+    result["also"] = {label: {**result.pop(label), **versus[label]} for label in also or {}}
     return result
 
 
