@@ -31,10 +31,11 @@ def open_source(args):
 
 def cmd_export(args) -> int:
     from .onnx_export import PROTOBUF_LIMIT
-    from .writer import export_artifacts
+    from .writer import default_components, export_artifacts
 
-    components = [c.strip() for c in args.components.split(",") if c.strip()]
     source = open_source(args)
+    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else \
+        default_components(source)
     log(f"exporting {', '.join(components)} from {source.label} -> {args.out}")
     threshold = int(args.external_data_threshold_mb * 1024 * 1024) if args.external_data_threshold_mb is not None else \
         PROTOBUF_LIMIT
@@ -68,7 +69,8 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export Kandinsky 3 components to validated ONNX + manifest")
     add_source_args(p)
     p.add_argument("--out", required=True, metavar="ART", help="artifact directory (created or updated)")
-    p.add_argument("--components", default=",".join(SPECS), help=f"comma list of {', '.join(SPECS)}")
+    p.add_argument("--components", default=None, help=f"comma list of {', '.join(SPECS)} (default: every "
+                   "component whose weights the model has)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     p.add_argument("--external-data-threshold-mb", type=float, default=None,
                    help="store weights as external data past this size (default: the 2 GB protobuf limit)")

@@ -169,6 +169,20 @@ def model_info(source, spec: ComponentSpec) -> dict:
     if spec.name == "text_encoder":
         config = source.config("text_encoder")
         return {"vocab_size": config["vocab_size"], "hidden": config["d_model"]}
-    if spec.name == "unet":
-        return {"context_dim": source.config("unet")["encoder_hid_dim"]}
+    if spec.name.startswith("unet"):
+        return {"context_dim": source.config(spec.folder)["encoder_hid_dim"]}
     return {}
+
+
+# ----------------------------------------------------------------------------------------- task components
+from .task_components import (MoVQEncoderOnnx, movq_encoder_inputs, variant_unet_inputs,  # noqa: E402
+                              variant_unet_wrapper)
+
+SPECS["movq_encoder"] = ComponentSpec(
+    CARDS["movq_encoder"], "movq", MoVQEncoderOnnx, make_inputs=movq_encoder_inputs,
+    trace={"batch": 2, "image_height": 64, "image_width": 64},
+    validate=({"batch": 1, "image_height": 128, "image_width": 64},
+              {"batch": 3, "image_height": 64, "image_width": 192}))
+for _name, _channels in (("unet_inpainting", 9), ("unet_flash", 4)):
+    SPECS[_name] = ComponentSpec(CARDS[_name], _name, variant_unet_wrapper, make_inputs=variant_unet_inputs(_channels),
+                                 trace=SPECS["unet"].trace, validate=SPECS["unet"].validate)

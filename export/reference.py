@@ -16,7 +16,7 @@ import torch
 from ..runtime.backends.base import Backend
 from ..runtime.errors import ModelSourceError
 from .components import SPECS
-from .sources import ModelSource, open_model_dir
+from .sources import open_model_dir, open_source_dir
 
 
 def load_reference(model_dir: str | Path, variant: str | None = None):
@@ -115,7 +115,7 @@ class TorchBackend(Backend):
         if not root or not Path(root).is_dir():
             raise ModelSourceError(f"the torch backend needs the model folder; {root!r} is not one",
                                    fix="pass model_dir=... (CLI: --model DIR)")
-        self.source: ModelSource = open_model_dir(root, variant=manifest.data.get("source", {}).get("variant"))
+        self.source = open_source_dir(root, variant=manifest.data.get("source", {}).get("variant"))
         self._modules: dict[str, torch.nn.Module] = {}
 
     def module(self, component: str) -> torch.nn.Module:

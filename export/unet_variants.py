@@ -64,6 +64,9 @@ def load_variant(folder: Path):
     return unet.eval(), null
 
 
+_IDENTITY = torch.nn.Identity()
+
+
 class OfficialUNet(torch.nn.Module):
     """The inpainting / Flash U-Net with the official text semantics (docs/tasks.md), same I/O as UNetOnnx.
 
@@ -76,24 +79,25 @@ class OfficialUNet(torch.nn.Module):
 
     def __init__(self, unet, null_embedding):
         super().__init__()
-        self.projection = unet.encoder_hid_proj
-        unet.encoder_hid_proj = torch.nn.Identity()
-        self.unet = unet
-        null = null_embedding if null_embedding is not None else torch.zeros(self.projection_dim())
+        self.unet = unet  # not modified: wrapping twice (export, then validation) must give the same module
+        dim = unet.encoder_hid_proj.projection_linear.out_features
+        null = null_embedding if null_embedding is not None else torch.zeros(dim)
         self.register_buffer("null_embedding", null.reshape(-1).float().clone())
-
-    def projection_dim(self) -> int:
-        return self.projection.projection_linear.out_features
 
     def forward(self, sample, timestep, encoder_hidden_states, encoder_attention_mask):
         mask = encoder_attention_mask
-        context = self.projection(encoder_hidden_states) * mask[..., None]
+        projection = self.unet.encoder_hid_proj
+        context = projection(encoder_hidden_states) * mask[..., None]
         null_row = (mask.sum(-1, keepdim=True) == 0).to(mask.dtype)  # (B, 1)
         first = (torch.arange(mask.shape[1], device=mask.device) == 0).to(mask.dtype)[None]  # (1, L)
         context = context * (1 - null_row[..., None]) + (null_row * first)[..., None] * self.null_embedding
         mask = mask * (1 - null_row) + null_row * first
-        return self.unet(sample, timestep, encoder_hidden_states=context, encoder_attention_mask=mask,
-                         return_dict=False)[0]
+        self.unet.encoder_hid_proj = _IDENTITY  # the context is projected already (the official UNet has none)
+        try:
+            return self.unet(sample, timestep, encoder_hidden_states=context, encoder_attention_mask=mask,
+                             return_dict=False)[0]
+        finally:
+            self.unet.encoder_hid_proj = projection
 
 
 

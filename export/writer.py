@@ -191,7 +191,12 @@ def collect_garbage(manifest: Manifest) -> None:
                     child.unlink(missing_ok=True)
 
 
-def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=tuple(SPECS),
+def default_components(source) -> list[str]:
+    """Every component whose weights the source holds: the inpainting and Flash U-Nets only where present."""
+    return [name for name, spec in SPECS.items() if source.has(spec.folder)]
+
+
+def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=None,
                      opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT,
                      force: bool = False, log=print) -> dict:
     """Export `components` of `source` into the artifact directory `out`. Returns a summary dict.
@@ -202,6 +207,7 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
     if opset < MIN_OPSET:
         raise InvalidArgumentError(f"opset {opset} is too old", accepted=f">= {MIN_OPSET}",
                                    fix=f"use --opset {DEFAULT_OPSET} (the default)")
+    components = default_components(source) if components is None else list(components)
     for name in components:
         component_spec(name)
     out = Path(out)

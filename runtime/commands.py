@@ -80,16 +80,24 @@ def output_paths(out: str, count: int) -> list[Path]:
 
 
 def cmd_generate(args) -> int:
+    from .pipeline import to_pil
+    from .task_commands import run_task, task_of, task_steps
+
+    task = task_of(args)  # contradictory task flags fail before anything loads
     pipe = open_pipeline(args)
     kwargs = generation_kwargs(args)
-    images = pipe.generate(**kwargs, callback=progress_callback(args.steps))
+    if task == "text2img":
+        images = pipe.generate(**kwargs, callback=progress_callback(args.steps))
+    else:
+        images = to_pil(run_task(pipe, task, args, kwargs, progress_callback(task_steps(task, args), task)))
     paths = output_paths(args.out, len(images))
     for image, path in zip(images, paths):
         path.parent.mkdir(parents=True, exist_ok=True)
         image.save(path)
     t = pipe.backend.timings
-    log(f"text encoder {sum(t['text_encoder']) * 1e3:.0f} ms, U-Net {len(t['unet'])} calls "
-        f"{sum(t['unet']):.2f} s, MoVQ {sum(t['movq_decoder']) * 1e3:.0f} ms")
+    unet = [c for c in t if c.startswith("unet")]
+    log(f"text encoder {sum(t['text_encoder']) * 1e3:.0f} ms, U-Net {sum(len(t[c]) for c in unet)} calls "
+        f"{sum(sum(t[c]) for c in unet):.2f} s, MoVQ {sum(t['movq_decoder']) * 1e3:.0f} ms")
     for path in paths:
         print(path)
     return 0
@@ -174,10 +182,15 @@ def cmd_demo(args) -> int:
     from ..export.writer import export_artifacts
 
     out = Path(args.out)
-    model = out / "model"
+    seed = getattr(args, "model_seed", 0)
+    model = out / ("model" if seed == 0 else f"model-seed{seed}")
     if not (model / "model_index.json").is_file():
-        log(f"[1/4] writing the tiny preset (random weights, real classes) -> {model}")
-        write_preset("tiny", model)
+        log(f"[1/4] writing the tiny preset (random weights, real classes, seed {seed}) -> {model}")
+        write_preset("tiny", model, seed=seed)
+    if getattr(args, "task", "text2img") != "text2img":
+        from ..export.task_demo import run_task_demo
+
+        return run_task_demo(args.task, model, out, args.prompt, log)
     log(f"[2/4] exporting to ONNX -> {out / 'artifacts'}")
     export_artifacts(open_model_dir(model), out / "artifacts", log=log)
     argv = ["--artifacts", str(out / "artifacts"), "--model", str(model), "--prompt", args.prompt,
@@ -201,6 +214,9 @@ def register(sub) -> None:
     add_backend_args(p)
     p.add_argument("--model", metavar="DIR", help="model folder (only for --backend torch)")
     p.add_argument("--out", required=True, metavar="PATH.png")
+    from .task_commands import add_task_args
+
+    add_task_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("parity", help="runtime vs diffusers: per component, teacher-forced and end to end")
@@ -227,6 +243,10 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="tiny preset -> export -> generate -> parity, on a fresh install")
     p.add_argument("--out", default="k3trt-demo", metavar="DIR")
     p.add_argument("--prompt", default="a red fox in a snowy forest, watercolor")
+    p.add_argument("--task", choices=["text2img", "img2img", "inpaint"], default="text2img",
+                   help="img2img: vs diffusers.Kandinsky3Img2ImgPipeline at strength 0.6; inpaint: vs the "
+                        "official-semantics torch reference (docs/tasks.md); reports show input, mask, output")
+    p.add_argument("--model-seed", type=int, default=0, help="weight seed of the tiny preset (default 0)")
     p.set_defaults(func=cmd_demo)
 
 

@@ -172,5 +172,32 @@ class Pipeline:
         images = self.decode(self.denoise(state, callback, recorder))
         return to_pil(images) if output_type == "pil" else images
 
+    # ------------------------------------------------------------------------------------- tasks
+    def img2img(self, prompt: str, image, *, output_type: str = "pil", **kwargs):
+        """Image to image, diffusers.Kandinsky3Img2ImgPipeline step for step (`runtime/tasks.py: img2img`)."""
+        from .tasks import img2img
+
+        return _as_output(img2img, output_type, self, prompt, image, **kwargs)
+
+    def inpaint(self, prompt: str, image, mask=None, *, output_type: str = "pil", **kwargs):
+        """Inpainting (`mask`: white = repaint) or outpainting (`outpaint="left=128"`), the official pipeline's
+        semantics (`runtime/tasks.py: inpaint`, docs/tasks.md)."""
+        from .tasks import inpaint
+
+        return _as_output(inpaint, output_type, self, prompt, image, mask, **kwargs)
+
+    def flash(self, prompt: str | Sequence[str], *, output_type: str = "pil", **kwargs):
+        """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (`runtime/tasks.py: flash`)."""
+        from .tasks import flash
+
+        return _as_output(flash, output_type, self, prompt, **kwargs)
+
     def close(self) -> None:
         self.backend.close()
+
+
+def _as_output(task, output_type: str, *args, **kwargs):
+    if output_type not in ("pil", "np"):
+        raise InvalidArgumentError(f"output_type={output_type!r}", accepted="pil, np")
+    images = task(*args, **kwargs)
+    return to_pil(images) if output_type == "pil" else images

@@ -117,6 +117,8 @@ def prepare_latents(shape: tuple[int, ...], generator: torch.Generator | None, *
 class DenoiseState:
     """One request in the denoising loop: its scheduler, timesteps, latents, guidance and generator."""
 
+    component = "unet"  # the U-Net component it runs (a task's state may run another: tasks.MaskedDenoiseState)
+
     def __init__(self, scheduler, timesteps: Sequence[int], latents: torch.Tensor, cond: Conditioning,
                  guidance: float, generator: torch.Generator | None):
         self.scheduler, self.timesteps = scheduler, list(timesteps)
@@ -193,8 +195,12 @@ def tile_context(cond: Conditioning, length: int) -> tuple[torch.Tensor, torch.T
 def run_unet(backend: Backend, states: Sequence[DenoiseState], *, label: str = "unet") -> list[torch.Tensor]:
     """One U-Net call over every state (same latent size; each its own timestep and context), split back."""
     feeds = [s.unet_feeds() for s in states]
+    component = states[0].component
+    if any(s.component != component for s in states):
+        raise InvalidArgumentError("states of different U-Nets in one call",
+                                   accepted=f"states that all run {component}", fix="batch them per U-Net")
     if len(states) == 1:
-        noise = backend.run("unet", feeds[0])["noise_pred"]
+        noise = backend.run(component, feeds[0])["noise_pred"]
         return [check_finite(noise, label)]
     length = context_lengths_fit([s.cond.length for s in states], 1 << 30)
     tiled = [tile_context(s.cond, length) for s in states]
@@ -202,7 +208,7 @@ def run_unet(backend: Backend, states: Sequence[DenoiseState], *, label: str = "
              "timestep": torch.cat([f["timestep"] for f in feeds]),
              "encoder_hidden_states": torch.cat([c for c, _ in tiled]),
              "encoder_attention_mask": torch.cat([m for _, m in tiled])}
-    noise = check_finite(backend.run("unet", batch)["noise_pred"], label)
+    noise = check_finite(backend.run(component, batch)["noise_pred"], label)
     return list(noise.split([f["sample"].shape[0] for f in feeds]))
 
 

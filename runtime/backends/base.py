@@ -11,12 +11,12 @@ import collections
 import logging
 import threading
 import time
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
 from ..artifacts import COMPONENTS, Manifest, OnnxRecord
-from ..errors import ArtifactError, InvalidArgumentError, ShapeError
+from ..errors import ArtifactError, BackendUnavailableError, InvalidArgumentError, ShapeError
 from ..precision import Precision
 
 log = logging.getLogger("k3trt")
@@ -104,7 +104,7 @@ class Backend(abc.ABC):
         return torch.device("cpu")
 
     def record(self, component: str) -> OnnxRecord:
-        variant = self.precision[component]
+        variant = self.precision.get(component, "fp32")  # the task components run fp32 unless asked
         if variant != "fp32" and not self.manifest.has_onnx(component, variant):
             if component not in self._fallback_warned:  # e.g. int8 U-Net with an fp32 text encoder
                 self._fallback_warned.add(component)
@@ -144,9 +144,20 @@ class Backend(abc.ABC):
         self.close()
 
 
+_REGISTERED: dict[str, "Callable[..., Backend]"] = {}
+
+
+def register_backend(name: str, factory) -> None:
+    """Make `make_backend(name, ...)` call `factory(manifest, precision, **options)`. The torch reference
+    backend registers itself this way (k3trt.export), so the runtime never imports model code."""
+    _REGISTERED[name] = factory
+
+
 def make_backend(name: str, manifest: Manifest, precision: str | Mapping[str, str] = "fp32",
                  **options) -> Backend:
-    """Backends by name; each is imported only when asked for (the torch reference pulls in diffusers)."""
+    """Backends by name; each is imported only when asked for. Others (the torch reference) register."""
+    if name in _REGISTERED:
+        return _REGISTERED[name](manifest, precision, **options)
     if name == "ort":
         from .ort import OrtBackend
 
@@ -160,8 +171,8 @@ def make_backend(name: str, manifest: Manifest, precision: str | Mapping[str, st
 
         return OpenVinoBackend(manifest, precision, **options)
     if name == "torch":
-        from ...export.reference import TorchBackend
-
-        return TorchBackend(manifest, precision, **options)
-    raise InvalidArgumentError(f"unknown backend {name!r}", accepted="ort, trt, openvino, torch",
+        raise BackendUnavailableError(
+            "the torch reference backend is not registered in this process",
+            fix="import k3trt.export first (it registers the torch backend; it needs the [export] extra)")
+    raise InvalidArgumentError(f"unknown backend {name!r}", accepted=", ".join(["ort", "trt", "openvino", *_REGISTERED]),
                                fix="--backend ort (ONNX Runtime) works everywhere")

@@ -63,7 +63,8 @@ def test_cli_flags_reach_export_artifacts(tiny_model_dir, tmp_path, monkeypatch)
     seen = capture_export_call(monkeypatch)
     base = ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "A")]
     assert main(base) == 0
-    assert seen["components"] == ["text_encoder", "unet", "movq_decoder"]
+    assert seen["components"] == ["text_encoder", "unet", "movq_decoder", "movq_encoder", "unet_inpainting",
+                                  "unet_flash"]  # every component the preset has weights for
     assert (seen["opset"], seen["external_threshold"], seen["force"]) == (DEFAULT_OPSET, PROTOBUF_LIMIT, False)
     assert seen["source"].root == tiny_model_dir and seen["source"].variant is None
     assert main(base + ["--components", " unet, movq_decoder ", "--opset", "18", "--force",

@@ -1,0 +1,201 @@
+"""Image-to-image, inpainting/outpainting and Kandinsky 3.1 Flash, composed from the runtime's stages.
+
+Each task is: check every input and that the artifacts hold the task's components (typed errors, before any
+model runs) -> encode the prompt -> prepare latents -> denoise over the task's timesteps -> decode. The
+semantics and the sources they were read from are in docs/tasks.md.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .backends.base import check_shapes
+from .errors import ArtifactError, InvalidArgumentError
+from .images import check_strength, load_image, load_mask, outpaint_canvas, parse_margins
+from .official_sampler import FlashSampler, OfficialSampler
+from .stages import (DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite, denoise,
+                     prepare_latents)
+
+TASK_COMPONENTS = {  # what each task runs beside the text encoder and the MoVQ decoder
+    "img2img": ("unet", "movq_encoder"),
+    "inpaint": ("unet_inpainting", "movq_encoder"),
+    "flash": ("unet_flash",),
+}
+
+
+def require_components(pipe, task: str) -> None:
+    exported = set(pipe.manifest.components())
+    missing = [c for c in ("text_encoder", *TASK_COMPONENTS[task], "movq_decoder") if c not in exported]
+    if missing:
+        source = "the source has them: a diffusers preset or an official checkpoint with " + (
+            "kandinsky3_inpainting.pt" if task == "inpaint" else "kandinsky3_flash.pt" if task == "flash"
+            else "movq.pt")
+        raise ArtifactError(f"the artifacts in {str(pipe.manifest.root)!r} were not exported for {task}: "
+                            f"{', '.join(missing)} missing", accepted=f"exported: {', '.join(sorted(exported))}",
+                            fix=f"k3trt export --model DIR --out {pipe.manifest.root} --components "
+                                f"{','.join(missing)} ({source})")
+
+
+def single_prompt(prompt) -> str:
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError(f"prompt {prompt!r}: image tasks take one prompt",
+                                   accepted="a string", fix="call once per prompt (num_images for variations)")
+    return prompt
+
+
+def encode_image(backend, pixels: torch.Tensor) -> torch.Tensor:
+    """MoVQ encoder (encoder + quant_conv, no quantization, no scaling) -> latents (B, 4, H/8, W/8)."""
+    latents = backend.run("movq_encoder", {"image": pixels.to(backend.device)})["latents"]
+    return check_finite(latents, "movq_encoder").float()
+
+
+def _check_encoder(pipe, pixels: torch.Tensor) -> None:
+    check_shapes(pipe.backend.record("movq_encoder"), {"image": tuple(pixels.shape)})
+
+
+# ----------------------------------------------------------------------------------------- image to image
+def img2img(pipe, prompt: str, image, *, strength: float = 0.3, negative_prompt: str | None = None,
+            seed: int = 0, steps: int = 25, guidance: float = 3.0, num_images: int = 1,
+            callback: StepCallback | None = None, recorder: list | None = None) -> np.ndarray:
+    """diffusers.Kandinsky3Img2ImgPipeline step for step; float images (N, H, W, 3) in [0, 1]."""
+    from .pipeline import make_request
+
+    prompt = single_prompt(prompt)
+    pixels = load_image(image)
+    run = check_strength(strength, steps)
+    require_components(pipe, "img2img")
+    request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                           height=pixels.shape[-2], width=pixels.shape[-1], num_images=num_images)
+    pipe.check_request(request)
+    _check_encoder(pipe, pixels)
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    cond = pipe.encode(request)
+    scheduler, schedule = pipe.new_scheduler(request.steps)
+    timesteps = schedule[request.steps - run:]  # get_timesteps: the last int(steps * strength) timesteps
+    latents = encode_image(pipe.backend, pixels).repeat_interleave(num_images, dim=0)
+    noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)  # prepare_latents' one draw
+    latents = scheduler.add_noise(latents.cpu(), noise, timesteps[0])
+    state = pipe.start(request, cond, generator, latents=latents, timesteps=timesteps)
+    return pipe.decode(pipe.denoise(state, callback, recorder))
+
+
+# ----------------------------------------------------------------------------------------- inpainting
+class MaskedDenoiseState(DenoiseState):
+    """A DenoiseState whose U-Net input also carries the mask and the masked-image latents (9 channels)."""
+
+    component = "unet_inpainting"
+
+    def __init__(self, *args, extra: torch.Tensor, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.extra = extra  # (images, 5, h, w): mask on the latent grid, masked-image latents
+
+    def unet_feeds(self) -> dict[str, torch.Tensor]:
+        feeds = super().unet_feeds()
+        extra = torch.cat([self.extra, self.extra]) if self.cond.guided else self.extra
+        feeds["sample"] = torch.cat([feeds["sample"], extra.to(feeds["sample"].device)], dim=1)
+        return feeds
+
+
+@dataclasses.dataclass(frozen=True)
+class InpaintInputs:
+    pixels: torch.Tensor  # (1, 3, H, W) in [-1, 1], on the (possibly extended) canvas
+    user_mask: torch.Tensor  # (1, 1, H, W), 1 = repaint
+
+
+def inpaint_inputs(image, mask=None, outpaint: str | dict | None = None) -> InpaintInputs:
+    pixels = load_image(image)
+    if outpaint is not None:
+        if mask is not None:
+            raise InvalidArgumentError("both a mask and outpaint margins were given",
+                                       accepted="a mask (inpainting) or margins (outpainting)",
+                                       fix="drop --mask: outpainting repaints exactly the new margins")
+        margins = parse_margins(outpaint) if isinstance(outpaint, str) else parse_margins(
+            ",".join(f"{k}={v}" for k, v in outpaint.items()))
+        pixels, user = outpaint_canvas(pixels, margins)
+        return InpaintInputs(pixels, user)
+    if mask is None:
+        raise InvalidArgumentError("inpainting needs a mask", accepted="a mask image (white = repaint)",
+                                   fix="pass --mask MASK.png, or --outpaint left=128 to extend the image")
+    return InpaintInputs(pixels, load_mask(mask, tuple(pixels.shape[-2:])))
+
+
+def inpaint(pipe, prompt: str, image, mask=None, *, outpaint: str | dict | None = None,
+            negative_prompt: str | None = None, seed: int = 0, steps: int = 50, guidance: float = 4.0,
+            num_images: int = 1, preserve_unmasked: bool = True, callback: StepCallback | None = None,
+            recorder: list | None = None) -> np.ndarray:
+    """The official inpainting pipeline (docs/tasks.md); float images (N, H, W, 3) in [0, 1]."""
+    from .pipeline import make_request
+
+    prompt = single_prompt(prompt)
+    inputs = inpaint_inputs(image, mask, outpaint)
+    sampler = OfficialSampler()
+    timesteps = sampler.set_timesteps(steps)  # validates steps
+    require_components(pipe, "inpaint")
+    h, w = inputs.pixels.shape[-2:]
+    request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance, height=h,
+                           width=w, num_images=num_images)
+    _check_inpaint_shapes(pipe, request, inputs.pixels)
+    keep = 1.0 - inputs.user_mask  # the official pipeline's internal mask: 1 = keep
+    masked_latents = encode_image(pipe.backend, inputs.pixels * keep)  # the hole set to 0 (mid grey)
+    keep_latent = F.interpolate(keep, size=masked_latents.shape[-2:], mode="nearest").to(masked_latents.device)
+    extra = torch.cat([keep_latent, masked_latents], dim=1).repeat(request.latent_shape[0], 1, 1, 1)
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    cond = pipe.encode(request)
+    latents = prepare_latents(request.latent_shape, generator, device=pipe.backend.device)
+    state = MaskedDenoiseState(sampler, timesteps, latents, cond, request.guidance, generator, extra=extra)
+    images = pipe.decode(denoise(pipe.backend, state, callback, recorder))
+    if preserve_unmasked:  # k3trt's addition: the input's own pixels outside the repaint region
+        original = ((inputs.pixels + 1.0) / 2.0).permute(0, 2, 3, 1).cpu().numpy()
+        images = np.where(keep.permute(0, 2, 3, 1).cpu().numpy() > 0.5, original, images)
+    return images
+
+
+def _check_inpaint_shapes(pipe, request, pixels: torch.Tensor) -> None:
+    b, c, h, w = request.latent_shape
+    rows = b * (2 if request.guided else 1)
+    check_shapes(pipe.backend.record("unet_inpainting"), {
+        "sample": (rows, 9, h, w), "timestep": (rows,),
+        "encoder_hidden_states": (rows, 1, pipe.manifest.data["pipeline"]["context_dim"]),
+        "encoder_attention_mask": (rows, 1)})
+    check_shapes(pipe.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
+    _check_encoder(pipe, pixels)
+
+
+# ----------------------------------------------------------------------------------------- Flash
+def flash(pipe, prompt: str | Sequence[str], *, seed: int = 0, height: int = 1024, width: int = 1024,
+          num_images: int = 1, callback: StepCallback | None = None, recorder: list | None = None) -> np.ndarray:
+    """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (docs/tasks.md)."""
+    from .pipeline import make_request
+
+    sampler = FlashSampler()
+    require_components(pipe, "flash")
+    request = make_request(prompt, None, seed=seed, steps=len(sampler.timesteps), guidance=0.0, height=height,
+                           width=width, num_images=num_images)
+    b, c, h, w = request.latent_shape
+    check_shapes(pipe.backend.record("unet_flash"), {
+        "sample": (b, c, h, w), "timestep": (b,),
+        "encoder_hidden_states": (b, 1, pipe.manifest.data["pipeline"]["context_dim"]),
+        "encoder_attention_mask": (b, 1)})
+    check_shapes(pipe.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    cond = pipe.encode(request)
+    x0 = prepare_latents(request.latent_shape, generator, device=pipe.backend.device)
+    for i, t in enumerate(sampler.timesteps):
+        x_t = sampler.noisy(x0, t, generator)
+        feeds = {"sample": x_t, "timestep": torch.full((b,), float(t), device=x_t.device),
+                 "encoder_hidden_states": cond.context, "encoder_attention_mask": cond.mask}
+        noise = check_finite(pipe.backend.run("unet_flash", feeds)["noise_pred"], f"unet_flash at t={t}")
+        if recorder is not None:
+            recorder.append({"step": i, "timestep": t, "sample": x_t.cpu(), "noise_pred": noise.cpu()})
+        x0 = sampler.x0(noise, t, x_t)
+        if callback is not None:
+            verdict = callback(StepInfo(i, len(sampler.timesteps), t, x0))
+            if isinstance(verdict, torch.Tensor):
+                x0 = verdict.to(x0.device, x0.dtype)
+            elif verdict:
+                raise GenerationCancelled(f"cancelled by the callback after step {i + 1}/{len(sampler.timesteps)}")
+    return pipe.decode(x0)
