@@ -27,7 +27,8 @@ def codes(findings, severity="error"):
 
 def test_tiny_artifacts_pass(tiny_artifacts, capsys):
     results = check_artifacts(tiny_artifacts)
-    assert {r.label for r in results} == {"text_encoder/fp32", "unet/fp32", "movq_decoder/fp32"}
+    assert {r.label for r in results} == {"text_encoder/fp32", "unet/fp32", "movq_decoder/fp32", "movq_encoder/fp32",
+                                          "unet_inpainting/fp32", "unet_flash/fp32"}
     assert all(r.findings == () and r.nodes > 100 for r in results)
     assert main(["check", "--artifacts", str(tiny_artifacts)]) == 0
     assert "0 error(s), 0 warning(s)" in capsys.readouterr().out

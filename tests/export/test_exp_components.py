@@ -33,7 +33,14 @@ EXPECTED_IO = {
         (TensorSpec("latents", "float32", ("batch", 4, "height", "width")),),
         (TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
     ),
+    "movq_encoder": (
+        (TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
+        (TensorSpec("latents", "float32", ("batch", 4, "height", "width")),),
+    ),
 }
+for _name, _channels in (("unet_inpainting", 9), ("unet_flash", 4)):  # the base U-Net's I/O, own input channels
+    EXPECTED_IO[_name] = ((TensorSpec("sample", "float32", ("batch", _channels, "height", "width")),
+                           *EXPECTED_IO["unet"][0][1:]), EXPECTED_IO["unet"][1])
 
 
 @pytest.fixture(scope="module")
