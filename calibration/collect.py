@@ -73,7 +73,8 @@ def unet_calls(arrays: dict, prompt_index: int) -> Iterator[UnetCall]:
 
 
 def trajectory_key(manifest: Manifest, prompt: str, seed: int, config: TrajectoryConfig) -> str:
-    exports = {c: manifest.onnx(c).export_key for c in COMPONENTS}
+    # the text-to-image trajectory: the task components (MoVQ encoder, U-Net variants) do not take part
+    exports = {c: manifest.onnx(c).export_key for c in ("text_encoder", "unet", "movq_decoder")}
     return sha256_json({"prompt": prompt, "seed": seed, "config": config.as_dict(), "exports": exports,
                         "tokenizer": manifest.data["tokenizer"]["sha256"],
                         "scheduler": manifest.data["scheduler"]["sha256"], "version": CALIBRATION_VERSION})

@@ -209,6 +209,21 @@ def _latent(lo: int, hi: int, multiple: int = 1) -> Axis:
     return Axis(lo, hi, AxisRole.LATENT, multiple)
 
 
+def _variant_unet(name: str, channels: int, batch_rule: BatchRule, why: str) -> ComponentCard:
+    """A U-Net variant: the base U-Net's I/O and axes with `channels` input channels and its own batch rule."""
+    return ComponentCard(
+        name,
+        inputs=(TensorSpec("sample", "float32", ("batch", channels, "height", "width")),
+                TensorSpec("timestep", "float32", ("batch",)),
+                TensorSpec("encoder_hidden_states", "float32", ("batch", "context", "context_dim")),
+                TensorSpec("encoder_attention_mask", "float32", ("batch", "context"))),
+        outputs=(TensorSpec("noise_pred", "float32", ("batch", 4, "height", "width")),),
+        axes={"batch": Axis(1, 64, AxisRole.BATCH), "height": _latent(8, 256, LATENT_MULTIPLE),
+              "width": _latent(8, 256, LATENT_MULTIPLE), "context": Axis(1, MAX_TEXT_LENGTH, AxisRole.CONTEXT)},
+        derived={}, batch_rule=batch_rule,
+        precision=PrecisionPolicy("fp16", ("fp16", "bf16"), ("int8", "fp8"), why=why))
+
+
 CARDS: Mapping[str, ComponentCard] = MappingProxyType({
     "text_encoder": ComponentCard(
         "text_encoder",
@@ -250,6 +265,27 @@ CARDS: Mapping[str, ComponentCard] = MappingProxyType({
             why="GroupNorm/SpatialNorm statistics over 16k positions and the 16k x 16k attention softmax are "
                 "where fp16 loses accuracy: they stay fp32."),
     ),
+    # --- the task components (image to image, inpainting, Flash; docs/tasks.md)
+    "movq_encoder": ComponentCard(
+        "movq_encoder",
+        inputs=(TensorSpec("image", "float32", ("batch", 3, "image_height", "image_width")),),
+        outputs=(TensorSpec("latents", "float32", ("batch", 4, "height", "width")),),
+        axes={"batch": Axis(1, 32, AxisRole.BATCH), "image_height": Axis(64, 2048, AxisRole.PIXEL, PIXEL_MULTIPLE),
+              "image_width": Axis(64, 2048, AxisRole.PIXEL, PIXEL_MULTIPLE)},
+        derived={"height": ("image_height", LATENT_FACTOR), "width": ("image_width", LATENT_FACTOR)},
+        batch_rule=BatchRule.IMAGES,
+        precision=PrecisionPolicy(
+            "fp16", ("fp16", "bf16"), fp32_islands={"fp16": "movq_norms_softmax", "bf16": "movq_norms_softmax"},
+            why="the decoder's mirror: GroupNorm statistics at full resolution and the lowest level's attention "
+                "softmax stay fp32; it runs once per image-to-image or inpainting request."),
+    ),
+    "unet_inpainting": _variant_unet(
+        "unet_inpainting", 9, BatchRule.GUIDED,
+        "the base U-Net's policy; its 9 input channels are latents (4), the keep mask (1) and the masked image's "
+        "latents (4). int8 from a Q/DQ variant calibrated on masked trajectories."),
+    "unet_flash": _variant_unet(
+        "unet_flash", 4, BatchRule.IMAGES,
+        "the base U-Net's policy; Kandinsky 3.1 Flash runs without guidance, so its batch is the images, not 2x."),
 })
 COMPONENTS: tuple[str, ...] = tuple(CARDS)
 

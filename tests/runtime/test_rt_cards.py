@@ -78,6 +78,21 @@ def test_profile_batch_rules_come_from_the_cards():
     request = make_request(["1024x1024"], "1-4")
     spans = {name: (axis_ranges(name, request)["batch"].min, axis_ranges(name, request)["batch"].max)
              for name in CARDS}
-    assert spans == {"text_encoder": (1, 8), "unet": (2, 8), "movq_decoder": (1, 4)}
+    assert spans == {"text_encoder": (1, 8), "unet": (2, 8), "movq_decoder": (1, 4), "movq_encoder": (1, 4),
+                     "unet_inpainting": (2, 8), "unet_flash": (1, 4)}  # Flash runs without guidance
     unguided = make_request(["1024x1024"], "1-4", guidance=False)
     assert axis_ranges("unet", unguided)["batch"].max == 4
+
+
+def test_the_task_components_are_cards():
+    """The MoVQ encoder and the U-Net variants are cards: their profiles follow from roles and batch rules."""
+    from k3trt.engines.profiles import axis_ranges, make_request
+
+    request = make_request(["1024x768"], "1-2")
+    encoder = axis_ranges("movq_encoder", request)
+    assert (encoder["image_height"].max, encoder["image_width"].max) == (768, 1024)  # pixels, not latents
+    assert card("movq_encoder").dynamic_axes()["latents"] == {0: "batch", 2: "height", 3: "width"}
+    inpaint = axis_ranges("unet_inpainting", request)
+    assert (inpaint["batch"].max, inpaint["height"].max, inpaint["context"].max) == (4, 96, 128)
+    assert card("unet_inpainting").inputs[0].shape == ("batch", 9, "height", "width")
+    assert card("unet_flash").batch_rule is BatchRule.IMAGES and axis_ranges("unet_flash", request)["batch"].max == 2
