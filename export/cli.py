@@ -42,7 +42,7 @@ def cmd_export(args) -> int:
         PROTOBUF_LIMIT
     summary = export_artifacts(source, args.out, components=components, opset=args.opset,
                                external_threshold=threshold, force=args.force, precisions=precisions, log=log)
-    log(f"done: exported {summary['exported'] or 'nothing'}; variants {summary['variants'] or 'none new'}; "
+    log(f"done: exported {summary['exported'] or 'nothing'}; variants {summary.get('variants') or 'none new'}; "
         f"up to date {summary['up_to_date'] or 'none'}; "
         f"peak RSS {summary['peak_rss_mb']:.0f} MB; manifest {args.out}/manifest.json")
     return 0
