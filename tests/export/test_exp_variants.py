@@ -145,9 +145,9 @@ def test_failed_conversion_leaves_the_manifest_and_files(artifacts_copy, monkeyp
     import k3trt.export.variants as variants
 
     before = snapshot(artifacts_copy)
-    monkeypatch.setattr(variants, "verify_variant", lambda *a, **k: ({}, ["unet fp16 (storage): forced"]))
+    monkeypatch.setattr(variants, "verify_variant", lambda *a, **k: ({}, ["text_encoder bf16 (storage): forced"]))
     with pytest.raises(ValidationError, match="forced"):
-        add_variants(artifacts_copy, ["unet"], ["fp16"], log=quiet)
+        add_variants(artifacts_copy, ["text_encoder"], ["bf16"], log=quiet)
     assert snapshot(artifacts_copy) == before
 
 
