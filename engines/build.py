@@ -1,15 +1,16 @@
 """Engine builds: a BuildPlan -> TensorRT engines (via Polygraphy) -> manifest entries, atomically.
 
-Per component: parse the ONNX (strongly typed for fp32), pin the plan's fp32 nodes with layer precision
-constraints (OBEY_PRECISION_CONSTRAINTS), one min/opt/max profile, build, write the plan file under a
-content-keyed name, then commit the manifest. A failed build leaves the manifest and earlier engines as they
-were. TensorRT and Polygraphy are imported only when a build runs.
+Per component: parse the plan's ONNX variant as a strongly typed network (STRONGLY_TYPED on TensorRT 10; every
+network on 11), one min/opt/max profile, TF32 if asked, build, write the plan file under a content-keyed name,
+then commit the manifest. No precision builder flags, no precision constraints, no per-layer setters: the
+precision of each layer is the type of its tensors in the ONNX (TensorRT 11 removed the rest). A failed build
+leaves the manifest and earlier engines as they were. TensorRT and Polygraphy are imported only when a build
+runs. NOT VERIFIED ON A GPU in this repository's CI.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
-import re
 import threading
 import time
 from pathlib import Path
@@ -18,48 +19,11 @@ from typing import Callable, Iterable
 from k3trt.runtime.artifacts import FileRecord, Manifest, atomic_write_bytes, sha256_file
 from k3trt.runtime.errors import ArtifactError
 
-from .compat import DeviceEnv, check_precision_supported
+from k3trt.runtime.engine_compat import DeviceEnv, check_precision_supported
 from .plan import BuildPlan, ComponentPlan
-from .trt_env import current_env, require_tensorrt, trt_logger
+from k3trt.runtime.tensorrt_env import current_env, require_tensorrt, trt_logger
 
 HEARTBEAT_S = 30.0
-_METADATA_NODE = re.compile(r"\[ONNX Layer: ([^\]]+)\]")
-
-
-# ----------------------------------------------------------------------------------------- layer mapping
-def onnx_node_of_layer(layer_name: str, metadata: str, all_nodes: set[str]) -> str | None:
-    """The ONNX node a TensorRT layer came from: the parser's metadata ("[ONNX Layer: NAME]", TensorRT >= 8.6)
-    if present, else the layer name itself, else NAME_<k> (the parser's suffix for extra layers of a node)."""
-    found = _METADATA_NODE.search(metadata or "")
-    if found and found.group(1) in all_nodes:
-        return found.group(1)
-    if layer_name in all_nodes:
-        return layer_name
-    stem = re.fullmatch(r"(.+)_\d+", layer_name)
-    return stem.group(1) if stem and stem.group(1) in all_nodes else None
-
-
-def pin_fp32(network, *, fp32_nodes: set[str], all_nodes: set[str], report: dict) -> None:
-    """Set precision and output types to fp32 on every float layer made from an fp32 node."""
-    trt = require_tensorrt()
-    floats = {trt.float32, trt.float16, trt.bfloat16}
-    pinned, matched = 0, set()
-    for index in range(network.num_layers):
-        layer = network.get_layer(index)
-        node = onnx_node_of_layer(layer.name, getattr(layer, "metadata", ""), all_nodes)
-        if node not in fp32_nodes or layer.num_outputs == 0 or layer.get_output(0).dtype not in floats:
-            continue
-        layer.precision = trt.float32
-        for out in range(layer.num_outputs):
-            if layer.get_output(out).dtype in floats:
-                layer.set_output_type(out, trt.float32)
-        pinned += 1
-        matched.add(node)
-    report.update(pinned_layers=pinned, matched_nodes=len(matched), requested_nodes=len(fp32_nodes))
-    if fp32_nodes and not matched:
-        raise ArtifactError(f"none of the {len(fp32_nodes)} fp32 nodes matched a TensorRT layer name",
-                            fix="report this with the TensorRT version; meanwhile build this component in "
-                                "fp32 or bf16 (--component-precision COMPONENT=fp32)")
 
 
 # ----------------------------------------------------------------------------------------- building
@@ -81,17 +45,11 @@ def heartbeat(log: Callable[[str], None], label: str, every: float = HEARTBEAT_S
         thread.join()
 
 
-def _network(plan: ComponentPlan, onnx_file: Path, report: dict):
-    import onnx
-    from polygraphy.backend.trt import NetworkFromOnnxPath, PostprocessNetwork
+def _network(onnx_file: Path):
+    from polygraphy.backend.trt import NetworkFromOnnxPath
 
-    network = NetworkFromOnnxPath(str(onnx_file), strongly_typed=plan.precision.strongly_typed)
-    if not plan.fp32_layers:
-        return network
-    all_nodes = {n.name for n in onnx.load(str(onnx_file), load_external_data=False).graph.node}
-    return PostprocessNetwork(
-        network, lambda network: pin_fp32(network, fp32_nodes=set(plan.fp32_layers), all_nodes=all_nodes,
-                                          report=report), name="pin-fp32-nodes")
+    # strongly typed: TensorRT 10 needs the flag; TensorRT 11 keeps it and builds every network strongly typed
+    return NetworkFromOnnxPath(str(onnx_file), strongly_typed=True)
 
 
 def _config(plan: ComponentPlan, flags, timing_cache: Path):
@@ -103,10 +61,9 @@ def _config(plan: ComponentPlan, flags, timing_cache: Path):
         profile.add(inp.name, min=inp.min, opt=inp.opt, max=inp.max)
     pools = ({trt.MemoryPoolType.WORKSPACE: int(flags.workspace_gb * (1 << 30))} if flags.workspace_gb else None)
     return CreateConfig(
-        profiles=[profile], precision_constraints="obey" if plan.fp32_layers else None,
+        profiles=[profile], tf32=plan.precision.tf32,
         load_timing_cache=str(timing_cache) if timing_cache.is_file() else None, refittable=flags.refittable,
-        builder_optimization_level=plan.builder_optimization_level, memory_pool_limits=pools,
-        **{flag: True for flag in plan.precision.builder_flags})
+        builder_optimization_level=plan.builder_optimization_level, memory_pool_limits=pools)
 
 
 def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_cache: Path, report: dict) -> bytes:
@@ -119,7 +76,7 @@ def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_ca
     trt_logger()
     onnx_file = manifest.path(plan.onnx_path)
     timing_cache.parent.mkdir(parents=True, exist_ok=True)
-    network = _network(plan, onnx_file, report)
+    network = _network(onnx_file)
     build = EngineBytesFromNetwork(network, config=_config(plan, flags, timing_cache),
                                    save_timing_cache=str(timing_cache))
     try:
@@ -141,12 +98,10 @@ def engine_entry(plan: BuildPlan, cp: ComponentPlan, file: FileRecord, env: Devi
         "profile": {i.name: i.to_dict() for i in cp.profile.inputs},
         "axes": {n: [r.min, r.opt, r.max] for n, r in cp.profile.axes},
         "request": plan.request.to_dict(),
-        "flags": {"builder_flags": list(cp.precision.builder_flags),
-                  "strongly_typed": cp.precision.strongly_typed, "refittable": plan.flags.refittable,
+        "flags": {"strongly_typed": True, "tf32": cp.precision.tf32, "refittable": plan.flags.refittable,
                   "builder_optimization_level": cp.builder_optimization_level,
-                  "workspace_gb": plan.flags.workspace_gb, "obey_precision_constraints": bool(cp.fp32_layers),
-                  "fp32_policy": cp.precision.fp32_policy},
-        "fp32_layers": {"nodes": len(cp.fp32_layers), **report},
+                  "workspace_gb": plan.flags.workspace_gb, "fp32_policy": cp.precision.fp32_policy},
+        "fp32_nodes": len(cp.fp32_nodes),
         "key": cp.key, "seconds": round(seconds, 1),
         "built_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "refit": None,
     }
@@ -176,6 +131,11 @@ def build_engines(plan: BuildPlan, manifest: Manifest, *, log: Callable[[str], N
     """Build every engine in `plan` (skipping current ones unless forced); commit each to the manifest."""
     require_tensorrt()
     env = current_env()
+    pending = [cp.name for cp in plan.components if cp.pending]
+    if pending:
+        raise ArtifactError(f"{pending} need converted ONNX variants that are not in the manifest yet",
+                            fix="make the plan with create_variants=True (what `k3trt build` does), or run "
+                                "`k3trt export ... --precision fp16,bf16`")
     for cp in plan.components:
         check_precision_supported(cp.precision.precision, env.compute_capability, env.gpu_name)
     cache = Path(plan.flags.timing_cache) if plan.flags.timing_cache else manifest.root / "engines" / "timing.cache"
@@ -187,8 +147,8 @@ def build_engines(plan: BuildPlan, manifest: Manifest, *, log: Callable[[str], N
             log(f"  {cp.name}: up to date, skipped")
             summary["up_to_date"].append(cp.name)
             continue
-        label = f"{cp.name} ({'static' if cp.profile.static else 'dynamic'} profile, " \
-                f"{len(cp.fp32_layers)} fp32 nodes)"
+        label = f"{cp.name} ({'static' if cp.profile.static else 'dynamic'} profile, from the {cp.precision.variant}" \
+                f" ONNX, {len(cp.fp32_nodes)} nodes kept fp32)"
         log(f"  {label}: building ...")
         start, report = time.perf_counter(), {}
         with heartbeat(log, cp.name):

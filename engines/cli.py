@@ -15,17 +15,23 @@ def cmd_build(args) -> int:
     from .plan import BuildFlags, make_plan
 
     manifest = Manifest.load(args.artifacts)
+    if not args.dry_run:  # TensorRT and a GPU before any work (variant conversion included)
+        from k3trt.runtime.tensorrt_env import require_cuda, require_tensorrt
+
+        require_tensorrt()
+        require_cuda()
     flags = BuildFlags(timing_cache=args.timing_cache, refittable=args.refittable,
                        builder_optimization_level=args.builder_optimization_level, workspace_gb=args.workspace,
                        force=args.force)
     plan = make_plan(manifest, precision=args.precision, component_precision=args.component_precision,
                      components=args.components, resolutions=args.resolution, batch=args.batch, static=args.static,
-                     guidance=not args.no_guidance, flags=flags)
+                     guidance=not args.no_guidance, flags=flags, create_variants=not args.dry_run, log=log)
     for cp in plan.components:
         axes = ", ".join(f"{n} {r.min}" + (f"..{r.max} (opt {r.opt})" if not r.static else "")
                          for n, r in cp.profile.axes)
-        log(f"  {cp.name}: {', '.join(cp.precision.builder_flags) or 'fp32 (strongly typed)'}; "
-            f"{len(cp.fp32_layers)} fp32 nodes; {axes}")
+        source = f"{cp.precision.variant} ONNX" + (" (converted at build time)" if cp.pending else "")
+        log(f"  {cp.name}: strongly typed from the {source}{', tf32' if cp.precision.tf32 else ''}; "
+            f"{len(cp.fp32_nodes)} nodes kept fp32; {axes}")
     if args.json:
         atomic_write_json(args.json, plan.to_dict())
         log(f"plan written to {args.json}")
@@ -75,7 +81,9 @@ def register(sub) -> None:
     p = sub.add_parser("build", help="build TensorRT engines from the artifact directory's ONNX")
     p.add_argument("--artifacts", required=True, metavar="ART")
     p.add_argument("--precision", choices=names, default=None,
-                   help="one precision for every component (default: bf16 text encoder, fp16 U-Net and MoVQ)")
+                   help="one precision for every component: picks the ONNX variant each engine is parsed from "
+                        "(strongly typed; a missing fp16/bf16 variant is converted first). Default: each card's "
+                        "(bf16 text encoder, fp16 U-Net and MoVQ)")
     p.add_argument("--component-precision", metavar="C=P,...", default=None,
                    help="per-component override, e.g. text_encoder=bf16,unet=fp16,movq_decoder=fp16")
     p.add_argument("--components", default=None, help="comma list (default: every exported component)")

@@ -13,7 +13,9 @@ from k3trt.runtime.artifacts import COMPONENTS, Manifest, sha256_json
 from k3trt.runtime.errors import InvalidArgumentError
 from k3trt.runtime.precision import Precision
 
-from .precision import QUANTIZED, ComponentPrecision, fp32_nodes, parse_component_precision, select_precisions
+from k3trt.runtime.precision import resolve_precision
+
+from .precision import QUANTIZED, ComponentPrecision, parse_component_precision, select_precisions
 from .profiles import ComponentProfile, ProfileRequest, derive_profile, make_request
 
 PLAN_FORMAT = 1
@@ -37,10 +39,10 @@ class BuildFlags:
 class ComponentPlan:
     component: str
     precision: ComponentPrecision
-    onnx_path: str  # relative to the artifact directory
-    onnx_sha256: str
+    onnx_path: str | None  # relative to the artifact directory; None: the variant is made at build time
+    onnx_sha256: str | None
     profile: ComponentProfile
-    fp32_layers: tuple[str, ...]  # ONNX node names pinned to fp32 (OBEY_PRECISION_CONSTRAINTS)
+    fp32_nodes: tuple[str, ...]  # nodes the variant keeps fp32 (recorded by the converter; informational)
     builder_optimization_level: int
     key: str
 
@@ -53,11 +55,16 @@ class ComponentPlan:
         return f"engines/{self.name}-{self.key[:12]}.plan"
 
     def to_dict(self) -> dict:
-        return {"engine": self.name, "file": self.engine_path, "onnx": self.onnx_path,
+        return {"engine": self.name, "file": self.engine_path,
+                "onnx": self.onnx_path or f"(to be converted from onnx.{self.component}.fp32 at build time)",
                 "onnx_sha256": self.onnx_sha256, **self.precision.to_dict(),
                 "builder_optimization_level": self.builder_optimization_level,
-                "obey_precision_constraints": bool(self.fp32_layers),
-                "profile": self.profile.to_dict(), "fp32_layers": list(self.fp32_layers), "key": self.key}
+                "profile": self.profile.to_dict(), "fp32_nodes": len(self.fp32_nodes), "key": self.key}
+
+    @property
+    def pending(self) -> bool:
+        """The converted variant this engine needs is not in the manifest yet."""
+        return self.onnx_path is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,28 +107,51 @@ def _opt_level(flags: BuildFlags, precision: Precision) -> int:
     return QUANTIZED_OPT_LEVEL if precision in QUANTIZED else DEFAULT_OPT_LEVEL
 
 
+def _pending(manifest: Manifest, cp: ComponentPrecision) -> bool:
+    from k3trt.export.variants import is_current
+
+    return cp.converted and not is_current(manifest, cp.component, cp.variant)
+
+
 def plan_component(manifest: Manifest, cp: ComponentPrecision, request: ProfileRequest,
                    flags: BuildFlags) -> ComponentPlan:
-    import onnx
-
-    record = manifest.onnx(cp.component, cp.variant)
+    """One engine's plan. A converted variant not made yet is planned from its fp32 source (same I/O and
+    axes) and marked pending; anything else missing or stale is a typed error from `resolve_precision`."""
+    if _pending(manifest, cp):
+        record, fp32 = manifest.onnx(cp.component), ()
+        path = sha = None
+    else:
+        resolve_precision(manifest.data["onnx"], cp.component, cp.precision, baseline="default",
+                          artifacts=str(manifest.root))
+        record = manifest.onnx(cp.component, cp.variant)
+        fp32, path, sha = tuple(record.extra.get("fp32_nodes", ())), record.graph.path, record.graph.sha256
     profile = derive_profile(record, request)
-    fp32 = ()
-    if cp.fp32_policy != "none":
-        model = onnx.load(str(manifest.path(record.graph.path)), load_external_data=False)
-        fp32 = fp32_nodes(cp.fp32_policy, model)
     level = _opt_level(flags, cp.precision)
-    key = sha256_json({"format": PLAN_FORMAT, "onnx": record.graph.sha256, "precision": cp.to_dict(),
-                       "profile": profile.to_dict(), "fp32": fp32, "level": level,
+    key = sha256_json({"format": PLAN_FORMAT, "onnx": sha or f"fp32:{record.graph.sha256}",
+                       "precision": cp.to_dict(), "profile": profile.to_dict(), "level": level,
                        "refittable": flags.refittable, "workspace_gb": flags.workspace_gb})
-    return ComponentPlan(cp.component, cp, record.graph.path, record.graph.sha256, profile, fp32, level, key)
+    return ComponentPlan(cp.component, cp, path, sha, profile, fp32, level, key)
+
+
+def create_pending_variants(manifest: Manifest, plan: BuildPlan, log) -> int:
+    """Make every converted variant `plan` needs (export/variants.py: convert, verify, commit); reload."""
+    from k3trt.export.variants import add_variants
+
+    made = []
+    for cp in (c for c in plan.components if c.pending):
+        made += add_variants(manifest.root, [cp.component], [cp.variant], log=log)
+    if made:
+        manifest.data = Manifest.load(manifest.root).data
+    return len(made)
 
 
 def make_plan(manifest: Manifest, *, precision: str | None = None, component_precision: str | Mapping | None = None,
               components: str | Iterable[str] | None = None, resolutions: Iterable[str] | None = None,
               batch: str | int = 1, static: bool = False, guidance: bool = True,
-              flags: BuildFlags = BuildFlags()) -> BuildPlan:
-    """Validate the request against the manifest and compute every engine's profile, precision and flags."""
+              flags: BuildFlags = BuildFlags(), create_variants: bool = False, log=print) -> BuildPlan:
+    """Validate the request against the manifest and compute every engine's profile, precision and flags.
+
+    `create_variants`: make missing converted (fp16/bf16) variants first, so no component plan is pending."""
     names = parse_components(components, manifest.components())
     overrides = (parse_component_precision(component_precision) if isinstance(component_precision, (str, type(None)))
                  else {k: Precision.parse(v) for k, v in component_precision.items()})
@@ -132,8 +162,11 @@ def make_plan(manifest: Manifest, *, precision: str | None = None, component_pre
     tokenizer = manifest.data.get("tokenizer") or {}
     request = make_request(resolutions, batch, static=static, guidance=guidance,
                            max_text_length=int(tokenizer.get("max_length", 128)))
-    variants = {c: list(manifest.data["onnx"].get(c, {})) for c in names}
-    chosen = select_precisions(names, precision, overrides, variants)
+    chosen = select_precisions(names, precision, overrides)
     plans = tuple(plan_component(manifest, chosen[c], request, flags) for c in names)
     build_precision = Precision.parse(precision).value if precision else "default"
-    return BuildPlan(str(manifest.root), build_precision, request, flags, plans)
+    plan = BuildPlan(str(manifest.root), build_precision, request, flags, plans)
+    if create_variants and create_pending_variants(manifest, plan, log):
+        plan = dataclasses.replace(plan, components=tuple(plan_component(manifest, chosen[c], request, flags)
+                                                          for c in names))
+    return plan

@@ -1,9 +1,12 @@
 """`k3trt refit`: new weights into refittable engines without rebuilding them.
 
-The new model folder's component is exported to ONNX in a temporary folder (same exporter, same opset), so
-its initializer names are what TensorRT's ONNX parser named the engine's weights (the parser names refittable
-weights after ONNX initializers). Names are matched before anything touches the engine; a mismatch fails with
-the full list, and renamed weights (PEFT wraps layers as `<layer>.base_layer`) get a hint.
+The new model folder's component is exported to ONNX in a temporary folder (same exporter, same opset) and,
+for an engine parsed from an fp16/bf16 variant, converted the same way (same converter, same fp32 nodes), so its
+initializers have the names and types of the ONNX the engine was parsed from (the parser names refittable
+weights after ONNX initializers; the converter may duplicate or retype them). The layouts are compared, and the
+names matched, before anything touches the engine; a mismatch fails with the full list, and renamed weights (PEFT
+wraps layers as `<layer>.base_layer`) get a hint. The weights go in through TensorRT's ONNX-parser refitter
+(`OnnxParserRefitter.refit_from_file`), or by name with `set_named_weights` where it is missing.
 """
 from __future__ import annotations
 
@@ -83,7 +86,7 @@ def refittable_engines(engines: Mapping[str, Mapping], components: Iterable[str]
     wanted = set(components) if components else None
     picked = [(n, e) for n, e in sorted(engines.items()) if wanted is None or e.get("component") in wanted]
     usable = [(n, e) for n, e in picked if e.get("flags", {}).get("refittable")]
-    quantized = [n for n, e in usable if e.get("variant", "fp32") != "fp32"]
+    quantized = [n for n, e in usable if e.get("variant", "fp32") in ("int8", "fp8")]
     if quantized:
         raise ArtifactError(f"engines {quantized} come from a quantized Q/DQ graph: their scales were calibrated "
                             "for the old weights", fix="re-run `k3trt calibrate` and `k3trt build` for new weights")
@@ -96,29 +99,84 @@ def refittable_engines(engines: Mapping[str, Mapping], components: Iterable[str]
 
 
 # ----------------------------------------------------------------------------------------- TensorRT side
-def export_weights(source, component: str, out_dir: Path, opset: int) -> tuple[dict, str]:
-    """Export `component` of `source` to ONNX in `out_dir`; return (initializer name -> array, graph sha256)."""
+def initializer_layout(model) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (ONNX element type name, shape) of every initializer: what an engine's weights are named after."""
+    import onnx
+
+    return {t.name: (onnx.TensorProto.DataType.Name(t.data_type), tuple(t.dims)) for t in model.graph.initializer}
+
+
+def check_same_layout(engine_source, new_variant, engine_name: str, model_dir: str) -> None:
+    """The new weights' variant must name, type and shape its initializers exactly as the variant the engine was
+    parsed from (same converter, same fp32 islands); otherwise list the differences before touching the engine."""
+    old, new = initializer_layout(engine_source), initializer_layout(new_variant)
+    differ = [f"{n} ({old[n][0]}{list(old[n][1])} vs {new[n][0]}{list(new[n][1])})"
+              for n in sorted(set(old) & set(new)) if old[n] != new[n]]
+    missing, extra = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    if differ or missing:
+        parts = ([f"{len(missing)} initializer(s) of the engine's ONNX are not in the new one: {_listing(missing)}"]
+                 if missing else []) + ([f"type/shape differs: {_listing(differ)}"] if differ else [])
+        if extra:
+            parts.append(f"new names: {_listing(extra)}")
+        raise ArtifactError(f"cannot refit {engine_name!r} from {model_dir!r}: " + "; ".join(parts),
+                            fix="refit needs the same architecture, config and variant precision; rebuild with "
+                                "`k3trt export` + `k3trt build` for a different model")
+
+
+def host_tensor(array, dtype=None):
+    """A numpy initializer (fp32, fp16, or ml_dtypes bfloat16) as a contiguous CPU torch tensor, bit-exact;
+    cast to `dtype` (a torch dtype) if given."""
+    import numpy as np
+    import torch
+
+    if array.dtype.name == "bfloat16":  # numpy has no bf16: reinterpret the bits
+        tensor = torch.from_numpy(np.ascontiguousarray(array).view(np.uint16).astype(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return (tensor if dtype is None else tensor.to(dtype)).contiguous()
+
+
+def export_weights(source, component: str, out_dir: Path, opset: int, *, variant: str = "fp32",
+                   keep_fp32: tuple[str, ...] = ()) -> tuple[dict, str, Path]:
+    """Export `component` of `source` to ONNX in `out_dir`, converted to `variant` with the same fp32 nodes as
+    the engine's source variant (so initializers get the same names and types). Returns (initializer name ->
+    array, graph sha256, graph path)."""
     import onnx
     import torch
     from onnx import numpy_helper
 
     from k3trt.export.components import SPECS, model_info
-    from k3trt.export.onnx_export import export_onnx
+    from k3trt.export.onnx_export import export_onnx, save_onnx
     from k3trt.runtime.artifacts import sha256_file
 
     spec = SPECS[component]
     module = source.load(spec.folder)
     inputs = spec.make_inputs(spec.trace, model_info(source, spec), torch.Generator().manual_seed(0))
     graph, _ = export_onnx(spec, module, inputs, out_dir, opset=opset)
+    if variant != "fp32":
+        from k3trt.export.variants import convert
+
+        converted = convert(graph, variant, keep_fp32)
+        graph = out_dir / f"model.{variant}.onnx"
+        save_onnx(converted, graph)
     model = onnx.load(str(graph), load_external_data=True)
-    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, sha256_file(graph)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}, sha256_file(graph), graph
 
 
-def refit_engine_bytes(data: bytes, weights: Mapping, engine_name: str, model_dir: str) -> tuple[bytes, int]:
-    """Deserialize, match names, set every matched weight, refit, serialize. Returns (bytes, weights set)."""
-    import torch
+def _refit_from_onnx(trt, refitter, onnx_path: Path | None) -> bool:
+    """TensorRT's ONNX-parser refitter: it maps the ONNX's initializers to the engine's weights itself."""
+    if onnx_path is None or not hasattr(trt, "OnnxParserRefitter"):
+        return False
+    from k3trt.runtime.tensorrt_env import trt_logger
 
-    from .trt_env import require_tensorrt, torch_dtype, trt_logger
+    return bool(trt.OnnxParserRefitter(refitter, trt_logger()).refit_from_file(str(onnx_path)))
+
+
+def refit_engine_bytes(data: bytes, weights: Mapping, engine_name: str, model_dir: str,
+                       onnx_path: Path | None = None) -> tuple[bytes, int]:
+    """Deserialize, then refit from the new ONNX with the parser refitter (or set every weight by name),
+    refit, serialize. Returns (bytes, weights set). NOT VERIFIED ON A GPU here."""
+    from k3trt.runtime.tensorrt_env import require_tensorrt, torch_dtype, trt_logger
 
     trt = require_tensorrt()
     runtime = trt.Runtime(trt_logger())  # kept alive while the engine is in use
@@ -127,19 +185,19 @@ def refit_engine_bytes(data: bytes, weights: Mapping, engine_name: str, model_di
         raise ArtifactError(f"TensorRT could not deserialize {engine_name!r}", fix="rebuild it with k3trt build")
     refitter = trt.Refitter(engine, trt_logger())
     names = list(refitter.get_all_weights())
-    prototype = getattr(refitter, "get_weights_prototype", None)  # type + count the engine expects
-    protos = {n: (prototype(n).dtype, int(prototype(n).size)) if prototype else
-              (trt.float32, int(weights[n].size) if n in weights else -1) for n in names}
+    prototype = refitter.get_weights_prototype  # type + count the engine expects
+    protos = {n: (prototype(n).dtype, int(prototype(n).size)) for n in names}
     match = match_weights({n: c for n, (_, c) in protos.items()}, {n: int(a.size) for n, a in weights.items()})
     raise_on_mismatch(match, engine_name, model_dir)
     alive = []  # host copies must outlive refit_cuda_engine
-    for name in match.matched:
-        dtype = protos[name][0]
-        tensor = torch.from_numpy(weights[name].copy()).to(torch_dtype(dtype)).contiguous()
-        alive.append(tensor)
-        if not refitter.set_named_weights(name, trt.Weights(dtype, tensor.data_ptr(), tensor.numel())):
-            raise ArtifactError(f"TensorRT rejected new weights {name!r} for {engine_name!r}",
-                                fix="rebuild the engine with k3trt build --refittable")
+    if not _refit_from_onnx(trt, refitter, onnx_path):
+        for name in match.matched:
+            dtype = protos[name][0]
+            tensor = host_tensor(weights[name], torch_dtype(dtype))
+            alive.append(tensor)
+            if not refitter.set_named_weights(name, trt.Weights(dtype, tensor.data_ptr(), tensor.numel())):
+                raise ArtifactError(f"TensorRT rejected new weights {name!r} for {engine_name!r}",
+                                    fix="rebuild the engine with k3trt build --refittable")
     missing = refitter.get_missing_weights()
     if missing or not refitter.refit_cuda_engine():
         raise ArtifactError(f"refit of {engine_name!r} failed; missing weights: {_listing(missing) or 'none'}",
@@ -149,12 +207,14 @@ def refit_engine_bytes(data: bytes, weights: Mapping, engine_name: str, model_di
 
 def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str] | None = None,
                     variant: str | None = None, log: Callable[[str], None] = print) -> list[str]:
+    import onnx
+
     from k3trt.export.components import SPECS
     from k3trt.export.sources import open_model_dir
 
     from .build import remove_superseded
-    from .compat import check_engine_compatible
-    from .trt_env import current_env
+    from k3trt.runtime.engine_compat import check_engine_compatible
+    from k3trt.runtime.tensorrt_env import current_env
 
     env = current_env()  # TensorRT and a GPU first: nothing else is worth doing without them
     manifest = Manifest.load(artifacts)
@@ -162,14 +222,20 @@ def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str]
     source = open_model_dir(model_dir, variant=variant)
     done = []
     with tempfile.TemporaryDirectory(dir=manifest.root, prefix=".refit-") as tmp:
-        for component in dict.fromkeys(e["component"] for _, e in targets):
-            opset = manifest.onnx(component).opset
-            log(f"  {component}: exporting {model_dir} to ONNX (opset {opset}) for its weights ...")
-            weights, onnx_sha = export_weights(source, component, Path(tmp) / component, opset)
-            for name, entry in ((n, e) for n, e in targets if e["component"] == component):
+        for component, variant in dict.fromkeys((e["component"], e.get("variant", "fp32")) for _, e in targets):
+            record = manifest.onnx(component, variant)
+            log(f"  {component}: exporting {model_dir} to {variant} ONNX (opset {record.opset}) for its weights ...")
+            weights, onnx_sha, onnx_path = export_weights(
+                source, component, Path(tmp) / f"{component}-{variant}", manifest.onnx(component).opset,
+                variant=variant, keep_fp32=tuple(record.extra.get("fp32_nodes", ())))
+            check_same_layout(onnx.load(str(manifest.path(record.graph.path)), load_external_data=False),
+                              onnx.load(str(onnx_path), load_external_data=False), component, str(model_dir))
+            for name, entry in ((n, e) for n, e in targets
+                                if e["component"] == component and e.get("variant", "fp32") == variant):
                 check_engine_compatible(name, entry, env, onnx_sha256=None, artifacts=str(artifacts))
                 old = entry["file"]["path"]
-                data, count = refit_engine_bytes(manifest.path(old).read_bytes(), weights, name, str(model_dir))
+                data, count = refit_engine_bytes(manifest.path(old).read_bytes(), weights, name, str(model_dir),
+                                                 onnx_path)
                 path = manifest.root / f"engines/{name}-refit-{sha256_json(onnx_sha + old)[:12]}.plan"
                 atomic_write_bytes(path, data)
                 folder = SPECS[component].folder

@@ -113,7 +113,7 @@ def _compare(component, precision, refs, outputs, bounds) -> list[Row]:
 
 
 def _precisions(requested, manifest, env, log) -> list[str]:
-    from .compat import MIN_COMPUTE_CAPABILITY
+    from k3trt.runtime.engine_compat import MIN_COMPUTE_CAPABILITY
     from k3trt.runtime.precision import Precision
 
     wanted = requested or ["fp32", "tf32", "fp16", "bf16"] + (["int8"] if manifest.has_onnx("unet", "int8") else [])
@@ -134,7 +134,7 @@ def gpu_selftest(work: Path, precisions, log) -> int:
 
     from .build import build_engines
     from .plan import make_plan
-    from .trt_env import current_env
+    from k3trt.runtime.tensorrt_env import current_env
 
     env = current_env()
     log(f"TensorRT {env.trt_version} on {env.gpu_name} (compute capability {env.compute_capability})")
@@ -143,7 +143,8 @@ def gpu_selftest(work: Path, precisions, log) -> int:
     refs = _references(source, manifest, feeds)
     rows = []
     for precision in _precisions(precisions, manifest, env, log):
-        plan = make_plan(manifest, precision=precision, resolutions=[RESOLUTION], batch="1")
+        plan = make_plan(manifest, precision=precision, resolutions=[RESOLUTION], batch="1", create_variants=True,
+                         log=log)
         build_engines(plan, manifest, log=log)
         chosen = {c.component: c.precision.precision.value for c in plan.components}
         with TrtBackend(manifest, chosen) as backend:
@@ -180,7 +181,7 @@ def _graph_check(manifest, feeds, log) -> list[Row]:
 
 def run_selftest(*, gpu: bool = False, precisions=None, keep: str | None = None,
                  log: Callable[[str], None] = print) -> int:
-    from .trt_env import missing_requirements
+    from k3trt.runtime.tensorrt_env import missing_requirements
 
     if gpu:
         missing = missing_requirements()

@@ -31,8 +31,10 @@ def open_source(args):
 
 def cmd_export(args) -> int:
     from .onnx_export import PROTOBUF_LIMIT
+    from .variants import parse_precisions
     from .writer import default_components, export_artifacts
 
+    precisions = parse_precisions(args.precision)
     source = open_source(args)
     components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else \
         default_components(source)
@@ -40,8 +42,9 @@ def cmd_export(args) -> int:
     threshold = int(args.external_data_threshold_mb * 1024 * 1024) if args.external_data_threshold_mb is not None else \
         PROTOBUF_LIMIT
     summary = export_artifacts(source, args.out, components=components, opset=args.opset,
-                               external_threshold=threshold, force=args.force, log=log)
-    log(f"done: exported {summary['exported'] or 'nothing'}; up to date {summary['up_to_date'] or 'none'}; "
+                               external_threshold=threshold, force=args.force, precisions=precisions, log=log)
+    log(f"done: exported {summary['exported'] or 'nothing'}; variants {summary.get('variants') or 'none new'}; "
+        f"up to date {summary['up_to_date'] or 'none'}; "
         f"peak RSS {summary['peak_rss_mb']:.0f} MB; manifest {args.out}/manifest.json")
     return 0
 
@@ -75,6 +78,9 @@ def register(sub) -> None:
     p.add_argument("--external-data-threshold-mb", type=float, default=None,
                    help="store weights as external data past this size (default: the 2 GB protobuf limit)")
     p.add_argument("--force", action="store_true", help="re-export even if inputs are unchanged")
+    p.add_argument("--precision", default=None, metavar="P[,P]",
+                   help="also write reduced-precision ONNX variants: fp16, bf16 or fp16,bf16 (fp32 is always "
+                        "exported; the card of each component says which nodes stay fp32)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("preset", help="write a random-weight preset in the diffusers layout, or describe `full`")

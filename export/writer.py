@@ -152,7 +152,7 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
             axes=dict(spec.axes), source_hash=source_hash, export_key=key, versions=library_versions(),
             validation=validation,
             extra={"multiples": spec.multiples, "seconds": round(time.perf_counter() - t0, 2),
-                   "source_folder": spec.folder},
+                   "source_folder": spec.folder, "model_info": info},
         )
         worst = max(c["rel_l2"] for c in validation["cases"])
         log(f"  {name}: ok (worst rel_l2 {worst:.2e}, {record.extra['seconds']} s)")
@@ -162,14 +162,16 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
 
 
 def drop_stale_variants(manifest: Manifest, name: str, log) -> None:
-    """Variants derived from an earlier fp32 export of `name` (int8 from calibration) no longer match it."""
+    """Variants derived from an earlier fp32 export of `name` (fp16/bf16 from conversion, int8 from
+    calibration) no longer match it."""
     variants = manifest.data["onnx"].get(name, {})
     fp32_key = variants["fp32"]["export_key"]
     for variant in [v for v, rec in variants.items() if v != "fp32"]:
         derived_from = variants[variant].get("extra", {}).get("fp32_export_key")
         if derived_from and derived_from != fp32_key:
             del variants[variant]
-            log(f"  {name}: dropped the stale {variant} variant (re-run `k3trt calibrate` to rebuild it)")
+            remake = "`k3trt calibrate`" if variant in ("int8", "fp8") else f"`k3trt export --precision {variant}`"
+            log(f"  {name}: dropped the stale {variant} variant (re-run {remake} to rebuild it)")
 
 
 def collect_garbage(manifest: Manifest) -> None:
@@ -198,11 +200,13 @@ def default_components(source) -> list[str]:
 
 def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=None,
                      opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT,
-                     force: bool = False, log=print) -> dict:
+                     force: bool = False, precisions=(), log=print) -> dict:
     """Export `components` of `source` into the artifact directory `out`. Returns a summary dict.
 
+    `precisions` (fp16, bf16) adds converted variants of every component (fp32 is always exported).
     All-or-nothing: the new manifest is written once, after every component has exported and validated."""
     from ..runtime.errors import InvalidArgumentError
+    from .variants import check_variant_allowed, is_current, make_variant
 
     if opset < MIN_OPSET:
         raise InvalidArgumentError(f"opset {opset} is too old", accepted=f">= {MIN_OPSET}",
@@ -210,6 +214,8 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
     components = default_components(source) if components is None else list(components)
     for name in components:
         component_spec(name)
+        for precision in precisions:
+            check_variant_allowed(name, precision)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     current = Manifest.load_or_new(out)
@@ -228,6 +234,13 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
                                          external_threshold=external_threshold, log=log))
         drop_stale_variants(staged, name, log)
         summary["exported"].append(name)
+    summary["variants"] = []
+    for name in components:
+        for precision in precisions:
+            if not is_current(staged, name, precision):
+                info = model_info(source, component_spec(name))
+                staged.put_onnx(make_variant(staged, name, precision, info, log=log))
+                summary["variants"].append(f"{name}.{precision}")
     if staged.data != current.data:
         staged.save()  # the commit point
     collect_garbage(staged)

@@ -27,9 +27,10 @@ def add_generation_args(p, *, size: int = 1024, steps: int = 25) -> None:
 def add_backend_args(p, backends=("ort", "trt", "openvino", "torch")) -> None:
     p.add_argument("--backend", choices=backends, default="ort")
     p.add_argument("--precision", default=None,
-                   help="ort: fp32 (default) | int8 (the U-Net's Q/DQ variant from `k3trt calibrate`); trt: the "
-                        "engines' precision, default bf16 text encoder + fp16 U-Net and MoVQ (`k3trt build`); "
-                        "openvino: fp32 (default) | bf16 (CPUs with AVX-512 BF16 or AMX)")
+                   help="ort: fp32 (default) | fp16 | bf16 (the ONNX variants from `k3trt export --precision`; bf16 "
+                        "runs with bf16 storage emulated on the CPU provider) | int8 (the U-Net's Q/DQ variant from "
+                        "`k3trt calibrate`); trt: the engines' precision, default bf16 text encoder + fp16 U-Net "
+                        "and MoVQ (`k3trt build`); openvino: fp32 (default) | bf16 (CPUs with AVX-512 BF16 or AMX)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, default=None,
                    help="ONNX Runtime / OpenVINO threads (default: all cores)")

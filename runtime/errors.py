@@ -39,6 +39,10 @@ class BackendUnavailableError(K3TRTError):
     """A backend's libraries or hardware are missing on this machine."""
 
 
+class TensorRTVersionError(BackendUnavailableError):
+    """The installed TensorRT is outside the range this package supports (pyproject.toml, gpu extra)."""
+
+
 class EngineCompatibilityError(ArtifactError):
     """An engine was built by another TensorRT version or for another GPU."""
 

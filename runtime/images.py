@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .cards import PIXEL_MULTIPLE  # noqa: F401  (image sides are multiples of it; written once, on the cards)
 from .errors import InvalidArgumentError
-
-PIXEL_MULTIPLE = 64  # the U-Net halves the 8x-smaller latents three times: image sides are multiples of 64
 GREY_BAND = (0.1, 0.9)  # mask values strictly inside this band are "grey"
 MAX_GREY_FRACTION = 0.05  # anti-aliased edges are fine; a photo or a soft matte is not a mask
 SIDES = ("left", "right", "top", "bottom")

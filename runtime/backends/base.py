@@ -17,7 +17,7 @@ import torch
 
 from ..artifacts import COMPONENTS, Manifest, OnnxRecord
 from ..errors import ArtifactError, BackendUnavailableError, InvalidArgumentError, ShapeError
-from ..precision import Precision
+from ..precision import Precision, Resolved, resolve_precision
 
 log = logging.getLogger("k3trt")
 
@@ -43,17 +43,21 @@ class StageTimings(collections.defaultdict):
             self.seconds[component] += seconds
 
 
-def precision_map(precision: str | Mapping[str, str]) -> dict[str, str]:
-    """One precision for all components, or a per-component mapping (missing ones default to fp32)."""
+def precision_map(precision: str | Mapping[str, str] | None) -> dict[str, str]:
+    """One precision for all components, or a per-component mapping; None, "default" and missing components
+    mean the backend's baseline (fp32 on ONNX Runtime, the cards' defaults on TensorRT)."""
     if isinstance(precision, Mapping):
         unknown = set(precision) - set(COMPONENTS)
         if unknown:
             raise InvalidArgumentError(f"unknown component(s) {sorted(unknown)} in the precision map",
                                        accepted=", ".join(COMPONENTS))
-        return {c: Precision.parse(precision.get(c, "fp32")).value for c in COMPONENTS}
-    value = Precision.parse(precision).value
-    # A single --precision int8 quantizes what has an int8 variant (the U-Net) and keeps the rest fp32.
-    return {c: value for c in COMPONENTS}
+        return {c: _word(precision.get(c)) for c in COMPONENTS}
+    # A single --precision int8 quantizes what can have an int8 variant (the U-Net); the rest runs at baseline.
+    return {c: _word(precision) for c in COMPONENTS}
+
+
+def _word(value) -> str:
+    return "default" if value in (None, "default", "auto") else Precision.parse(value).value
 
 
 def check_feeds(record: OnnxRecord, feeds: Mapping[str, torch.Tensor]) -> None:
@@ -92,36 +96,38 @@ class Backend(abc.ABC):
     """Runs exported components. Subclasses implement `_run`; `run` adds checks and timing."""
 
     name = "abstract"
+    baseline = "fp32"  # what "default" means on this backend (see k3trt.runtime.precision.resolve_precision)
 
-    def __init__(self, manifest: Manifest, precision: str | Mapping[str, str] = "fp32"):
+    def __init__(self, manifest: Manifest, precision: str | Mapping[str, str] | None = "fp32"):
         self.manifest = manifest
         self.precision = precision_map(precision)
+        self._explicit = isinstance(precision, Mapping)
+        self._resolved: dict[str, Resolved] = {}
         self.timings = StageTimings()  # seconds per call, bounded
-        self._fallback_warned: set[str] = set()
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
+    def resolve(self, component: str) -> Resolved:
+        """The variant and compute precision of `component`: one resolution, from the card and the manifest."""
+        if component not in self._resolved:
+            requested = self.precision.get(component, "default")  # task components: baseline
+            found = resolve_precision(self.manifest.data["onnx"], component, requested, baseline=self.baseline,
+                                      explicit=self._explicit and requested != "default",
+                                      artifacts=str(self.manifest.root))
+            if requested not in ("default", found.precision.value):  # e.g. int8 asked, the text encoder has none
+                log.warning("%s has no %s ONNX variant in %s: running it in %s", component, requested,
+                            self.manifest.root, found.precision)
+            self._resolved[component] = found
+        return self._resolved[component]
+
     def record(self, component: str) -> OnnxRecord:
-        variant = self.precision.get(component, "fp32")  # the task components run fp32 unless asked
-        if variant != "fp32" and not self.manifest.has_onnx(component, variant):
-            if component not in self._fallback_warned:  # e.g. int8 U-Net with an fp32 text encoder
-                self._fallback_warned.add(component)
-                log.warning("%s has no %s ONNX variant in %s: running it in fp32", component, variant,
-                            self.manifest.root)
-            return self.manifest.onnx(component, "fp32")
-        record = self.manifest.onnx(component, variant)
-        derived_from = record.extra.get("fp32_export_key")
-        if derived_from and self.manifest.has_onnx(component) and \
-                derived_from != self.manifest.onnx(component).export_key:
-            raise ArtifactError(f"the {variant} {component} was derived from an earlier fp32 export",
-                                fix=f"re-run `k3trt calibrate --artifacts {self.manifest.root}`")
-        return record
+        return self.manifest.onnx(component, self.resolve(component).variant)
 
     def effective_precision(self, component: str) -> str:
         """The precision `component` actually runs in (parity picks its tolerance by this)."""
-        return self.record(component).variant
+        return self.resolve(component).precision.value
 
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feeds(self.record(component), feeds)

@@ -14,7 +14,7 @@ import torch
 
 from ..artifacts import check_external_data_paths
 from ..errors import BackendUnavailableError, InvalidArgumentError
-from .base import Backend
+from .base import Backend, log
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -96,10 +96,22 @@ class OrtBackend(Backend):
             self.manifest.verify_onnx(record)
         path = self.manifest.path(record.graph.path)
         check_external_data_paths(path, self.manifest.root)
+        if record.variant == "bf16" and self.provider == "cpu":  # no bf16 MatMul/Conv kernels on the CPU provider
+            return self._bf16_on_cpu(path)
         options = session_options(threads=self.threads, optimize=self.optimize,
                                   flush_denormals=self.flush_denormals, disable_quant_qdq=self.disable_quant_qdq)
         providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
         return ort.InferenceSession(str(path), options, providers=providers)
+
+    def _bf16_on_cpu(self, path):
+        """bf16 storage emulated on fp32 kernels (runtime/backends/storage.py): each bf16 tensor is rounded to
+        bf16 where it is made, so results match a bf16 device's up to accumulation order."""
+        import onnx
+
+        from .storage import storage_session
+
+        log.info("running %s with bf16 storage emulated on the CPU provider", path)
+        return storage_session(onnx.load(str(path)), threads=self.threads)
 
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         session = self.session(component)

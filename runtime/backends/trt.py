@@ -18,7 +18,6 @@ from typing import Mapping
 
 import torch
 
-from ..cards import CARDS
 from ..errors import ArtifactError, BackendUnavailableError
 from .base import Backend, StageTimings, check_feeds
 from .pool import ResourcePool
@@ -57,7 +56,7 @@ class _Slot:
 class _Engine:
     def __init__(self, name: str, entry: Mapping, engine, max_contexts: int, device: torch.device,
                  context_timeout: float | None = 30.0):
-        from k3trt.engines.trt_env import require_tensorrt, torch_dtype
+        from ..tensorrt_env import require_tensorrt, torch_dtype
 
         trt = require_tensorrt()
         self.name, self.entry, self.engine, self.device = name, entry, engine, device
@@ -73,18 +72,17 @@ class _Engine:
 
 class TrtBackend(Backend):
     name = "trt"
+    baseline = "default"  # no --precision: the cards' defaults, what a plain `k3trt build` makes
 
     def __init__(self, manifest, precision=None, *, cuda_graphs: bool = False, max_contexts: int = 2,
                  device: int = 0, verify: bool = True, log=None, context_timeout: float | None = 30.0):
         """`precision`: one name, a per-component map, or None / "default" for the engines' defaults (bf16 text
         encoder, fp16 U-Net and MoVQ: what a plain `k3trt build` makes). `context_timeout`: seconds a call waits
         for a free execution context before BackendBusyError (None: forever)."""
-        from k3trt.engines.trt_env import current_env, require_cuda, require_tensorrt
+        from ..tensorrt_env import current_env, require_cuda, require_tensorrt
 
         self._trt = require_tensorrt()
         require_cuda()
-        if precision is None or precision in ("default", "auto"):
-            precision = {name: c.precision.default for name, c in CARDS.items()}
         super().__init__(manifest, precision)
         self.env = current_env(device)
         self.cuda_graphs, self.max_contexts, self.verify = cuda_graphs, max(1, int(max_contexts)), verify
@@ -101,9 +99,6 @@ class TrtBackend(Backend):
     def device(self) -> torch.device:
         return self._device
 
-    def effective_precision(self, component: str) -> str:
-        return self.precision[component]  # the engine's build precision, not the ONNX variant's
-
     # --- engines
     def engine(self, component: str) -> _Engine:
         with self._load_lock:  # deserialize once, even with concurrent first calls
@@ -112,13 +107,14 @@ class TrtBackend(Backend):
             return self._engines[component]
 
     def _load(self, component: str) -> _Engine:
-        from k3trt.engines.compat import check_engine_compatible, select_engine
-        from k3trt.engines.trt_env import trt_logger
+        from ..engine_compat import check_engine_compatible, select_engine
+        from ..tensorrt_env import trt_logger
         from ..artifacts import FileRecord
 
-        name, entry = select_engine(self.manifest.data.get("engines", {}), component, self.precision[component],
+        resolved = self.resolve(component)
+        name, entry = select_engine(self.manifest.data.get("engines", {}), component, resolved.precision.value,
                                     str(self.manifest.root))
-        record = self.manifest.onnx(component, entry.get("variant", "fp32"))
+        record = self.manifest.onnx(component, entry.get("variant", resolved.variant))
         self.warnings += check_engine_compatible(name, entry, self.env, onnx_sha256=record.graph.sha256,
                                                  artifacts=str(self.manifest.root))
         file = FileRecord(**entry["file"])
@@ -144,7 +140,7 @@ class TrtBackend(Backend):
         return out
 
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from k3trt.engines.compat import check_feeds_in_profile
+        from ..engine_compat import check_feeds_in_profile
 
         eng = self.engine(component)
         check_feeds_in_profile(eng.name, eng.profile, {k: tuple(v.shape) for k, v in feeds.items()})

@@ -26,6 +26,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from ..cards import guided_batch
 from ..errors import InvalidArgumentError, K3TRTError
 from ..pipeline import Pipeline, Request
 from ..stages import (DenoiseState, GenerationCancelled, context_lengths_fit, decode_latents, encode_prompts,
@@ -330,7 +331,7 @@ def _texts(request: Request) -> list[str]:
 
 
 def _rows(job: Job) -> int:
-    return job.images * (2 if job.request.guided else 1)
+    return guided_batch(job.images, job.request.guided)
 
 
 def _chunks(jobs: Sequence[Job], size, limit: int) -> Iterable[list[Job]]:

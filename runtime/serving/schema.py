@@ -13,6 +13,7 @@ import math
 import re
 import secrets
 
+from ..cards import PIXEL_MULTIPLE
 from ..errors import InvalidArgumentError
 from ..pipeline import Request, make_request
 
@@ -126,9 +127,9 @@ def _guidance(body: dict, default: float) -> float:
 def _size(value, limits: Limits) -> tuple[int, int]:
     match = SIZE_PATTERN.match(value) if isinstance(value, str) else None
     sides = (int(match.group(1)), int(match.group(2))) if match else None
-    if sides is None or not all(limits.min_side <= s <= limits.max_side and s % 64 == 0 for s in sides):
+    if sides is None or not all(limits.min_side <= s <= limits.max_side and s % PIXEL_MULTIPLE == 0 for s in sides):
         raise FieldError("size", f"size={_show(value)}",
-                         accepted=f'"WxH" with W and H multiples of 64 in {limits.min_side}..{limits.max_side}',
+                         accepted=f'"WxH" with W and H multiples of {PIXEL_MULTIPLE} in {limits.min_side}..{limits.max_side}',
                          fix=f'e.g. "size": "{limits.default_size}"')
     return sides
 

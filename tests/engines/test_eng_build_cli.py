@@ -6,7 +6,7 @@ import json
 import pytest
 
 from k3trt.engines.build import build_engines, engine_entry, is_current, remove_superseded
-from k3trt.engines.compat import DeviceEnv
+from k3trt.runtime.engine_compat import DeviceEnv
 from k3trt.engines.plan import BuildFlags, make_plan
 from k3trt.runtime.artifacts import FileRecord, Manifest, sha256_file
 from k3trt.runtime.cli import main
@@ -35,10 +35,11 @@ def test_dry_run_json_1024_batch_1_to_4(tiny_artifacts, tmp_path, capsys):
                                                    "max": [8, 4, 128, 128]}
     assert unet["profile"]["axes"]["context"] | {"from": None} == {"min": 1, "opt": 77, "max": 128, "from": None}
     assert unet["profile"]["inputs"]["encoder_hidden_states"]["max"] == [8, 128, 64]
-    assert unet["builder_flags"] == ["fp16"] and unet["file"].startswith("engines/unet-fp16-")
+    assert unet["variant"] == "fp16" and unet["strongly_typed"] and unet["file"].startswith("engines/unet-fp16-")
+    assert "to be converted from onnx.unet.fp32" in unet["onnx"]  # a dry run converts nothing
     assert plan["components"]["text_encoder"]["precision"] == "bf16"
-    assert len(plan["components"]["text_encoder"]["fp32_layers"]) == 40
-    assert plan["components"]["movq_decoder"]["obey_precision_constraints"] is True
+    assert plan["components"]["text_encoder"]["fp32_policy"] == "t5_norms"
+    assert plan["components"]["movq_decoder"]["fp32_policy"] == "movq_norms_softmax"
     assert plan["request"]["batch"] == [1, 4] and plan["flags"]["refittable"] is False
     assert not (tiny_artifacts / "engines").exists()  # a dry run builds nothing ...
     assert sha256_file(tiny_artifacts / "manifest.json") == before  # ... and leaves the manifest alone
@@ -90,7 +91,7 @@ def test_real_build_without_tensorrt_says_what_to_install(tiny_artifacts, capsys
 def test_engine_entry_is_a_manifest_record(artifacts_copy):
     """The record format on the CPU: `file` is a FileRecord dict, so referenced_paths/verify work."""
     manifest = Manifest.load(artifacts_copy)
-    plan = make_plan(manifest, components="unet", flags=BuildFlags(refittable=True))
+    plan = make_plan(manifest, components="unet", precision="fp32", flags=BuildFlags(refittable=True))
     cp = plan.components[0]
     path = artifacts_copy / cp.engine_path
     path.parent.mkdir(parents=True)
@@ -100,8 +101,8 @@ def test_engine_entry_is_a_manifest_record(artifacts_copy):
     manifest.save()
     reloaded = Manifest.load(artifacts_copy)
     assert cp.engine_path in reloaded.referenced_paths()
-    reloaded.verify([FileRecord(**reloaded.data["engines"]["unet-fp16"]["file"])])
-    saved = reloaded.data["engines"]["unet-fp16"]
+    reloaded.verify([FileRecord(**reloaded.data["engines"]["unet-fp32"]["file"])])
+    saved = reloaded.data["engines"]["unet-fp32"]
     assert saved["tensorrt"] == "10.3.0" and saved["gpu"]["compute_capability"] == [8, 0]
     assert saved["onnx_sha256"] == manifest.onnx("unet").graph.sha256
     assert saved["profile"]["sample"]["max"] == [2, 4, 128, 128] and saved["flags"]["refittable"] is True

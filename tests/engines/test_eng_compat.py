@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from k3trt.engines.build import onnx_node_of_layer
-from k3trt.engines.compat import (DeviceEnv, check_engine_compatible, check_feeds_in_profile,
-                                  check_precision_supported, rebuild_command, select_engine)
+from k3trt.runtime.engine_compat import (DeviceEnv, check_engine_compatible, check_feeds_in_profile,
+                                         check_precision_supported, rebuild_command, select_engine)
 from k3trt.runtime.errors import ArtifactError, EngineCompatibilityError, ShapeError
 
 ENV = DeviceEnv("10.3.0", "NVIDIA A100-SXM4-80GB", (8, 0))
@@ -97,12 +96,3 @@ def test_feeds_outside_profile_name_the_engine_and_range():
         check_feeds_in_profile("unet-fp16", PROFILE, {"sample": (2, 4, 128, 128)})
     with pytest.raises(ShapeError, match="static"):
         check_feeds_in_profile("e", {"x": ((1, 2), (1, 2), (1, 2))}, {"x": (1, 2, 1)})
-
-
-def test_layer_names_map_back_to_onnx_nodes():
-    nodes = {"/a/Mul", "/a/Mul_1", "/b/Pow"}
-    assert onnx_node_of_layer("whatever", "[ONNX Layer: /b/Pow]", nodes) == "/b/Pow"
-    assert onnx_node_of_layer("/a/Mul", "", nodes) == "/a/Mul"
-    assert onnx_node_of_layer("/a/Mul_1", "", nodes) == "/a/Mul_1"  # a real node, not a suffixed /a/Mul
-    assert onnx_node_of_layer("/b/Pow_3", "", nodes) == "/b/Pow"  # an extra layer of /b/Pow
-    assert onnx_node_of_layer("ShapeHelper_7", "", nodes) is None

@@ -18,7 +18,7 @@ def gpu():
                                            "machine with an NVIDIA GPU)")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible to torch (a CUDA build of torch and an NVIDIA driver are needed)")
-    from k3trt.engines.trt_env import current_env
+    from k3trt.runtime.tensorrt_env import current_env
 
     return current_env()
 
@@ -34,7 +34,8 @@ def built(gpu, request, tmp_path_factory):
     root = tmp_path_factory.mktemp("gpu") / "art"
     shutil.copytree(request.getfixturevalue("tiny_artifacts"), root)
     manifest = Manifest.load(root)
-    plan = make_plan(manifest, resolutions=["64x64"], batch="1", flags=BuildFlags(refittable=True))
+    plan = make_plan(manifest, resolutions=["64x64"], batch="1", flags=BuildFlags(refittable=True),
+                     create_variants=True)
     summary = build_engines(plan, manifest, log=print)
     assert len(summary["built"]) == 3
     return root, plan
@@ -58,9 +59,10 @@ def test_build_records_engines(built, gpu):
         manifest.verify([FileRecord(**entry["file"])])
         assert entry["tensorrt"] == gpu.trt_version and tuple(entry["gpu"]["compute_capability"]) == \
             gpu.compute_capability
-        assert entry["onnx_sha256"] == manifest.onnx(cp.component).graph.sha256
+        assert entry["onnx_sha256"] == manifest.onnx(cp.component, cp.precision.variant).graph.sha256
+        assert entry["flags"]["strongly_typed"] and entry["variant"] == cp.precision.variant
     assert (root / "engines" / "timing.cache").is_file()
-    assert manifest.data["engines"]["text_encoder-bf16"]["fp32_layers"]["pinned_layers"] > 0
+    assert manifest.data["engines"]["text_encoder-bf16"]["fp32_nodes"] > 0
 
 
 def test_rebuild_is_skipped_when_up_to_date(built):

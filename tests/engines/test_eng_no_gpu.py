@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from k3trt.engines import trt_env
+from k3trt.runtime import tensorrt_env as trt_env
 from k3trt.runtime.artifacts import Manifest
 from k3trt.runtime.backends.base import make_backend
 from k3trt.runtime.cli import main
@@ -35,7 +35,7 @@ def test_require_tensorrt_names_the_extra():
 
 def test_too_old_tensorrt_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="8.6.1", Builder=object))
-    with pytest.raises(BackendUnavailableError, match="needs TensorRT 10"):
+    with pytest.raises(BackendUnavailableError, match="supports TensorRT <12,>=10.0"):
         trt_env.require_tensorrt()
 
 

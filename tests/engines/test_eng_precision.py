@@ -4,8 +4,9 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from k3trt.engines.precision import (fp32_nodes, norm_and_softmax_nodes, parse_component_precision,
-                                     select_precisions, t5_ffn_output_matmuls, t5_residual_adds, t5_rms_norm_nodes)
+from k3trt.engines.precision import parse_component_precision, select_precisions
+from k3trt.export.fp32_islands import (fp32_nodes, norm_and_softmax_nodes, t5_ffn_output_matmuls, t5_residual_adds,
+                                       t5_rms_norm_nodes)
 from k3trt.runtime.artifacts import Manifest
 from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
 from k3trt.runtime.precision import Precision
@@ -34,34 +35,35 @@ def test_parse_component_precision_errors(bad, needle):
         parse_component_precision(bad)
 
 
-def test_defaults_keep_parity():
+def test_defaults_come_from_the_cards_and_every_build_is_strongly_typed():
     chosen = select_precisions(ALL)
     te, unet, movq = chosen["text_encoder"], chosen["unet"], chosen["movq_decoder"]
-    assert (te.precision, te.builder_flags, te.fp32_policy) == (Precision.BF16, ("bf16",), "t5_norms")
-    assert (unet.precision, unet.builder_flags, unet.fp32_policy) == (Precision.FP16, ("fp16",), "none")
-    assert (movq.precision, movq.fp32_policy) == (Precision.FP16, "movq_norms_softmax")
-    assert not any(c.strongly_typed for c in chosen.values())
+    assert (te.precision, te.variant, te.fp32_policy) == (Precision.BF16, "bf16", "t5_norms")
+    assert (unet.precision, unet.variant, unet.fp32_policy) == (Precision.FP16, "fp16", "none")
+    assert (movq.precision, movq.variant, movq.fp32_policy) == (Precision.FP16, "fp16", "movq_norms_softmax")
+    assert all(c.to_dict()["strongly_typed"] and c.converted and not c.tf32 for c in chosen.values())
 
 
-def test_forced_fp16_text_encoder_is_guarded_and_fp32_is_strongly_typed():
+def test_precision_picks_the_variant_and_tf32_is_the_only_math_flag():
     te = select_precisions(["text_encoder"], "fp16")["text_encoder"]
-    assert te.precision is Precision.FP16 and te.fp32_policy == "t5_norms_wo_residual"
+    assert te.variant == "fp16" and te.fp32_policy == "t5_norms_wo_residual"
     fp32 = select_precisions(ALL, "fp32")
-    assert all(c.strongly_typed and c.builder_flags == () and c.fp32_policy == "none" for c in fp32.values())
+    assert all(c.variant == "fp32" and not c.tf32 and c.fp32_policy == "none" for c in fp32.values())
     tf32 = select_precisions(["unet"], "tf32")["unet"]
-    assert tf32.builder_flags == ("tf32",) and not tf32.strongly_typed
+    assert tf32.variant == "fp32" and tf32.tf32 and tf32.precision is Precision.TF32
 
 
-def test_quantized_precisions_need_a_qdq_variant():
+def test_quantized_precisions_need_a_qdq_variant(tiny_artifacts):
+    from k3trt.engines.plan import make_plan
+
     with pytest.raises(ArtifactError, match="calibrate"):
-        select_precisions(ALL, "int8", variants={c: ["fp32"] for c in ALL})
-    with pytest.raises(ArtifactError, match="text_encoder=int8"):
+        make_plan(Manifest.load(tiny_artifacts), precision="int8", components="unet")
+    with pytest.raises(InvalidArgumentError, match="text_encoder=int8 is not a precision"):
         select_precisions(ALL, overrides={"text_encoder": Precision.INT8})
-    chosen = select_precisions(ALL, "int8", variants={"unet": ["fp32", "int8"]})
-    assert chosen["unet"].variant == "int8" and chosen["unet"].builder_flags == ("int8", "fp16")
-    assert chosen["text_encoder"].precision is Precision.BF16  # no int8 variant: its default
-    fp8 = select_precisions(["unet"], "fp8", variants={"unet": ["fp32", "fp8"]})["unet"]
-    assert fp8.builder_flags == ("fp8", "fp16") and fp8.variant == "fp8"
+    chosen = select_precisions(ALL, "int8")
+    assert chosen["unet"].variant == "int8" and not chosen["unet"].converted
+    assert chosen["text_encoder"].precision is Precision.BF16  # cannot have int8: its card's default
+    assert select_precisions(["unet"], "fp8")["unet"].variant == "fp8"
 
 
 def test_t5_norms_found_by_structure(graphs):

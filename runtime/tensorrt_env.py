@@ -1,19 +1,60 @@
-"""Lazy access to TensorRT and the GPU. Nothing here imports tensorrt at module import time.
+"""Lazy access to TensorRT and the GPU, and the supported TensorRT range. Nothing here imports tensorrt at
+module import time.
 
 Every entry point that needs TensorRT calls `require_tensorrt()` first, so a machine without it gets one
-typed error saying what to install, not an ImportError from deep inside Polygraphy.
+typed error saying what to install, not an ImportError from deep inside Polygraphy; a TensorRT outside the range
+`pyproject.toml` declares (the `gpu` extra's `tensorrt` requirement) gets a TensorRTVersionError. The engine
+stage and the runtime's TensorRT backend both import this module (the runtime never imports k3trt.engines).
 """
 from __future__ import annotations
 
+import functools
+import importlib.metadata as md
 import re
+from pathlib import Path
 
-from k3trt.runtime.errors import BackendUnavailableError
+from k3trt.runtime.errors import BackendUnavailableError, TensorRTVersionError
 
-from .compat import DeviceEnv
+from .engine_compat import DeviceEnv
 
-MIN_TRT_MAJOR = 10
+DISTRIBUTION = "kandinsky3-trt"
 INSTALL_HINT = ("pip install 'kandinsky3-trt[gpu]' on a Linux machine with an NVIDIA GPU and driver "
-                "(it brings tensorrt>=10, polygraphy and cuda-python); a CUDA build of torch is needed too")
+                "(it brings a supported tensorrt, polygraphy and cuda-python); a CUDA build of torch is needed too")
+
+
+@functools.lru_cache(maxsize=1)
+def supported_tensorrt() -> str:
+    """The supported TensorRT range, e.g. '<12,>=10.0', as pyproject.toml's gpu extra declares it (read from
+    the installed package's metadata, or from pyproject.toml in a source checkout)."""
+    try:
+        requirements = md.requires(DISTRIBUTION) or []
+    except md.PackageNotFoundError:
+        requirements = []
+    if not requirements:
+        pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+        requirements = re.findall(r'"(tensorrt[^"]*)"', pyproject.read_text()) if pyproject.is_file() else []
+    for requirement in requirements:
+        found = re.match(r"\s*tensorrt\s*([<>=!~][^;]*)", requirement)
+        if found:
+            return found.group(1).strip()
+    raise BackendUnavailableError("pyproject.toml declares no supported TensorRT range (gpu extra)",
+                                  fix="reinstall kandinsky3-trt")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version)[:3])
+
+
+def check_tensorrt_version(version: str) -> None:
+    """TensorRTVersionError unless `version` is inside the supported range."""
+    from packaging.specifiers import SpecifierSet
+
+    spec = supported_tensorrt()
+    release = ".".join(str(p) for p in _release(version)) or "0"
+    if release not in SpecifierSet(spec):
+        raise TensorRTVersionError(f"tensorrt {version!r} is installed, but k3trt supports TensorRT {spec}",
+                                   accepted=f"tensorrt {spec} (TensorRT 10.x with strongly typed networks, 11.x)",
+                                   fix=f"pip install 'tensorrt{spec}'")
 
 
 def require_tensorrt():
@@ -23,13 +64,11 @@ def require_tensorrt():
     except (ImportError, OSError) as exc:  # OSError: the wheel is there but its CUDA libraries are not
         raise BackendUnavailableError(
             f"TensorRT is not usable on this machine ({type(exc).__name__}: {exc})",
-            accepted=f"the `tensorrt` Python package, version {MIN_TRT_MAJOR}.x or newer", fix=INSTALL_HINT,
+            accepted=f"the `tensorrt` Python package, {supported_tensorrt()}", fix=INSTALL_HINT,
         ) from None
-    version = getattr(trt, "__version__", "0")
-    major = int(re.match(r"\d+", version).group()) if re.match(r"\d+", version) else 0
-    if major < MIN_TRT_MAJOR or not hasattr(trt, "Builder"):
-        raise BackendUnavailableError(f"tensorrt {version!r} is installed, but k3trt needs TensorRT "
-                                      f"{MIN_TRT_MAJOR} or newer", accepted=f">= {MIN_TRT_MAJOR}.0",
+    check_tensorrt_version(getattr(trt, "__version__", "0"))
+    if not hasattr(trt, "Builder"):
+        raise BackendUnavailableError(f"the `tensorrt` module at {getattr(trt, '__file__', '?')} has no Builder",
                                       fix=INSTALL_HINT)
     return trt
 

@@ -1,0 +1,94 @@
+"""Reduced-precision storage, emulated faithfully on ONNX Runtime's CPU provider.
+
+ONNX Runtime's CPU provider has few fp16 and almost no bf16 kernels. For fp16 it inserts Casts around the ops it
+lacks and then removes the Cast pairs between neighbours, so chains of ops run in fp32 and an intermediate that
+would overflow fp16 never does: fp16 overflow is hidden. For bf16 it refuses (no bf16 MatMul).
+
+`emulate_storage` rewrites a mixed-precision graph so every op computes in fp32 (as GPU kernels accumulate) but
+every tensor the variant stores in fp16/bf16 is rounded to that type right after it is produced, by a
+Cast(to=fp16|bf16) -> Cast(to=fp32) pair (ONNX Runtime's CPU Cast supports both types). Run with graph
+optimizations off, so no pass can fold the pairs away. The result overflows where the variant overflows and
+rounds where it rounds; the ONNX reference evaluator (onnx.reference, numpy with fp16/bf16 arrays) is the
+independent check of this on the tiny models (tests/export/test_exp_variants.py).
+
+No library does this rewrite (converters go the other way), hence these ~80 lines.
+"""
+from __future__ import annotations
+
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+REDUCED = {TensorProto.FLOAT16: "fp16", TensorProto.BFLOAT16: "bf16"}
+
+
+def _float_initializer(tensor: TensorProto) -> TensorProto:
+    array = numpy_helper.to_array(tensor).astype("float32")  # exact: fp16/bf16 values are fp32 values
+    return numpy_helper.from_array(array, tensor.name)
+
+
+def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor (graph inputs, value_info after type inference, outputs, initializers)."""
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)
+             + list(graph.output)}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def _retype_attributes(node: onnx.NodeProto) -> None:
+    """Casts to fp16/bf16 become casts to fp32 (the rounding pair follows); fp16/bf16 constants become fp32."""
+    for attr in node.attribute:
+        if node.op_type == "Cast" and attr.name == "to" and attr.i in REDUCED:
+            attr.i = TensorProto.FLOAT
+        if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type in REDUCED:
+            attr.t.CopyFrom(_float_initializer(attr.t))
+
+
+def emulate_storage(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` that computes in fp32 and rounds every fp16/bf16 tensor to its type where it is made.
+
+    Returns (model, number of rounded tensors). Graph inputs and outputs must be fp32 or integer (variants
+    keep their I/O types)."""
+    types = _tensor_types(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    for io in list(graph.input) + list(graph.output):
+        if io.type.tensor_type.elem_type in REDUCED:
+            raise ValueError(f"graph I/O {io.name!r} is {REDUCED[io.type.tensor_type.elem_type]}; "
+                             "variants keep fp32 I/O")
+    for index, tensor in enumerate(graph.initializer):
+        if tensor.data_type in REDUCED:
+            graph.initializer[index].CopyFrom(_float_initializer(tensor))
+    nodes, rounded = [], 0
+    for node in graph.node:
+        _retype_attributes(node)
+        renames = {}
+        for i, name in enumerate(node.output):
+            if name and types.get(name) in REDUCED:
+                raw = f"{name}__fp32_before_rounding"
+                renames[name] = raw
+                node.output[i] = raw
+        nodes.append(node)
+        for name, raw in renames.items():
+            low = types[name]
+            nodes.append(helper.make_node("Cast", [raw], [f"{name}__stored"], to=low,
+                                          name=f"{name}__store_{REDUCED[low]}"))
+            nodes.append(helper.make_node("Cast", [f"{name}__stored"], [name], to=TensorProto.FLOAT,
+                                          name=f"{name}__load_{REDUCED[low]}"))
+            rounded += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]  # stale types; ONNX Runtime infers its own
+    return out, rounded
+
+
+def storage_session(model: onnx.ModelProto, *, threads: int | None = None):
+    """An ONNX Runtime CPU session over the storage-emulating rewrite of `model` (optimizations off)."""
+    from .ort import cpu_session
+
+    emulated, _ = emulate_storage(model)
+    if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in emulated.opset_import):
+        raise ValueError("storage emulation needs opset >= 13 (bf16 Cast)")
+    return cpu_session(emulated.SerializeToString(), threads=threads, optimize=False, flush_denormals=False)
