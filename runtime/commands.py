@@ -1,42 +1,69 @@
 """`k3trt generate | parity | bench | demo`: argument parsing, progress, and output paths."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 from pathlib import Path
+
+from .outputs import check_output_dir, check_output_image, check_output_json, claim_output_dir, owner_kind
+from .outputs import save_image, save_json
+from .validate import MAX_REPEATS, available_cores, check_input_dir, check_int, check_text, check_threads
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def add_generation_args(p, *, size: int = 1024, steps: int = 25) -> None:
-    p.add_argument("--prompt", action="append", required=True, help="repeat for several prompts")
-    p.add_argument("--negative-prompt", default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=steps)
-    p.add_argument("--guidance", type=float, default=3.0)
-    p.add_argument("--height", type=int, default=size)
-    p.add_argument("--width", type=int, default=size)
-    p.add_argument("--num-images", type=int, default=1)
-    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
+def add_generation_args(p, *, steps: int = 25) -> None:
+    p.add_argument("--prompt", action="append", required=True, help="the text; repeat for several prompts")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (one for all prompts)")
+    p.add_argument("--seed", type=int, default=0, help="0..2^64-1; each seed gives its own noise, and seeds below "
+                   "2^32 give diffusers' noise for the same seed")
+    p.add_argument("--steps", type=int, default=steps, help="denoising steps, 1..1000")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 or less: none)")
+    p.add_argument("--height", type=int, default=None, help="image height in pixels, rounded up to a multiple of "
+                   "64 (default: the size the artifacts were made for, e.g. 64 for the tiny preset, else 1024)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm",
+                   help="ddpm reproduces diffusers.Kandinsky3Pipeline")
 
 
 def add_backend_args(p, backends=("ort", "trt", "torch")) -> None:
-    p.add_argument("--backend", choices=backends, default="ort")
+    p.add_argument("--backend", choices=backends, default="ort",
+                   help="ort: ONNX Runtime; trt: TensorRT engines from `k3trt build`; torch: the PyTorch reference")
     p.add_argument("--precision", default=None,
                    help="ort: fp32 (default) | int8 (the U-Net's Q/DQ variant from `k3trt calibrate`); trt: the "
                         "engines' precision, default bf16 text encoder + fp16 U-Net and MoVQ (`k3trt build`)")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"ONNX Runtime intra-op threads, 1..{available_cores()} (default: all cores)")
 
 
 def generation_kwargs(args) -> dict:
     prompt = args.prompt[0] if len(args.prompt) == 1 else list(args.prompt)
     return dict(prompt=prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                 guidance=args.guidance, height=args.height, width=args.width, num_images=args.num_images)
+
+
+def checked_request(args):
+    """Every generation argument checked against the artifacts before any model loads; fills in the
+    artifacts' default size. Returns the Request."""
+    from .artifacts import Manifest
+    from .limits import check_image_request, default_size
+    from .pipeline import make_request
+
+    check_threads(getattr(args, "threads", None), "--threads")
+    manifest = Manifest.load(args.artifacts)
+    size = default_size(manifest)
+    args.height = size if args.height is None else args.height
+    args.width = args.height if args.width is None else args.width
+    kwargs = generation_kwargs(args)
+    request = make_request(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), **kwargs)
+    check_image_request(manifest, height=request.height, width=request.width, images=request.latent_shape[0],
+                        guided=request.guided)
+    return request
 
 
 def resolved_precision(args) -> str:
@@ -69,20 +96,21 @@ def progress_callback(total: int, label: str = "denoising"):
 
 
 def output_paths(out: str, count: int) -> list[Path]:
-    path = Path(out)
+    """--out PATH for one image; PATH-0.png, PATH-1.png ... for several. Each is checked before any work:
+    a known image extension, a writable folder, not a folder, and not a file k3trt did not write."""
+    path = check_output_image(out, "--out")
     if count == 1:
         return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+    return [check_output_image(path.with_name(f"{path.stem}-{i}{path.suffix}"), "--out") for i in range(count)]
 
 
 def cmd_generate(args) -> int:
+    request = checked_request(args)
+    paths = output_paths(args.out, request.latent_shape[0])
     pipe = open_pipeline(args)
-    kwargs = generation_kwargs(args)
-    images = pipe.generate(**kwargs, callback=progress_callback(args.steps))
-    paths = output_paths(args.out, len(images))
+    images = pipe.generate(**generation_kwargs(args), callback=progress_callback(args.steps))
     for image, path in zip(images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path)
+        save_image(image, path)
     t = pipe.backend.timings
     log(f"text encoder {sum(t['text_encoder']) * 1e3:.0f} ms, U-Net {len(t['unet'])} calls "
         f"{sum(t['unet']):.2f} s, MoVQ {sum(t['movq_decoder']) * 1e3:.0f} ms")
@@ -91,13 +119,22 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def check_report_args(args) -> None:
+    """Where parity/bench write, checked before the run."""
+    if getattr(args, "json", None):
+        check_output_json(args.json, "--json")
+    if getattr(args, "report", None):
+        check_output_dir(args.report, "report", name="--report")
+    check_input_dir("--model", args.model, "model folder", "pass the folder `k3trt preset` wrote or the "
+                    "downloaded checkpoint")
+
+
 def run_parity_command(args, report_dir: str | None) -> "object":
     from ..export.reference import load_reference, run_reference
     from .parity import compare_runs, format_table, write_report
-    from .pipeline import make_request
 
-    kwargs = generation_kwargs(args)
-    request = make_request(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), **kwargs)
+    check_report_args(args)
+    request = checked_request(args)
     pipe = open_pipeline(args, model_dir=args.model)
     log(f"runtime ({args.backend}, {resolved_precision(args)}): {request.steps} steps ...")
     recorded: list = []
@@ -108,7 +145,7 @@ def run_parity_command(args, report_dir: str | None) -> "object":
     report = compare_runs(pipe, reference, request, images, recorded)
     print(format_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2, default=float))
+        save_json(report.to_dict(), Path(args.json))
     if report_dir:
         log(f"report: {write_report(report, report_dir)}")
     return report
@@ -125,17 +162,18 @@ def cmd_bench(args) -> int:
 
     from ..export.reference import load_reference
     from .bench import format_bench, interleaved_medians, reference_runner, runtime_runner, unet_int8_vs_fp32
-    from .pipeline import make_request
 
+    check_int("--repeats", args.repeats, 1, MAX_REPEATS, "e.g. --repeats 3 (medians need a few)")
+    check_report_args(args)
+    request = checked_request(args)
     kwargs = generation_kwargs(args)
-    request = make_request(kwargs["prompt"], kwargs["negative_prompt"], **{k: v for k, v in kwargs.items()
-                                                                          if k not in ("prompt", "negative_prompt")})
     pipe = open_pipeline(args)
     int8 = args.backend == "ort" and str(args.precision).lower() == "int8"
+    if int8:
+        pipe.manifest.onnx("unet", "int8")  # typed error with the fix (`k3trt calibrate`) before any loading
     runners = {"runtime": runtime_runner(pipe, kwargs),
                "reference": reference_runner(load_reference(args.model), request)}
     if int8:  # same run, same request: the fp32 pipeline's U-Net for comparison
-        pipe.manifest.onnx("unet", "int8")  # typed error with the fix (`k3trt calibrate`) before any timing
         fp32_pipe = open_pipeline(argparse.Namespace(**{**vars(args), "precision": "fp32"}))
         runners["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
     log(f"benchmarking {args.repeats} interleaved repeats at {request.width}x{request.height}, {request.steps} "
@@ -148,7 +186,7 @@ def cmd_bench(args) -> int:
         result["unet_int8_vs_fp32"] = unet_int8_vs_fp32(result["runtime"], result.pop("runtime_fp32"))
     print(format_bench(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        save_json(result, Path(args.json))
     return 0
 
 
@@ -158,11 +196,12 @@ def cmd_demo(args) -> int:
     from ..export.sources import open_model_dir
     from ..export.writer import export_artifacts
 
-    out = Path(args.out)
+    check_text("--prompt", args.prompt, allow_empty=False)
+    out = claim_output_dir(args.out, "demo")  # new, empty, or an earlier demo: nothing else is written into
     model = out / "model"
-    if not (model / "model_index.json").is_file():
+    if owner_kind(model) != "preset" or not (model / "model_index.json").is_file():
         log(f"[1/4] writing the tiny preset (random weights, real classes) -> {model}")
-        write_preset("tiny", model)
+        write_preset("tiny", model, force=True)  # replaces only a preset k3trt wrote
     log(f"[2/4] exporting to ONNX -> {out / 'artifacts'}")
     export_artifacts(open_model_dir(model), out / "artifacts", log=log)
     argv = ["--artifacts", str(out / "artifacts"), "--model", str(model), "--prompt", args.prompt,
@@ -181,35 +220,40 @@ def cmd_demo(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images from an artifact directory")
-    p.add_argument("--artifacts", required=True, metavar="ART")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     add_generation_args(p)
     add_backend_args(p)
     p.add_argument("--model", metavar="DIR", help="model folder (only for --backend torch)")
-    p.add_argument("--out", required=True, metavar="PATH.png")
+    p.add_argument("--out", required=True, metavar="PATH.png", help="image file (.png, .jpg, .webp); with several "
+                   "images PATH-0.png, PATH-1.png, ...; an existing file is replaced only if k3trt wrote it")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("parity", help="runtime vs diffusers: per component, teacher-forced and end to end")
-    p.add_argument("--model", required=True, metavar="DIR")
-    p.add_argument("--artifacts", required=True, metavar="ART")
+    p.add_argument("--model", required=True, metavar="DIR", help="the model folder the artifacts were exported "
+                   "from (diffusers layout), for the reference run")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     add_generation_args(p)
     add_backend_args(p, ("ort", "trt"))
-    p.add_argument("--json", metavar="FILE")
-    p.add_argument("--report", metavar="DIR", help="write report.md with side-by-side images and heat maps")
+    p.add_argument("--json", metavar="FILE", help="also write the metrics as JSON")
+    p.add_argument("--report", metavar="DIR", help="write report.md with side-by-side images and heat maps (a new "
+                   "or empty folder, or an earlier report)")
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("bench", help="median per-stage latency: runtime vs diffusers, same run "
                                      "(--precision int8: also the int8 vs fp32 U-Net)")
-    p.add_argument("--artifacts", required=True, metavar="ART")
-    p.add_argument("--model", required=True, metavar="DIR")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
+    p.add_argument("--model", required=True, metavar="DIR", help="the model folder the artifacts were exported "
+                   "from (diffusers layout), for the reference run")
     add_generation_args(p)
     add_backend_args(p, ("ort", "trt"))
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--repeats", type=int, default=3, help=f"timed repeats per side after a warm-up, 1..{MAX_REPEATS}")
+    p.add_argument("--json", metavar="FILE", help="also write the medians as JSON")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="tiny preset -> export -> generate -> parity, on a fresh install")
-    p.add_argument("--out", default="k3trt-demo", metavar="DIR")
-    p.add_argument("--prompt", default="a red fox in a snowy forest, watercolor")
+    p.add_argument("--out", default="k3trt-demo", metavar="DIR",
+                   help="folder for the model, artifacts, image and report: new, empty, or an earlier demo")
+    p.add_argument("--prompt", default="a red fox in a snowy forest, watercolor", help="the text to draw")
     p.set_defaults(func=cmd_demo)
 
 

@@ -5,7 +5,6 @@ DLPack), so latents never round-trip through host memory between steps.
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Mapping
 
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 
 from ..artifacts import check_external_data_paths
-from ..errors import BackendUnavailableError, InvalidArgumentError
+from ..errors import ArtifactError, BackendUnavailableError, InvalidArgumentError
+from ..validate import available_cores, check_threads
 from .base import Backend
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -21,7 +21,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 
 
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return available_cores()
 
 
 def session_options(*, threads: int | None = None, optimize: bool = True, flush_denormals: bool = True,
@@ -31,7 +31,7 @@ def session_options(*, threads: int | None = None, optimize: bool = True, flush_
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads or default_threads()
+    options.intra_op_num_threads = check_threads(threads) or default_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -62,7 +62,8 @@ class OrtBackend(Backend):
         super().__init__(manifest, precision)
         import onnxruntime as ort
 
-        if provider not in PROVIDERS:
+        threads = check_threads(threads)  # 1..cores: more only oversubscribes (100000 threads hung)
+        if not isinstance(provider, str) or provider not in PROVIDERS:
             raise InvalidArgumentError(f"unknown ONNX Runtime provider {provider!r}", accepted=", ".join(PROVIDERS))
         if PROVIDERS[provider] not in ort.get_available_providers():
             raise BackendUnavailableError(
@@ -99,7 +100,12 @@ class OrtBackend(Backend):
         options = session_options(threads=self.threads, optimize=self.optimize,
                                   flush_denormals=self.flush_denormals, disable_quant_qdq=self.disable_quant_qdq)
         providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
-        return ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's errors have no common base: a corrupt file is an artifact error
+            raise ArtifactError(f"ONNX Runtime cannot load {component} from {str(path)!r}: "
+                                f"{type(exc).__name__}: {str(exc)[:300]}",
+                                fix="re-run `k3trt export` (or the stage that wrote it)") from exc
 
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         session = self.session(component)
