@@ -12,6 +12,8 @@ def cmd_calibrate(args) -> int:
     import contextlib
     from pathlib import Path
 
+    from ..runtime.commands import resolve_size
+
     from ..runtime.locking import artifact_lock
 
     from ..runtime.artifacts import Manifest
@@ -21,9 +23,9 @@ def cmd_calibrate(args) -> int:
     from .stage import CalibrationRequest, calibrate, native_size
 
     check_calibrate_args(args)
-    size = native_size(Manifest.load(args.artifacts), args.model)
+    resolve_size(args, native_size(Manifest.load(args.artifacts), args.model))
     trajectory = TrajectoryConfig(steps=args.steps, seed=args.seed, guidance=args.guidance,
-                                  height=args.height or size, width=args.width or size)
+                                  height=args.height, width=args.width)
     quant = QuantConfig(calibrator=args.calibrator, percentile=args.percentile, exclude=tuple(args.exclude),
                         default_exclusions=not args.no_default_exclusions)
     sensitivity = SensitivityConfig(top_groups=args.sensitivity_blocks) if args.sensitivity else None
@@ -82,6 +84,8 @@ def check_calibrate_args(args) -> None:
 
 
 def register(sub) -> None:
+    from ..runtime.commands import add_size_args
+
     p = sub.add_parser("calibrate", help="INT8 Q/DQ U-Net from real denoising trajectories, with quality report")
     p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     p.add_argument("--out", metavar="ART", help="write into a copy of ART here (default: ART itself)")
@@ -94,8 +98,7 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps per trajectory")
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of the trajectories")
-    p.add_argument("--height", type=int, default=None, help="default: the model's native size")
-    p.add_argument("--width", type=int, default=None, help="default: the model's native size")
+    add_size_args(p, "default: the model's native size")
     p.add_argument("--calibrator", choices=["max", "percentile", "entropy"], default="percentile",
                    help="how ranges are taken from the activations")
     p.add_argument("--percentile", type=float, default=99.99, help="for --calibrator percentile")

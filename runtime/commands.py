@@ -1,6 +1,7 @@
 """`k3trt generate | parity | bench | demo`: argument parsing, progress, and output paths."""
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -8,7 +9,9 @@ from pathlib import Path
 
 from .outputs import check_output_dir, check_output_image, check_output_json, claim_output_dir, owner_kind
 from .outputs import save_image, save_json
-from .validate import MAX_REPEATS, available_cores, check_input_dir, check_int, check_text, check_threads
+from .errors import InvalidArgumentError
+from .validate import (MAX_REPEATS, available_cores, check_input_dir, check_int, check_text, check_threads,
+                       parse_resolution)
 
 
 def log(message: str) -> None:
@@ -22,12 +25,35 @@ def add_generation_args(p, *, steps: int = 25) -> None:
                    "2^32 give diffusers' noise for the same seed")
     p.add_argument("--steps", type=int, default=steps, help="denoising steps, 1..1000")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 or less: none)")
-    p.add_argument("--height", type=int, default=None, help="image height in pixels, rounded up to a multiple of "
-                   "64 (default: the size the artifacts were made for, e.g. 64 for the tiny preset, else 1024)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: as --height)")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    add_size_args(p, "default: the size the artifacts were made for (64 for the tiny preset, 256 for small, "
+                     "else 1024)")
+    p.add_argument("--batch", dest="num_images", type=int, default=1,
+                   help="images per prompt (a call holds prompts x batch images: what `k3trt build --batch` sizes)")
+    p.add_argument("--num-images", dest="num_images", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm reproduces diffusers.Kandinsky3Pipeline")
+
+
+def add_size_args(p, default_note: str) -> None:
+    """One spelling for image sizes across commands: --resolution WxH in pixels (as `k3trt build`).
+    --height/--width stay accepted, unlisted, for scripts written before."""
+    p.add_argument("--resolution", metavar="WxH", default=None,
+                   help=f"image size in pixels, width x height, each rounded up to a multiple of 64 ({default_note})")
+    p.add_argument("--height", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def resolve_size(args, default: int) -> None:
+    """Fill args.height/args.width from --resolution (or the older --height/--width), else `default`."""
+    if getattr(args, "resolution", None) is not None:
+        width, height = parse_resolution(args.resolution)
+        for flag, given, value in (("--height", args.height, height), ("--width", args.width, width)):
+            if given is not None and given != value:
+                raise InvalidArgumentError(f"{flag} {given} contradicts --resolution {args.resolution}",
+                                           fix="give the size once, as --resolution WxH")
+        args.height, args.width = height, width
+    args.height = default if args.height is None else args.height
+    args.width = default if args.width is None else args.width
 
 
 def add_backend_args(p, backends=("ort", "trt", "torch")) -> None:
@@ -56,9 +82,7 @@ def checked_request(args):
 
     check_threads(getattr(args, "threads", None), "--threads")
     manifest = Manifest.load(args.artifacts)
-    size = default_size(manifest)
-    args.height = size if args.height is None else args.height
-    args.width = args.height if args.width is None else args.width
+    resolve_size(args, default_size(manifest))
     kwargs = generation_kwargs(args)
     request = make_request(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), **kwargs)
     check_image_request(manifest, height=request.height, width=request.width, images=request.latent_shape[0],
@@ -156,8 +180,6 @@ def cmd_parity(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import argparse
-
     import torch
 
     from ..export.reference import load_reference
@@ -205,7 +227,7 @@ def cmd_demo(args) -> int:
     log(f"[2/4] exporting to ONNX -> {out / 'artifacts'}")
     export_artifacts(open_model_dir(model), out / "artifacts", log=log)
     argv = ["--artifacts", str(out / "artifacts"), "--model", str(model), "--prompt", args.prompt,
-            "--steps", "12", "--height", "64", "--width", "128", "--seed", "0"]
+            "--steps", "12", "--resolution", "128x64", "--seed", "0"]
     log("[3/4] generating with the lean runtime (ONNX Runtime)")
     from .cli import build_parser
 

@@ -43,6 +43,10 @@ class BackendUnavailableError(K3TRTError):
     """A backend's libraries or hardware are missing on this machine."""
 
 
+class BackendRuntimeError(K3TRTError):
+    """A backend failed while running a component (a damaged model that still loads, device out of memory)."""
+
+
 class EngineCompatibilityError(ArtifactError):
     """An engine was built by another TensorRT version or for another GPU."""
 

@@ -79,8 +79,8 @@ def check_manifest_data(data: Any, where: str, schema_version: int) -> dict:
     check.typed("the manifest", data, dict)
     version = data.get("schema_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > schema_version:
-        raise ArtifactError(f"{where} was written by a newer k3trt (manifest schema {version})",
-                            accepted=f"schema {schema_version}",
+        raise ArtifactError(f"manifest schema version {version!r} in {where}: written by a newer k3trt",
+                            accepted=str(schema_version),
                             fix="upgrade kandinsky3-trt (pip install -U kandinsky3-trt), or re-export with this one")
     if version != schema_version:
         raise ArtifactError(f"manifest schema version {version!r} in {where}", accepted=str(schema_version),

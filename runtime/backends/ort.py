@@ -5,6 +5,7 @@ DLPack), so latents never round-trip through host memory between steps.
 """
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Mapping
 
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from ..artifacts import check_external_data_paths
-from ..errors import ArtifactError, BackendUnavailableError, InvalidArgumentError
+from ..errors import ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError
 from ..validate import available_cores, check_threads
 from .base import Backend
 
@@ -110,10 +111,17 @@ class OrtBackend(Backend):
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         session = self.session(component)
         names = [o.name for o in session.get_outputs()]
-        if self.provider == "cpu":
-            arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
-            return {n: torch.from_numpy(a) for n, a in zip(names, session.run(names, arrays))}
-        return self._run_bound(session, names, feeds)
+        try:
+            if self.provider == "cpu":
+                arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
+                return {n: torch.from_numpy(a) for n, a in zip(names, session.run(names, arrays))}
+            return self._run_bound(session, names, feeds)
+        except Exception as exc:
+            if not isinstance(exc, _ort_errors()):  # only ONNX Runtime's own exceptions (they share no base)
+                raise
+            raise BackendRuntimeError(f"ONNX Runtime failed running {component}: {type(exc).__name__}: "
+                                      f"{str(exc)[:300]}", fix=f"run `k3trt check --artifacts {self.manifest.root}`"
+                                      " (damaged files?) and re-export if it reports errors") from exc
 
     def _run_bound(self, session, names, feeds) -> dict[str, torch.Tensor]:
         binding = session.io_binding()
@@ -134,3 +142,13 @@ class OrtBackend(Backend):
 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+    except ImportError:
+        return ()
+    return tuple(cls for cls in vars(state).values() if isinstance(cls, type) and issubclass(cls, Exception))
+
