@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import tomllib
@@ -20,7 +21,9 @@ from k3trt.runtime.cli import build_parser, main
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
 NOT_RUNNABLE_HERE = {"huggingface-cli": "downloads the real checkpoint: no network to the hub on these machines",
-                     "cp": "a transcript's file copy, shown as it was typed"}
+                     "cp": "a transcript's file copy, shown as it was typed",
+                     "curl": "a request to a running `k3trt serve`: tests/runtime/test_rt_serve_http.py sends the "
+                             "same route and fields in-process (here: its JSON body must parse)"}
 
 
 def shell_commands(text: str) -> list[str]:
@@ -90,6 +93,8 @@ def test_pip_and_pytest_commands_name_real_extras_and_markers():
     markers = {m.split(":")[0] for m in project["tool"]["pytest"]["ini_options"]["markers"]}
     for command in COMMANDS:
         words = shlex.split(command)
+        if words[0] == "curl" and "-d" in words:
+            assert isinstance(json.loads(words[words.index("-d") + 1]), dict), command
         if words[0] in NOT_RUNNABLE_HERE or words[0] == "k3trt":
             continue
         if "pip" in words[:3] and "install" in words:
