@@ -292,8 +292,14 @@ def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION,
     except Exception as exc:  # DecodeError and friends: report, do not crash the lint
         finding = Finding("error", "unreadable", "(model)", "model", f"cannot parse the protobuf: {exc}")
         return CheckResult(label or str(path), str(path), 0, (finding,))
-    findings = _file_findings(model, path, Path(root) if root else path.parent)
-    findings += lint_model(model, trt_version=trt_version, axes=axes)
+    try:
+        findings = _file_findings(model, path, Path(root) if root else path.parent)
+        findings += lint_model(model, trt_version=trt_version, axes=axes)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, UnicodeError) as exc:
+        # protobuf parsed it, but fields hold what no exporter writes (found by fuzzing: bytes for a name)
+        finding = Finding("error", "unreadable", "(model)", "model", f"the model's fields are damaged "
+                          f"({type(exc).__name__}: {str(exc)[:200]})")
+        return CheckResult(label or str(path), str(path), 0, (finding,))
     return CheckResult(label or str(path), str(path), len(model.graph.node), tuple(findings))
 
 

@@ -15,6 +15,8 @@ RECORD_KEYS = {"component": str, "variant": str, "graph": dict, "external_data":
                "versions": dict, "validation": dict}
 RECORD_OPTIONAL = {"extra": dict}
 PIPELINE_INTS = ("latent_channels", "movq_scale_factor", "context_dim", "max_text_length")
+MAX_DIM = 1 << 16  # no channel count, scale or width of this model family comes near
+MAX_TEXT_TOKENS = 4096  # Kandinsky 3 reads 128
 
 
 class _Checker:
@@ -89,8 +91,7 @@ def check_manifest_data(data: Any, where: str, schema_version: int) -> dict:
         check.typed(key, data.get(key), kind)
     for key in ("tokenizer", "scheduler"):
         if data.get(key) is not None:
-            check.file(key, data[key], extra={"max_length": int, "pad_id": (int, type(None))}
-                       if key == "tokenizer" else None)
+            check.file(key, data[key], extra={"max_length": int, "pad_id": int} if key == "tokenizer" else None)
     for component, variants in data["onnx"].items():
         check.typed(f"onnx.{component}", variants, dict)
         for variant, record in variants.items():
@@ -100,9 +101,15 @@ def check_manifest_data(data: Any, where: str, schema_version: int) -> dict:
     if data["onnx"]:
         for key in PIPELINE_INTS:
             check.typed(f"pipeline.{key}", data["pipeline"].get(key), int)
+            if not 1 <= data["pipeline"][key] <= MAX_DIM:
+                check.fail(f"pipeline.{key}", f"is {data['pipeline'][key]}, outside 1..{MAX_DIM}")
         for key in ("tokenizer", "scheduler"):
             check.typed(key, data.get(key), dict)
         check.typed("tokenizer.max_length", data["tokenizer"].get("max_length"), int)
+        if not 1 <= data["tokenizer"]["max_length"] <= MAX_TEXT_TOKENS:  # the tokenizer pads to it: bounded
+            check.fail("tokenizer.max_length", f"is {data['tokenizer']['max_length']}, outside 1..{MAX_TEXT_TOKENS}")
+        if not 0 <= data["tokenizer"].get("pad_id", 0) < 1 << 31:
+            check.fail("tokenizer.pad_id", "is not a token id")
     for name, entry in data["engines"].items():
         check.typed(f"engines.{name}", entry, dict)
         check.file(f"engines.{name}.file", entry.get("file"))

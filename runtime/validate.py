@@ -18,6 +18,8 @@ MAX_PROMPTS = 64  # prompts per request; the artifacts' batch range bounds promp
 MAX_IMAGES = 64
 MAX_STEPS = 1000  # the scheduler's training timesteps
 MAX_REPEATS = 1000
+MAX_NAME_BYTES = 255  # NAME_MAX and PATH_MAX of Linux file systems: longer paths fail with ENAMETOOLONG
+MAX_PATH_BYTES = 4095
 
 
 def available_cores() -> int:
@@ -149,6 +151,15 @@ def check_path(name: str, value: Any) -> Path:
     if not text or "\x00" in text:
         raise InvalidArgumentError(f"{name}={text!r} is not a usable path", accepted="a non-empty path without NUL",
                                    fix="pass a real path")
+    try:
+        encoded = os.fsencode(text)  # lone surrogates outside surrogateescape's range cannot become a file name
+    except UnicodeEncodeError:
+        raise InvalidArgumentError(f"{name}={text!r} cannot be a file name on this system",
+                                   accepted="a path that encodes as UTF-8", fix="pass the path as UTF-8 text") from None
+    if len(encoded) > MAX_PATH_BYTES or any(len(os.fsencode(part)) > MAX_NAME_BYTES for part in Path(text).parts):
+        raise InvalidArgumentError(f"{name} {_short(text)} is too long for a path",
+                                   accepted=f"names of at most {MAX_NAME_BYTES} bytes, {MAX_PATH_BYTES} in all",
+                                   fix="choose a shorter path")
     return Path(text)
 
 
