@@ -76,7 +76,9 @@ def _png(image: np.ndarray) -> bytes:
 
 
 def write_report(folder: Path, payload: dict, fp32_images: np.ndarray, int8_images: np.ndarray) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+    from ..runtime.outputs import claim_output_dir
+
+    folder = claim_output_dir(folder, "report", name="--report")  # new, empty, or an earlier report
     for i, (ref, ours) in enumerate(zip(fp32_images, int8_images)):
         atomic_write_bytes(folder / f"fp32-{i}.png", _png(ref))
         atomic_write_bytes(folder / f"int8-{i}.png", _png(ours))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, sha256_json
 from ..runtime.errors import ArtifactError, InvalidArgumentError
+from ..runtime.outputs import check_output_dir, install_dir
 from . import collect, quality, quantize
 from .config import CALIBRATION_VERSION, DEFAULT_EXCLUSIONS, QuantConfig, TrajectoryConfig
 from .prompts import calibration_prompts, heldout_prompts
@@ -58,6 +59,7 @@ def prepare_root(artifacts: Path, out: Path | None, log) -> Path:
     Manifest.load(artifacts)  # a typed error now if ART is not an artifact directory
     if out is None or out.resolve() == artifacts.resolve():
         return artifacts
+    check_output_dir(out, "artifacts", name="--out", inputs=(artifacts,))  # new, empty, or k3trt's artifacts
     if out.exists() and any(out.iterdir()):
         mine = Manifest.load(out)  # an earlier `--out` of the same artifacts may be continued
         if mine.onnx("unet").export_key != Manifest.load(artifacts).onnx("unet").export_key:
@@ -68,10 +70,8 @@ def prepare_root(artifacts: Path, out: Path | None, log) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.copy-"))
     try:
-        shutil.copytree(artifacts, staging / "art", ignore=shutil.ignore_patterns(".staging-*", ".calib-*"))
-        if out.exists():
-            out.rmdir()
-        os.replace(staging / "art", out)
+        shutil.copytree(artifacts, staging / "art", ignore=shutil.ignore_patterns(".staging-*", ".calib-*", ".k3trt.lock"))
+        install_dir(staging / "art", out, "artifacts")  # onto a missing or empty folder: nothing is deleted
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"copied {artifacts} -> {out}")

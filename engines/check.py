@@ -292,8 +292,14 @@ def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION,
     except Exception as exc:  # DecodeError and friends: report, do not crash the lint
         finding = Finding("error", "unreadable", "(model)", "model", f"cannot parse the protobuf: {exc}")
         return CheckResult(label or str(path), str(path), 0, (finding,))
-    findings = _file_findings(model, path, Path(root) if root else path.parent)
-    findings += lint_model(model, trt_version=trt_version, axes=axes)
+    try:
+        findings = _file_findings(model, path, Path(root) if root else path.parent)
+        findings += lint_model(model, trt_version=trt_version, axes=axes)
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError, UnicodeError) as exc:
+        # protobuf parsed it, but fields hold what no exporter writes (found by fuzzing: bytes for a name)
+        finding = Finding("error", "unreadable", "(model)", "model", f"the model's fields are damaged "
+                          f"({type(exc).__name__}: {str(exc)[:200]})")
+        return CheckResult(label or str(path), str(path), 0, (finding,))
     return CheckResult(label or str(path), str(path), len(model.graph.node), tuple(findings))
 
 
@@ -301,13 +307,44 @@ def check_artifacts(artifacts: str | os.PathLike, *, trt_version=DEFAULT_TRT_VER
     from k3trt.runtime.artifacts import Manifest, OnnxRecord
 
     manifest = Manifest.load(artifacts)
-    results = []
+    results = integrity_results(manifest)
     for component, variants in manifest.data["onnx"].items():
         for variant, data in variants.items():
             record = OnnxRecord.from_dict(data)
+            damaged = _integrity(manifest, record.files(), f"{component}/{variant}", record.graph.path)
+            if damaged.findings:  # linting a file that is not what was exported would mislead
+                results.append(damaged)
+                continue
             results.append(check_onnx_file(manifest.path(record.graph.path), trt_version=trt_version,
                                            root=manifest.root, axes=record.axes, label=f"{component}/{variant}"))
     return results
+
+
+def _integrity(manifest, records, label: str, path: str) -> CheckResult:
+    """Each file present with the manifest's sha256 (what the runtime verifies before loading it)."""
+    findings = []
+    for record in records:
+        try:
+            manifest.verify([record])
+        except ArtifactError as exc:
+            findings.append(Finding("error", "integrity", record.path, "file", exc.what))
+    return CheckResult(label, path, 0, tuple(findings))
+
+
+def integrity_results(manifest) -> list[CheckResult]:
+    """Hash checks of the side files and engines, one result per damaged file (ONNX files are checked with
+    their lint)."""
+    from k3trt.runtime.artifacts import FileRecord
+
+    results = []
+    for key in ("tokenizer", "scheduler"):
+        if manifest.data.get(key):
+            record = manifest.file_record(key)
+            results.append(_integrity(manifest, [record], key, record.path))
+    for name, entry in manifest.data.get("engines", {}).items():
+        record = FileRecord(**{k: entry["file"][k] for k in ("path", "sha256", "bytes")})
+        results.append(_integrity(manifest, [record], f"engine {name}", record.path))
+    return [result for result in results if result.findings]  # intact side files add no line
 
 
 def format_results(results: Iterable[CheckResult], trt_version: tuple[int, int]) -> str:

@@ -3,17 +3,44 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def check_build_args(args) -> None:
+    """Resource and output arguments, before the manifest is read or anything is planned."""
+    from k3trt.runtime.artifacts import COMPONENTS
+    from k3trt.runtime.outputs import check_output_json
+    from k3trt.runtime.validate import check_float, check_int, check_path, parse_list, writable_ancestor
+
+    if args.workspace is not None:
+        check_float("--workspace", args.workspace, 1 / 1024, 4096, "GB of GPU memory for the builder, e.g. 8")
+    if args.builder_optimization_level is not None:
+        check_int("--builder-optimization-level", args.builder_optimization_level, 0, 5, "3 is TensorRT's default")
+    if args.components is not None:
+        args.components = ",".join(parse_list("--components", args.components, COMPONENTS))
+    if args.json:
+        check_output_json(args.json, "--json")
+    if args.timing_cache:
+        cache = check_path("--timing-cache", args.timing_cache)
+        if cache.is_dir():
+            from k3trt.runtime.errors import OutputPathError
+
+            raise OutputPathError(f"--timing-cache {str(cache)!r} is a folder", accepted="a file path")
+        writable_ancestor(cache, "--timing-cache")
+
+
 def cmd_build(args) -> int:
-    from k3trt.runtime.artifacts import Manifest, atomic_write_json
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.locking import artifact_lock
+    from k3trt.runtime.outputs import save_json
 
     from .plan import BuildFlags, make_plan
 
+    check_build_args(args)
     manifest = Manifest.load(args.artifacts)
     if not args.dry_run:  # TensorRT and a GPU before any work (variant conversion included)
         from k3trt.runtime.tensorrt_env import require_cuda, require_tensorrt
@@ -33,7 +60,7 @@ def cmd_build(args) -> int:
         log(f"  {cp.name}: strongly typed from the {source}{', tf32' if cp.precision.tf32 else ''}; "
             f"{len(cp.fp32_nodes)} nodes kept fp32; {axes}")
     if args.json:
-        atomic_write_json(args.json, plan.to_dict())
+        save_json(plan.to_dict(), Path(args.json))
         log(f"plan written to {args.json}")
     if args.dry_run:
         if not args.json:
@@ -42,7 +69,8 @@ def cmd_build(args) -> int:
         return 0
     from .build import build_engines
 
-    summary = build_engines(plan, manifest, log=log)
+    with artifact_lock(manifest.root, log):  # one writer per artifact directory
+        summary = build_engines(plan, manifest, log=log)
     log(f"done: built {summary['built'] or 'nothing'}; up to date {summary['up_to_date'] or 'none'}; "
         f"manifest {manifest.root / 'manifest.json'}")
     return 0
@@ -61,8 +89,16 @@ def cmd_check(args) -> int:
 def cmd_refit(args) -> int:
     from .refit import refit_artifacts
 
-    components = [c.strip() for c in args.components.split(",")] if args.components else None
-    done = refit_artifacts(args.artifacts, args.model, components=components, variant=args.variant, log=log)
+    from k3trt.runtime.artifacts import COMPONENTS
+    from k3trt.runtime.validate import parse_list
+
+    components = parse_list("--components", args.components, COMPONENTS) if args.components is not None else None
+    from k3trt.runtime.artifacts import Manifest
+    from k3trt.runtime.locking import artifact_lock
+
+    root = Manifest.load(args.artifacts).root
+    with artifact_lock(root, log):  # one writer per artifact directory
+        done = refit_artifacts(args.artifacts, args.model, components=components, variant=args.variant, log=log)
     log(f"done: refit {', '.join(done)}")
     return 0
 
@@ -70,7 +106,14 @@ def cmd_refit(args) -> int:
 def cmd_selftest(args) -> int:
     from .selftest import run_selftest
 
-    precisions = [p.strip() for p in args.precisions.split(",")] if args.precisions else None
+    from k3trt.runtime.outputs import claim_output_dir
+    from k3trt.runtime.precision import Precision
+    from k3trt.runtime.validate import parse_list
+
+    precisions = (parse_list("--precisions", args.precisions, [p.value for p in Precision])
+                  if args.precisions is not None else None)
+    if args.keep:  # a folder of its own: new, empty, or an earlier self-test's
+        args.keep = str(claim_output_dir(args.keep, "selftest", name="--keep"))
     return run_selftest(gpu=args.gpu, precisions=precisions, keep=args.keep, log=log)
 
 
@@ -79,7 +122,7 @@ def register(sub) -> None:
 
     names = [p.value for p in Precision]
     p = sub.add_parser("build", help="build TensorRT engines from the artifact directory's ONNX")
-    p.add_argument("--artifacts", required=True, metavar="ART")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     p.add_argument("--precision", choices=names, default=None,
                    help="one precision for every component: picks the ONNX variant each engine is parsed from "
                         "(strongly typed; a missing fp16/bf16 variant is converted first). Default: each card's "
@@ -106,13 +149,13 @@ def register(sub) -> None:
 
     p = sub.add_parser("check", help="lint ONNX for what TensorRT's parser rejects")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--artifacts", metavar="ART")
-    group.add_argument("--onnx", metavar="FILE")
+    group.add_argument("--artifacts", metavar="ART", help="check every ONNX in the directory (and its hashes)")
+    group.add_argument("--onnx", metavar="FILE", help="check one ONNX file")
     p.add_argument("--trt-version", default=None, metavar="X.Y", help="TensorRT version to check for (default 10.0)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("refit", help="load new weights into refittable engines without rebuilding")
-    p.add_argument("--artifacts", required=True, metavar="ART")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     p.add_argument("--model", required=True, metavar="DIR", help="diffusers-layout folder with the new weights")
     p.add_argument("--components", default=None, help="comma list (default: every refittable engine)")
     p.add_argument("--variant", choices=["fp16"], default=None, help="load *.fp16.safetensors weights")

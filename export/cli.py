@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import sys
 
+from ..runtime.errors import InvalidArgumentError
+from ..runtime.validate import check_seed
+
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
@@ -16,7 +19,7 @@ def add_source_args(parser, *, required: bool = True) -> None:
     group.add_argument("--preset", choices=["tiny", "small"], help="random-weight preset of the real classes")
     parser.add_argument("--variant", choices=["fp16"], default=None,
                         help="load *.fp16.safetensors files (auto-detected when they are the only ones)")
-    parser.add_argument("--seed", type=int, default=0, help="preset weight seed (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="preset weight seed, 0..2^64-1")
     parser.add_argument("--undamped", action="store_true",
                         help="preset: keep raw random init instead of damped residual branches")
 
@@ -35,12 +38,20 @@ def cmd_export(args) -> int:
     from .writer import default_components, export_artifacts
 
     precisions = parse_precisions(args.precision)
+    from ..runtime.validate import check_float
+    from .writer import check_export_request
+
+    threshold = PROTOBUF_LIMIT
+    if args.external_data_threshold_mb is not None:
+        mb = check_float("--external-data-threshold-mb", args.external_data_threshold_mb, 0, PROTOBUF_LIMIT / 2**20)
+        threshold = int(mb * 1024 * 1024)
+    check_seed(args.seed, "--seed")
+    components = check_export_request(args.out, components=args.components, opset=args.opset,
+                                      external_threshold=threshold, source_root=args.model)  # before any work
     source = open_source(args)
-    components = [c.strip() for c in args.components.split(",") if c.strip()] if args.components else \
-        default_components(source)
+    if components is None:
+        components = default_components(source)
     log(f"exporting {', '.join(components)} from {source.label} -> {args.out}")
-    threshold = int(args.external_data_threshold_mb * 1024 * 1024) if args.external_data_threshold_mb is not None else \
-        PROTOBUF_LIMIT
     summary = export_artifacts(source, args.out, components=components, opset=args.opset,
                                external_threshold=threshold, force=args.force, precisions=precisions, log=log)
     log(f"done: exported {summary['exported'] or 'nothing'}; variants {summary.get('variants') or 'none new'}; "
@@ -58,9 +69,8 @@ def cmd_preset(args) -> int:
         print(json.dumps(describe_full(), indent=2))
         return 0
     if not args.out:
-        log("error: --out DIR is required to write a preset")
-        return 2
-    path = write_preset(args.name, args.out, seed=args.seed, damped=not args.undamped)
+        raise InvalidArgumentError(f"preset {args.name} needs --out DIR", fix=f"k3trt preset {args.name} --out DIR")
+    path = write_preset(args.name, args.out, seed=args.seed, damped=not args.undamped, force=args.force)
     log(f"wrote preset {args.name} to {path} (diffusers layout; load with Kandinsky3Pipeline.from_pretrained)")
     return 0
 
@@ -71,22 +81,28 @@ def register(sub) -> None:
 
     p = sub.add_parser("export", help="export Kandinsky 3 components to validated ONNX + manifest")
     add_source_args(p)
-    p.add_argument("--out", required=True, metavar="ART", help="artifact directory (created or updated)")
+    p.add_argument("--out", required=True, metavar="ART",
+                   help="artifact directory: new, empty, or artifacts k3trt wrote (updated in place); never the "
+                        "model folder")
     p.add_argument("--components", default=None, help=f"comma list of {', '.join(SPECS)} (default: every "
                    "component whose weights the model has)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 17..20")
     p.add_argument("--external-data-threshold-mb", type=float, default=None,
                    help="store weights as external data past this size (default: the 2 GB protobuf limit)")
-    p.add_argument("--force", action="store_true", help="re-export even if inputs are unchanged")
+    p.add_argument("--force", action="store_true", help="re-export even if inputs are unchanged (never replaces a "
+                   "folder k3trt did not write)")
     p.add_argument("--precision", default=None, metavar="P[,P]",
                    help="also write reduced-precision ONNX variants: fp16, bf16 or fp16,bf16 (fp32 is always "
                         "exported; the card of each component says which nodes stay fp32)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("preset", help="write a random-weight preset in the diffusers layout, or describe `full`")
-    p.add_argument("name", choices=["tiny", "small", "full"])
-    p.add_argument("--out", metavar="DIR")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--undamped", action="store_true")
+    p.add_argument("name", choices=["tiny", "small", "full"], help="tiny (tests), small (CPU benchmarks), "
+                   "full (the real configuration, --describe only)")
+    p.add_argument("--out", metavar="DIR", help="folder to write: new, empty, or a preset k3trt wrote (with --force)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed, 0..2^64-1")
+    p.add_argument("--undamped", action="store_true", help="keep raw random init instead of damped residual branches")
+    p.add_argument("--force", action="store_true", help="replace --out if it holds a preset k3trt wrote "
+                   "(never any other folder)")
     p.add_argument("--describe", action="store_true", help="print parameter counts and sizes")
     p.set_defaults(func=cmd_preset)

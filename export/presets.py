@@ -13,11 +13,13 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from ..runtime.artifacts import sha256_json
 from ..runtime.errors import InvalidArgumentError
+from ..runtime.outputs import check_output_dir, install_dir, staging_sibling
+from ..runtime.seeding import seed_everything
+from ..runtime.validate import check_seed
 
 CORPUS = Path(__file__).with_name("assets") / "tokenizer_corpus.txt"
 PRESET_FORMAT = 4  # bump when preset construction changes, so caches rebuild (4: inpainting + Flash U-Nets)
@@ -136,11 +138,10 @@ def damp_residual_branches(unet, factor: float = DAMPING) -> int:
 
 def build_models(spec: PresetSpec, *, vocab_size: int, seed: int, damped: bool):
     """The three torch components of a preset, from a fixed seed (fp32, eval mode)."""
-    import torch
     from diffusers import Kandinsky3UNet, VQModel
     from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(seed)
+    seed_everything(seed)  # all 64 bits count (torch.manual_seed keeps 32)
     text_encoder = T5EncoderModel(T5Config(vocab_size=vocab_size, **spec.t5)).eval()
     unet = Kandinsky3UNet(in_channels=4, **spec.unet).eval()
     _randomize_time_conditioning(unet)
@@ -159,7 +160,7 @@ def build_variant_unets(spec: PresetSpec, *, seed: int, damped: bool) -> dict:
 
     out = {}
     for offset, (folder, channels) in enumerate(VARIANT_FOLDERS.items(), start=1):
-        torch.manual_seed(seed + 1000 * offset)
+        seed_everything((seed + 1000 * offset) % 2**64)  # all 64 bits of the seed count
         unet = build_unet(dict(spec.unet), channels)
         _randomize_time_conditioning(unet)
         if damped:
@@ -168,19 +169,29 @@ def build_variant_unets(spec: PresetSpec, *, seed: int, damped: bool) -> dict:
     return out
 
 
-def write_preset(name: str, out: str | os.PathLike, *, seed: int = 0, damped: bool = True) -> Path:
-    """Write preset `name` as a diffusers folder (Kandinsky3Pipeline.save_pretrained) at `out`, atomically."""
-    spec = preset_spec(name)
+def check_preset_request(name: str, out, *, seed: int = 0, force: bool = False) -> Path:
+    """Everything `write_preset` needs, checked before any work: the name, the seed, the output folder (new,
+    empty, or a preset k3trt wrote, replaced only with `force`)."""
+    preset_spec(name)
     if name == "full":
         raise InvalidArgumentError("preset 'full' has no weights and cannot be written to disk",
                                    accepted="tiny, small",
                                    fix="use `k3trt preset full --describe` for its shapes and sizes")
+    check_seed(seed, "seed")
+    return check_output_dir(out, "preset", replace=True, force=force)
+
+
+def write_preset(name: str, out: str | os.PathLike, *, seed: int = 0, damped: bool = True,
+                 force: bool = False) -> Path:
+    """Write preset `name` as a diffusers folder (Kandinsky3Pipeline.save_pretrained) at `out`, atomically.
+
+    `out` must be new, empty, or a preset k3trt wrote (replaced only with `force`): nothing else is deleted."""
+    out = check_preset_request(name, out, seed=seed, force=force)
+    spec = preset_spec(name)
     from diffusers import DDPMScheduler, Kandinsky3Pipeline
     from transformers import T5Tokenizer
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    staging = staging_sibling(out)
     try:
         train_tokenizer(staging / "spm", spec.vocab_size)
         tokenizer = T5Tokenizer.from_pretrained(str(staging / "spm"), extra_ids=0)
@@ -196,9 +207,7 @@ def write_preset(name: str, out: str | os.PathLike, *, seed: int = 0, damped: bo
         stamp = dict(preset=name, seed=seed, damped=damped, key=preset_key(spec, seed=seed, damped=damped),
                      damping=DAMPING if damped else None)
         (staging / "model" / "k3trt_preset.json").write_text(json.dumps(stamp, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging / "model", out)
+        install_dir(staging / "model", out, "preset")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
@@ -217,7 +226,7 @@ def cached_preset(name: str, *, seed: int = 0, damped: bool = True, log=print) -
     if stamp.is_file() and json.loads(stamp.read_text()).get("key") == key:
         return folder
     log(f"building preset {name!r} (seed {seed}, {'damped' if damped else 'undamped'}) -> {folder}")
-    return write_preset(name, folder, seed=seed, damped=damped)
+    return write_preset(name, folder, seed=seed, damped=damped, force=True)  # the cache's own folder
 
 
 def describe_full() -> dict:

@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from ..runtime.seeding import make_generator
 from ..runtime.backends.base import Backend
 from ..runtime.errors import ModelSourceError
 from .components import SPECS
@@ -94,7 +95,7 @@ def run_reference(pipe, request, *, record: bool = True) -> ReferenceRun:
                        negative_prompt=list(request.negative_prompts) if request.negative_prompts else None,
                        num_inference_steps=request.steps, guidance_scale=request.guidance,
                        height=request.height, width=request.width, num_images_per_prompt=request.num_images,
-                       generator=torch.Generator("cpu").manual_seed(request.seed), output_type="np")
+                       generator=make_generator(request.seed), output_type="np")
         run.total_s = time.perf_counter() - start
     finally:
         for handle in handles:

@@ -42,8 +42,15 @@ class ModelSource:
 
     # --- metadata
     def config(self, folder: str) -> dict:
-        name = "scheduler_config.json" if folder == "scheduler" else "config.json"
-        return json.loads((self.root / folder / name).read_text())
+        path = self.root / folder / ("scheduler_config.json" if folder == "scheduler" else "config.json")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
+            raise ModelSourceError(f"cannot read {str(path)!r}: {str(exc)[:200]}",
+                                   fix="re-download or re-save the model folder") from None
+        if not isinstance(data, dict):
+            raise ModelSourceError(f"{str(path)!r} is not a JSON object", fix="re-download or re-save the folder")
+        return data
 
     def weight_files(self, folder: str) -> list[Path]:
         return variant_files(self.root / folder, self.variant)
@@ -106,11 +113,14 @@ def _detect_variant(root: Path, requested: str | None) -> str | None:
 
 def open_model_dir(path: str | Path, *, variant: str | None = None, label: str | None = None) -> ModelSource:
     """Check `path` is a Kandinsky 3 folder in the diffusers layout and return a source for it."""
-    root = Path(path)
+    from ..runtime.validate import check_path
+
+    root = check_path("model", path)
     fix_layout = ("pass the folder written by `Kandinsky3Pipeline.save_pretrained` (or downloaded from "
                   "kandinsky-community/kandinsky-3), or use --preset tiny")
     if not root.is_dir():
-        raise ModelSourceError(f"model folder {str(root)!r} does not exist", fix=fix_layout)
+        state = "is a file, not a folder" if root.exists() else "does not exist"
+        raise ModelSourceError(f"model folder {str(root)!r} {state}", fix=fix_layout)
     index = root / "model_index.json"
     if not index.is_file():
         raise ModelSourceError(f"{str(root)!r} has no model_index.json: not a diffusers pipeline folder",
@@ -119,10 +129,15 @@ def open_model_dir(path: str | Path, *, variant: str | None = None, label: str |
     if missing:
         raise ModelSourceError(f"{str(root)!r} lacks the sub-folder(s) {', '.join(missing)}",
                                accepted="tokenizer/, text_encoder/, unet/, movq/, scheduler/", fix=fix_layout)
-    declared = json.loads(index.read_text())
+    try:
+        declared = json.loads(index.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise ModelSourceError(f"{str(index)!r} is not valid JSON ({str(exc)[:100]})", fix=fix_layout) from None
+    if not isinstance(declared, dict):
+        raise ModelSourceError(f"{str(index)!r} is not a JSON object", fix=fix_layout)
     for folder, cls in EXPECTED_CLASSES.items():
         entry = declared.get(folder)
-        if not entry or entry[-1] != cls:
+        if not isinstance(entry, list) or not entry or entry[-1] != cls:
             raise ModelSourceError(f"model_index.json declares {folder} as {entry!r}",
                                    accepted=f"{cls} (a Kandinsky 3 pipeline)", fix=fix_layout)
     source = ModelSource(root, _detect_variant(root, variant), label or str(root))

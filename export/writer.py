@@ -23,8 +23,10 @@ import torch
 from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, atomic_write_bytes, sha256_file, sha256_json
 from ..runtime.errors import ValidationError
 from ..runtime.cards import LATENT_FACTOR, MAX_TEXT_LENGTH
+from ..runtime.locking import artifact_lock, staging_dir
+from ..runtime.outputs import check_output_dir, claim_output_dir
 from .components import SPECS, component_spec, model_info
-from .onnx_export import DEFAULT_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
+from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
 from .sources import ModelSource
 from .validate import validate_component
 
@@ -94,6 +96,20 @@ def write_side_files(source: ModelSource, manifest: Manifest) -> None:
         "context_dim": unet["encoder_hid_dim"], "max_text_length": MAX_TEXT_LENGTH,
         "reference": "diffusers.Kandinsky3Pipeline",
     }
+    native = preset_native_size(source.root)
+    if native:  # the default image size of `k3trt generate` on these artifacts
+        manifest.data["pipeline"]["native_size"] = native
+
+
+def preset_native_size(root: Path) -> int | None:
+    """A preset's native image side (its k3trt_preset.json names it), None for other checkpoints."""
+    from .presets import PRESETS
+
+    try:
+        name = json.loads((root / "k3trt_preset.json").read_text()).get("preset")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return PRESETS[name].native_size if name in PRESETS else None
 
 
 def export_key(source_hash: str, opset: int, external_threshold: int) -> str:
@@ -128,7 +144,7 @@ def _content_folder(root: Path, name: str, staging: Path, graph: Path, external:
 def export_component(source: ModelSource, root: Path, name: str, *, source_hash: str, key: str, opset: int,
                      external_threshold: int, log) -> OnnxRecord:
     spec = component_spec(name)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{name}-"))
+    staging = staging_dir(root, name)  # `.staging-NAME-PID-*`: removed by the next writer if this one dies
     try:
         t0 = time.perf_counter()
         module = source.load(spec.folder)
@@ -205,19 +221,50 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
 
     `precisions` (fp16, bf16) adds converted variants of every component (fp32 is always exported).
     All-or-nothing: the new manifest is written once, after every component has exported and validated."""
-    from ..runtime.errors import InvalidArgumentError
-    from .variants import check_variant_allowed, is_current, make_variant
+    from .variants import check_variant_allowed
 
-    if opset < MIN_OPSET:
-        raise InvalidArgumentError(f"opset {opset} is too old", accepted=f">= {MIN_OPSET}",
-                                   fix=f"use --opset {DEFAULT_OPSET} (the default)")
-    components = default_components(source) if components is None else list(components)
+    components = check_export_request(out, components=components, opset=opset,
+                                      external_threshold=external_threshold, source_root=source.root)
+    if components is None:
+        components = default_components(source)
     for name in components:
-        component_spec(name)
         for precision in precisions:
             check_variant_allowed(name, precision)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim_output_dir(out, "artifacts", inputs=(source.root,))
+    with artifact_lock(out, log):
+        return _export_locked(source, out, components=components, opset=opset,
+                              external_threshold=external_threshold, force=force, precisions=precisions, log=log)
+
+
+def check_export_request(out, *, components, opset: int, external_threshold: int, source_root=None) -> list[str]:
+    """Every export argument, before any model is loaded: the output folder (new, empty or k3trt's
+    artifacts, never the model folder), the components, the opset and the external-data threshold.
+    `components` None means every component the model has (resolved by the caller once the model is open)."""
+    from ..runtime.errors import InvalidArgumentError
+    from ..runtime.validate import check_int, parse_list
+
+    check_output_dir(out, "artifacts", inputs=(source_root,) if source_root else ())
+    if components is None:
+        pass
+    elif isinstance(components, str):
+        components = parse_list("--components", components, list(SPECS))
+    elif not isinstance(components, (list, tuple)) or not components:
+        raise InvalidArgumentError(f"components={components!r}", accepted=f"a non-empty list of {', '.join(SPECS)}")
+    else:
+        components = parse_list("--components", ",".join(str(c) for c in components), list(SPECS))
+    if isinstance(opset, int) and not isinstance(opset, bool) and opset < MIN_OPSET:
+        raise InvalidArgumentError(f"opset {opset} is too old", accepted=f">= {MIN_OPSET}",
+                                   fix=f"use --opset {DEFAULT_OPSET} (the default)")
+    check_int("opset", opset, MIN_OPSET, MAX_OPSET, f"use --opset {DEFAULT_OPSET} (the default)")
+    check_int("external_threshold", external_threshold, 0, PROTOBUF_LIMIT,
+              "bytes past which weights go to external data; at most the 2 GB protobuf limit")
+    return components
+
+
+def _export_locked(source: ModelSource, out: Path, *, components, opset: int, external_threshold: int,
+                   force: bool, precisions, log) -> dict:
+    from .variants import is_current, make_variant
+
     current = Manifest.load_or_new(out)
     staged = Manifest(out, copy.deepcopy(current.data))
     staged.data["source"] = {"label": source.label, "path": str(source.root), "variant": source.variant}

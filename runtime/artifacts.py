@@ -131,25 +131,25 @@ class Manifest:
     # --- loading
     @classmethod
     def load(cls, root: str | os.PathLike) -> "Manifest":
-        root = Path(root)
+        from .validate import check_path
+
+        root = check_path("artifacts", root)
         path = root / MANIFEST_NAME
         if not root.is_dir():
-            raise ArtifactError(f"artifact directory {str(root)!r} does not exist",
+            state = "is a file, not a folder" if root.exists() else "does not exist"
+            raise ArtifactError(f"artifact directory {str(root)!r} {state}",
                                 fix="run `k3trt export --preset tiny --out DIR` (or --model DIR) first")
         if not path.is_file():
             raise ArtifactError(f"{str(path)!r} is missing: {str(root)!r} is not an artifact directory",
                                 fix="point --artifacts at the folder `k3trt export --out` wrote")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ArtifactError(f"{str(path)!r} is not valid JSON ({exc})",
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ArtifactError(f"{str(path)!r} is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})",
                                 fix="re-run `k3trt export` to rewrite it") from None
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ArtifactError(f"manifest schema version {version!r} in {str(path)!r}",
-                                accepted=str(SCHEMA_VERSION),
-                                fix="re-export the artifacts with this version of k3trt")
-        return cls(root, data)
+        from .manifest_schema import check_manifest_data
+
+        return cls(root, check_manifest_data(data, repr(str(path)), SCHEMA_VERSION))
 
     @classmethod
     def load_or_new(cls, root: str | os.PathLike) -> "Manifest":
@@ -224,7 +224,11 @@ def check_external_data_paths(graph_path: Path, root: Path) -> None:
     """Refuse an ONNX whose external-data locations point outside the artifact directory (path traversal)."""
     import onnx
 
-    model = onnx.load(str(graph_path), load_external_data=False)
+    try:
+        model = onnx.load(str(graph_path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: the file is damaged
+        raise ArtifactError(f"{str(graph_path)!r} is not a readable ONNX model ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})", fix="re-run the stage that wrote it (`k3trt export`)") from exc
     folder = graph_path.resolve().parent.relative_to(root.resolve())
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

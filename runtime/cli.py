@@ -5,15 +5,29 @@ import argparse
 import importlib
 import sys
 
-from .errors import K3TRTError
+from .boundary import run_guarded
+from .outputs import package_version
 
 STAGE_CLIS = ("k3trt.export.cli", "k3trt.calibration.cli", "k3trt.engines.cli", "k3trt.runtime.commands",
               "k3trt.runtime.serving.cli")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows "(default: X)" after every option that has a real default and does not state it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is False or default == argparse.SUPPRESS \
+                or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})".strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="k3trt", description="Kandinsky 3: PyTorch -> ONNX -> TensorRT, "
                                      "a lean runtime, and parity checks.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in STAGE_CLIS:
         try:
@@ -21,19 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
         except ModuleNotFoundError as exc:
             if exc.name != module:  # a stage CLI that exists but fails to import is a real bug
                 raise
+    for command in sub.choices.values():  # every --help shows the defaults
+        command.formatter_class = DefaultsHelpFormatter
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except K3TRTError as exc:
-        print(f"error [{type(exc).__name__}]: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    args = build_parser().parse_args(argv)  # usage errors exit 2 inside argparse
+    return run_guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ class InvalidArgumentError(K3TRTError, ValueError):
     """A user-supplied value (CLI flag, API argument) is out of range or malformed."""
 
 
+class OutputPathError(InvalidArgumentError):
+    """An output file or folder cannot be written: wrong kind, not writable, or not this project's to replace."""
+
+
 class ModelSourceError(K3TRTError):
     """A model folder or preset cannot be used as an export source."""
 
@@ -41,6 +45,10 @@ class BackendUnavailableError(K3TRTError):
 
 class TensorRTVersionError(BackendUnavailableError):
     """The installed TensorRT is outside the range this package supports (pyproject.toml, gpu extra)."""
+
+
+class BackendRuntimeError(K3TRTError):
+    """A backend failed while running a component (a damaged model that still loads, device out of memory)."""
 
 
 class EngineCompatibilityError(ArtifactError):

@@ -132,8 +132,9 @@ def write_report(report: ParityReport, folder: str | Path) -> Path:
     """report.json, report.md, and per image a side-by-side PNG (reference | runtime | difference heat map)."""
     from PIL import Image
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    from .outputs import claim_output_dir
+
+    folder = claim_output_dir(folder, "report", name="--report")  # new, empty, or an earlier report
     (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=float))
     lines = ["# k3trt parity report", "", f"Verdict: **{'PASS' if report.ok else 'FAIL'}**", "",
              f"Request: `{json.dumps(report.request, ensure_ascii=False)}`", "",

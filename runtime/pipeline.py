@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -23,7 +22,11 @@ from .errors import InvalidArgumentError
 from .scheduler import make_scheduler
 from .stages import (Conditioning, DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite,
                      decode_latents, denoise, encode_prompts, prepare_latents)
+from .limits import check_image_request, default_size
+from .seeding import make_generator
 from .tokenizer import PromptTokenizer
+from .validate import (MAX_IMAGES, MAX_STEPS, check_choice, check_float, check_int, check_options, check_path,
+                       check_seed, check_texts)
 
 __all__ = ["Pipeline", "Request", "make_request", "GenerationCancelled", "StepInfo", "check_finite", "to_pil"]
 
@@ -53,28 +56,26 @@ class Request:
 
 def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25, guidance: float = 3.0,
                  height: int = 1024, width: int = 1024, num_images: int = 1) -> Request:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if prompts is None or not all(isinstance(p, str) for p in prompts):
-        raise InvalidArgumentError(f"prompt {prompt!r} is not a string or a list of strings",
-                                   accepted="str or list[str]")
-    if not prompts:
-        raise InvalidArgumentError("the prompt list is empty", accepted="at least one prompt")
+    prompts = check_texts("prompt", prompt)
     negatives = None
     if negative_prompt is not None:
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        negatives = check_texts("negative_prompt", negative_prompt)
+        if isinstance(negative_prompt, str):
+            negatives = negatives * len(prompts)
         if len(negatives) != len(prompts):
             raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts",
-                                       accepted="one negative prompt, or one per prompt")
-    _check_range("steps", steps, 1, 1000, "e.g. --steps 25")
-    _check_range("num_images", num_images, 1, 64, "e.g. --num-images 1")
-    if not (isinstance(guidance, (int, float)) and math.isfinite(guidance) and guidance >= 0):
-        raise InvalidArgumentError(f"guidance={guidance!r}", accepted="a finite number >= 0 (1 or less: no CFG)",
-                                   fix="e.g. --guidance 3.0 (the default)")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise InvalidArgumentError(f"seed={seed!r}", accepted="an integer")
+                                       accepted="one negative prompt, or one per prompt",
+                                       fix="pass one negative prompt as a str, or a list as long as the prompts")
+    check_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 25")
+    check_int("num_images", num_images, 1, MAX_IMAGES, "e.g. --num-images 1")
+    check_float("guidance", guidance, 0.0, 1e4, "e.g. --guidance 3.0 (the default); 1 or less: no CFG")
+    check_seed(seed)
+    if len(prompts) * num_images > MAX_IMAGES:
+        raise InvalidArgumentError(f"{len(prompts)} prompts x {num_images} images", accepted=f"at most {MAX_IMAGES}"
+                                   " images per request", fix="split the work into several requests")
     size = []
     for name, value in (("height", height), ("width", width)):
-        _check_range(name, value, 1, 1 << 16, "e.g. 1024")
+        check_int(name, value, 1, 1 << 16, "an image side in pixels, e.g. 1024")
         rounded = round_pixels(value)  # diffusers' downscale_height_and_width
         if rounded != value:
             log.warning("%s %d is not a multiple of %d: the image will be %d px (diffusers rounds up)",
@@ -82,11 +83,6 @@ def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25
         size.append(rounded)
     return Request(tuple(prompts), tuple(negatives) if negatives else None, seed, steps, float(guidance),
                    size[0], size[1], num_images)
-
-
-def _check_range(name: str, value, lo: int, hi: int, fix: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise InvalidArgumentError(f"{name}={value!r}", accepted=f"an integer in {lo}..{hi}", fix=fix)
 
 
 def to_pil(images: np.ndarray) -> list:
@@ -111,7 +107,11 @@ class Pipeline:
     def from_artifacts(cls, path: str | Path, backend: str | Backend = "ort",
                        precision: str | Mapping[str, str] = "fp32", *, scheduler: str = "ddpm",
                        **backend_options) -> "Pipeline":
-        manifest = Manifest.load(path)
+        manifest = Manifest.load(check_path("path", path))
+        if not isinstance(backend, (str, Backend)):
+            raise InvalidArgumentError(f"backend={backend!r}", accepted="ort, trt, torch, or a Backend instance",
+                                       fix='e.g. backend="ort"')
+        check_choice("scheduler", scheduler, ("ddpm", "ddim"))
         if isinstance(backend, str):
             backend = make_backend(backend, manifest, precision, **backend_options)
         return cls(manifest, backend, scheduler=scheduler)
@@ -146,6 +146,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- API
     def check_request(self, request: Request) -> None:
         """Fail before any work if the request's shapes fall outside what the artifacts allow."""
+        check_image_request(self.manifest, height=request.height, width=request.width,
+                            images=request.latent_shape[0], guided=request.guided)
         b, c, h, w = request.latent_shape
         unet_batch = guided_batch(b, request.guided)
         check_shapes(self.backend.record("unet"), {
@@ -155,19 +157,28 @@ class Pipeline:
         check_shapes(self.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int = 1024, width: int = 1024,
-                 num_images: int = 1, output_type: str = "pil",
-                 callback: StepCallback | None = None, recorder: list | None = None):
+                 seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int | None = None,
+                 width: int | None = None, num_images: int = 1, output_type: str = "pil",
+                 callback: StepCallback | None = None, recorder: list | None = None, **unknown):
         """Images for `prompt` (PIL list, or a float array (N, H, W, 3) in [0, 1] with output_type="np").
 
+        `height`/`width` in pixels default to the size the artifacts were made for (`limits.default_size`).
         `callback(StepInfo)` runs after every step; returning True cancels (GenerationCancelled), returning a
         tensor replaces the latents. Safe to call from many threads at once: all per-request state is local."""
-        if output_type not in ("pil", "np"):
-            raise InvalidArgumentError(f"output_type={output_type!r}", accepted="pil, np")
+        check_options("Pipeline.generate", unknown, ())
+        check_choice("output_type", output_type, ("pil", "np"))
+        if callback is not None and not callable(callback):
+            raise InvalidArgumentError(f"callback={callback!r} is not callable", accepted="a function or None",
+                                       fix="pass a function taking a StepInfo")
+        if recorder is not None and not isinstance(recorder, list):
+            raise InvalidArgumentError(f"recorder is a {type(recorder).__name__}", accepted="a list or None",
+                                       fix="pass a list to collect the U-Net calls, or leave it out")
+        size = default_size(self.manifest)
         request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                               height=height, width=width, num_images=num_images)
+                               height=size if height is None else height, width=size if width is None else width,
+                               num_images=num_images)
         self.check_request(request)
-        generator = torch.Generator("cpu").manual_seed(request.seed)  # one per request: thread-safe
+        generator = make_generator(request.seed)  # one per request (thread-safe); all 64 bits count
         state = self.start(request, self.encode(request), generator)
         images = self.decode(self.denoise(state, callback, recorder))
         return to_pil(images) if output_type == "pil" else images

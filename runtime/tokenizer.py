@@ -17,8 +17,14 @@ class PromptTokenizer:
 
         self.max_length = max_length
         self._tok = Tokenizer.from_file(str(path))
+        pad_token = self._tok.id_to_token(pad_id)
+        if pad_token is None:
+            from .errors import ArtifactError
+
+            raise ArtifactError(f"the tokenizer's pad id {pad_id} is not in its vocabulary ({path})",
+                                fix="re-run `k3trt export`; never edit the manifest by hand")
         self._tok.enable_truncation(max_length)
-        self._tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=self._tok.id_to_token(pad_id))
+        self._tok.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
 
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask), int32 of shape (len(prompts), max_length)."""

@@ -167,18 +167,29 @@ def make_backend(name: str, manifest: Manifest, precision: str | Mapping[str, st
     if name == "ort":
         from .ort import OrtBackend
 
-        return OrtBackend(manifest, precision, **options)
+        return _construct(OrtBackend, name, manifest, precision, options)
     if name == "trt":
         from .trt import TrtBackend
 
-        return TrtBackend(manifest, precision, **options)
+        return _construct(TrtBackend, name, manifest, precision, options)
     if name == "openvino":
         from .openvino import OpenVinoBackend
 
-        return OpenVinoBackend(manifest, precision, **options)
+        return _construct(OpenVinoBackend, name, manifest, precision, options)
     if name == "torch":
         raise BackendUnavailableError(
             "the torch reference backend is not registered in this process",
             fix="import k3trt.export first (it registers the torch backend; it needs the [export] extra)")
     raise InvalidArgumentError(f"unknown backend {name!r}", accepted=", ".join(["ort", "trt", "openvino", *_REGISTERED]),
                                fix="--backend ort (ONNX Runtime) works everywhere")
+
+
+def _construct(cls, name: str, manifest: Manifest, precision, options: Mapping) -> Backend:
+    """Unknown keyword options are a typed error listing the real ones, not a TypeError."""
+    import inspect
+
+    from ..validate import check_options
+
+    params = inspect.signature(cls.__init__).parameters.values()
+    check_options(f"the {name!r} backend", options, [p.name for p in params if p.kind is p.KEYWORD_ONLY])
+    return cls(manifest, precision, **options)

@@ -5,7 +5,7 @@ DLPack), so latents never round-trip through host memory between steps.
 """
 from __future__ import annotations
 
-import os
+import functools
 import threading
 from typing import Mapping
 
@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..artifacts import check_external_data_paths
-from ..errors import BackendUnavailableError, InvalidArgumentError
+from ..errors import ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError
+from ..validate import available_cores, check_threads
 from .base import Backend, log
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
@@ -21,7 +22,7 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
 
 
 def default_threads() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return available_cores()
 
 
 def session_options(*, threads: int | None = None, optimize: bool = True, flush_denormals: bool = True,
@@ -31,7 +32,7 @@ def session_options(*, threads: int | None = None, optimize: bool = True, flush_
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    options.intra_op_num_threads = threads or default_threads()
+    options.intra_op_num_threads = check_threads(threads) or default_threads()
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
@@ -62,7 +63,8 @@ class OrtBackend(Backend):
         super().__init__(manifest, precision)
         import onnxruntime as ort
 
-        if provider not in PROVIDERS:
+        threads = check_threads(threads)  # 1..cores: more only oversubscribes (100000 threads hung)
+        if not isinstance(provider, str) or provider not in PROVIDERS:
             raise InvalidArgumentError(f"unknown ONNX Runtime provider {provider!r}", accepted=", ".join(PROVIDERS))
         if PROVIDERS[provider] not in ort.get_available_providers():
             raise BackendUnavailableError(
@@ -101,7 +103,12 @@ class OrtBackend(Backend):
         options = session_options(threads=self.threads, optimize=self.optimize,
                                   flush_denormals=self.flush_denormals, disable_quant_qdq=self.disable_quant_qdq)
         providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
-        return ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # onnxruntime's errors have no common base: a corrupt file is an artifact error
+            raise ArtifactError(f"ONNX Runtime cannot load {component} from {str(path)!r}: "
+                                f"{type(exc).__name__}: {str(exc)[:300]}",
+                                fix="re-run `k3trt export` (or the stage that wrote it)") from exc
 
     def _bf16_on_cpu(self, path):
         """bf16 storage emulated on fp32 kernels (runtime/backends/storage.py): each bf16 tensor is rounded to
@@ -116,10 +123,17 @@ class OrtBackend(Backend):
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         session = self.session(component)
         names = [o.name for o in session.get_outputs()]
-        if self.provider == "cpu":
-            arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
-            return {n: torch.from_numpy(a) for n, a in zip(names, session.run(names, arrays))}
-        return self._run_bound(session, names, feeds)
+        try:
+            if self.provider == "cpu":
+                arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in feeds.items()}
+                return {n: torch.from_numpy(a) for n, a in zip(names, session.run(names, arrays))}
+            return self._run_bound(session, names, feeds)
+        except Exception as exc:
+            if not isinstance(exc, _ort_errors()):  # only ONNX Runtime's own exceptions (they share no base)
+                raise
+            raise BackendRuntimeError(f"ONNX Runtime failed running {component}: {type(exc).__name__}: "
+                                      f"{str(exc)[:300]}", fix=f"run `k3trt check --artifacts {self.manifest.root}`"
+                                      " (damaged files?) and re-export if it reports errors") from exc
 
     def _run_bound(self, session, names, feeds) -> dict[str, torch.Tensor]:
         binding = session.io_binding()
@@ -140,3 +154,13 @@ class OrtBackend(Backend):
 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}
+
+
+@functools.lru_cache(maxsize=1)
+def _ort_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as state
+    except ImportError:
+        return ()
+    return tuple(cls for cls in vars(state).values() if isinstance(cls, type) and issubclass(cls, Exception))
+

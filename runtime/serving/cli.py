@@ -27,8 +27,9 @@ def _positive(kind):
 
 
 def add_engine_args(p) -> None:
-    p.add_argument("--artifacts", required=True, metavar="ART")
-    p.add_argument("--backend", choices=["ort", "trt"], default="ort")
+    p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
+    p.add_argument("--backend", choices=["ort", "trt"], default="ort",
+                   help="ort: ONNX Runtime; trt: TensorRT engines from `k3trt build`")
     p.add_argument("--precision", default=None, help="as for `k3trt generate` (ort: fp32|int8; trt: engines')")
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--threads", type=_positive(int), default=None, help="ONNX Runtime intra-op threads")
@@ -104,6 +105,9 @@ def run_uvicorn(settings, host: str, port: int) -> int:
 
 
 def cmd_bench_serve(args) -> int:
+    from ..commands import resolve_size
+
+    resolve_size(args, 64)
     from ..pipeline import Pipeline
     from .bench import bench_serving, format_serving
 
@@ -131,14 +135,17 @@ def cmd_loadtest(args) -> int:
 
 
 def register(sub) -> None:
+    from ..commands import add_size_args
+
     p = sub.add_parser("serve", help="HTTP image service (OpenAI Images API) with step-level batching")
     add_engine_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--max-queue", type=_positive(int), default=32, help="waiting requests before 429")
     p.add_argument("--timeout", type=_positive(float), default=300.0, metavar="SECONDS", help="per-request deadline")
-    p.add_argument("--default-size", default="1024x1024", metavar="WxH")
-    p.add_argument("--default-steps", type=_positive(int), default=25)
+    p.add_argument("--default-size", default="1024x1024", metavar="WxH",
+                   help="image size in pixels for requests that give none")
+    p.add_argument("--default-steps", type=_positive(int), default=25, help="steps for requests that give none")
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM: how long running requests may finish")
     p.add_argument("--ray", action="store_true", help="scale out with Ray Serve (one runtime per replica)")
@@ -151,23 +158,23 @@ def register(sub) -> None:
                                            "batching off vs on, in one run")
     add_engine_args(p)
     p.set_defaults(max_batch=8)
-    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8])
-    p.add_argument("--requests-per-client", type=_positive(int), default=2)
-    p.add_argument("--steps", type=_positive(int), default=4)
-    p.add_argument("--height", type=_positive(int), default=64)
-    p.add_argument("--width", type=_positive(int), default=64)
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4, 8],
+                   help="comma list of concurrent clients to measure")
+    p.add_argument("--requests-per-client", type=_positive(int), default=2, help="requests each client sends")
+    p.add_argument("--steps", type=_positive(int), default=4, help="denoising steps per request")
+    add_size_args(p, "default: 64x64")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.set_defaults(func=cmd_bench_serve)
 
     p = sub.add_parser("loadtest", help="drive a running `k3trt serve` on loopback; throughput, p50/p95/p99, "
                                         "status counts, server RSS before/after")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--requests", type=_positive(int), default=500)
-    p.add_argument("--concurrency", type=_positive(int), default=8)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="base URL of a running `k3trt serve`")
+    p.add_argument("--requests", type=_positive(int), default=500, help="requests to send in all")
+    p.add_argument("--concurrency", type=_positive(int), default=8, help="requests in flight at once")
     p.add_argument("--warmup", type=int, default=20, help="requests before the RSS baseline")
-    p.add_argument("--prompt", default="a red fox in a snowy forest, watercolor")
-    p.add_argument("--size", default="64x64")
-    p.add_argument("--steps", type=_positive(int), default=2)
-    p.add_argument("--timeout", type=_positive(float), default=120.0)
-    p.add_argument("--json", metavar="FILE")
+    p.add_argument("--prompt", default="a red fox in a snowy forest, watercolor", help="the text of every request")
+    p.add_argument("--size", default="64x64", help="image size in pixels, WxH (the OpenAI Images API's field)")
+    p.add_argument("--steps", type=_positive(int), default=2, help="denoising steps per request")
+    p.add_argument("--timeout", type=_positive(float), default=120.0, help="seconds before a request counts as failed")
+    p.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     p.set_defaults(func=cmd_loadtest)

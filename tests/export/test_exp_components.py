@@ -160,11 +160,11 @@ def test_tokenizer_scheduler_and_pipeline_entries(manifest, tiny_model_dir):
         assert scheduler[key] == value, key
     assert manifest.data["pipeline"] == {
         "latent_channels": 4, "movq_scale_factor": 8, "context_dim": 64, "max_text_length": 128,
-        "reference": "diffusers.Kandinsky3Pipeline",
+        "reference": "diffusers.Kandinsky3Pipeline", "native_size": 64,
     }
 
 
 def test_no_stray_files(tiny_artifacts, manifest):
     """Everything in the directory is referenced by the manifest: no staging folders, no raw exports."""
     present = {str(p.relative_to(tiny_artifacts)) for p in tiny_artifacts.rglob("*") if p.is_file()}
-    assert present == manifest.referenced_paths() | {"manifest.json"}
+    assert present == manifest.referenced_paths() | {"manifest.json", ".k3trt-output.json", ".k3trt.lock"}

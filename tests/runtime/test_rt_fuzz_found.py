@@ -1,0 +1,58 @@
+"""Regression tests for what the long fuzzing run found (issue 11): each was an exception outside the
+project's error types before the fix."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from k3trt.runtime.cli import main
+from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+from k3trt.runtime.validate import check_path
+
+
+@pytest.mark.parametrize("path", ["\ud800", "out/\ud800.json", "a" * 256, "x/" * 2100])
+def test_paths_that_cannot_be_file_names_are_typed_errors(path):
+    with pytest.raises(InvalidArgumentError):
+        check_path("--out", path)
+
+
+def test_cli_with_such_paths_exits_2(tiny_artifacts, tiny_model_dir, capsys):
+    # found: `parity --report '\ud800'` raised UnicodeEncodeError; `bench --artifacts <300 chars>` ENAMETOOLONG
+    for argv in (["parity", "--model", str(tiny_model_dir), "--artifacts", str(tiny_artifacts), "--prompt", "a",
+                  "--report", "\ud800"],
+                 ["bench", "--artifacts", "a" * 300 + ".png", "--model", str(tiny_model_dir), "--prompt", "a"]):
+        assert main(argv) == 2
+        assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"pad_id": None}, "tokenizer.pad_id"),  # found: TypeError inside `tokenizers`
+    ({"pad_id": 10**6}, "not in its vocabulary"),
+    ({"max_length": 10**9}, "tokenizer.max_length"),  # would pad every prompt to a billion tokens
+])
+def test_tokenizer_entries_are_checked(artifacts_copy, change, needle):
+    from k3trt.runtime.pipeline import Pipeline
+
+    path = artifacts_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["tokenizer"].update(change)
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=needle.replace(".", r"\.")):
+        Pipeline.from_artifacts(artifacts_copy)
+
+
+def test_lint_of_an_onnx_whose_strings_are_not_utf8(tmp_path):
+    # found: a bit flip in a node name made `k3trt check` crash with TypeError (protobuf returned bytes)
+    from onnx import TensorProto, helper
+
+    from k3trt.engines.check import check_onnx_file
+
+    node = helper.make_node("Relu", ["x"], ["y"], name="NODENAME")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    data = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]).SerializeToString()
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(data.replace(b"NODENAME", b"NODE\xe5\xffME"))
+    result = check_onnx_file(path)
+    assert result.errors and "fields are damaged" in result.errors[0].message, result
