@@ -104,17 +104,19 @@ def run_ray(settings: ServeSettings, *, host: str, port: int, replicas: int, max
 
     ray, serve = require_ray()
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     cpus = None if os.environ.get("RAY_ADDRESS") else max(replicas if max_replicas is None else max_replicas,
                                                           os.cpu_count() or 1)
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, which installs its own (aborting) handlers
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_application(settings, replicas=replicas, max_replicas=max_replicas), name="k3trt",
                   route_prefix="/")
-        print(f"k3trt serve (Ray Serve, {replicas} replica(s)): http://{host}:{port}", file=sys.stderr, flush=True)
+        scale = f"{replicas} replica(s)" if max_replicas in (None, replicas) else f"{replicas}..{max_replicas} replicas"
+        print(f"k3trt serve (Ray Serve, {scale}): http://{host}:{port}", file=sys.stderr, flush=True)
         stop.wait()
+        print("k3trt serve: stopping Ray Serve (replicas finish running requests)", file=sys.stderr, flush=True)
     finally:
         serve.shutdown()
         ray.shutdown()

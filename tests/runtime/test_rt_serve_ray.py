@@ -70,3 +70,39 @@ def test_two_replicas_spread_requests_and_match_the_single_process_service(tiny_
         image = Image.open(io.BytesIO(base64.b64decode(answer.json()["data"][0]["b64_json"])))
         expected = pipe.generate(body["prompt"], seed=body["seed"], steps=2, height=64, width=64)[0]
         assert psnr(np.asarray(expected, np.float32) / 255, np.asarray(image, np.float32) / 255) >= 60.0
+
+
+@pytest.mark.slow
+def test_serve_ray_cli_serves_and_exits_0_on_sigterm(tiny_artifacts):
+    """`k3trt serve --ray`: ready, answers, and SIGTERM ends it with exit 0 (Ray installs aborting handlers)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("ray", reason="needs the `ray` extra")
+    httpx = pytest.importorskip("httpx")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "k3trt.runtime.cli", "serve", "--artifacts", str(tiny_artifacts),
+                               "--ray", "--replicas", "1", "--max-replicas", "2", "--port", str(port),
+                               "--default-size", "64x64", "--default-steps", "1", "--threads", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        end = time.monotonic() + 240
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end and server.poll() is None, "never became ready"
+            time.sleep(1)
+        answer = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", json={"prompt": "a fox"}, timeout=120)
+        assert answer.status_code == 200
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(120) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert "1..2 replicas" in server.stdout.read()
