@@ -1,5 +1,6 @@
 """The step-level batching engine: batched results equal each request alone; deadlines, cancellation, queue."""
 import threading
+import time
 
 import pytest
 
@@ -74,7 +75,8 @@ def test_deadline_and_cancel_take_effect_at_a_step_boundary(pipe, alone):
         survivor = engine.submit(make_request(**REQUESTS[0]))
         overdue = engine.submit(make_request("a slow one", seed=7, steps=40, height=64, width=64), timeout_s=0.5)
         cancelled = engine.submit(make_request("a cancelled one", seed=8, steps=40, height=64, width=64))
-        recorder.on_call = lambda n: cancelled.cancel() if n == 1 else None
+        # Each step is held 50 ms so that the 40-step request outlives its 0.5 s deadline on an idle machine too.
+        recorder.on_call = lambda n: (cancelled.cancel() if n == 1 else None, time.sleep(0.05))
         with pytest.raises(DeadlineExceededError, match="passed its deadline after step"):
             overdue.result(120)
         with pytest.raises(GenerationCancelled, match="cancelled"):
