@@ -26,13 +26,28 @@ def _float_initializer(tensor: TensorProto) -> TensorProto:
     return numpy_helper.from_array(array, tensor.name)
 
 
+def _subgraphs(node: onnx.NodeProto):
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _collect_types(graph: onnx.GraphProto, types: dict[str, int]) -> None:
+    for v in list(graph.input) + list(graph.value_info) + list(graph.output):
+        types.setdefault(v.name, v.type.tensor_type.elem_type)
+    for t in graph.initializer:
+        types.setdefault(t.name, t.data_type)
+    for node in graph.node:
+        for sub in _subgraphs(node):  # If/Loop/Scan bodies (the U-Net's time-condition `If`)
+            _collect_types(sub, types)
+
+
 def _tensor_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every tensor (graph inputs, value_info after type inference, outputs, initializers)."""
-    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)
-             + list(graph.output)}
-    types.update({t.name: t.data_type for t in graph.initializer})
+    """Element type of every tensor, subgraphs included (after type inference)."""
+    types: dict[str, int] = {}
+    _collect_types(onnx.shape_inference.infer_shapes(model, strict_mode=False).graph, types)
     return types
 
 
@@ -45,31 +60,26 @@ def _retype_attributes(node: onnx.NodeProto) -> None:
             attr.t.CopyFrom(_float_initializer(attr.t))
 
 
-def emulate_storage(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """A copy of `model` that computes in fp32 and rounds every fp16/bf16 tensor to its type where it is made.
-
-    Returns (model, number of rounded tensors). Graph inputs and outputs must be fp32 or integer (variants
-    keep their I/O types)."""
-    types = _tensor_types(model)
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
+def _rewrite(graph: onnx.GraphProto, types: dict[str, int], *, main: bool) -> int:
+    """Rewrite one graph (and its subgraphs) in place; returns the number of rounded tensors."""
     for io in list(graph.input) + list(graph.output):
         if io.type.tensor_type.elem_type in REDUCED:
-            raise ValueError(f"graph I/O {io.name!r} is {REDUCED[io.type.tensor_type.elem_type]}; "
-                             "variants keep fp32 I/O")
+            if main:
+                raise ValueError(f"graph I/O {io.name!r} is {REDUCED[io.type.tensor_type.elem_type]}; "
+                                 "variants keep fp32 I/O")
+            io.type.tensor_type.elem_type = TensorProto.FLOAT  # a subgraph's values are fp32 now (rounded)
     for index, tensor in enumerate(graph.initializer):
         if tensor.data_type in REDUCED:
             graph.initializer[index].CopyFrom(_float_initializer(tensor))
     nodes, rounded = [], 0
     for node in graph.node:
         _retype_attributes(node)
+        for sub in _subgraphs(node):
+            rounded += _rewrite(sub, types, main=False)
         renames = {}
         for i, name in enumerate(node.output):
             if name and types.get(name) in REDUCED:
-                raw = f"{name}__fp32_before_rounding"
-                renames[name] = raw
-                node.output[i] = raw
+                renames[name] = node.output[i] = f"{name}__fp32_before_rounding"
         nodes.append(node)
         for name, raw in renames.items():
             low = types[name]
@@ -81,7 +91,17 @@ def emulate_storage(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.value_info[:]  # stale types; ONNX Runtime infers its own
-    return out, rounded
+    return rounded
+
+
+def emulate_storage(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` that computes in fp32 and rounds every fp16/bf16 tensor to its type where it is made
+    (in subgraphs too). Returns (model, number of rounded tensors). The main graph's inputs and outputs must be
+    fp32 or integer (variants keep their I/O types)."""
+    types = _tensor_types(model)
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out, _rewrite(out.graph, types, main=True)
 
 
 def storage_session(model: onnx.ModelProto, *, threads: int | None = None):

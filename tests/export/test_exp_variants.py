@@ -173,3 +173,27 @@ def test_emulation_rounds_what_the_variant_stores():
     got = storage_session(model).run(None, feeds)[0]
     assert got[0] == 2.0 and np.isinf(got[1]) and got[2] == -6.0  # rounded to fp16, overflowed like fp16
     np.testing.assert_array_equal(got, reference_eval(model, feeds))
+
+
+def test_emulation_reaches_into_subgraphs():
+    """The U-Net's time condition is an `If` whose branches compute in the variant's type."""
+    from onnx import TensorProto, helper
+
+    def branch(name: str, scale: float):
+        out = helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT16, [3])
+        k = helper.make_tensor(f"{name}_k", TensorProto.FLOAT16, [1], [scale])
+        return helper.make_graph([helper.make_node("Mul", ["h", f"{name}_k"], [f"{name}_out"])], name, [], [out],
+                                 initializer=[k])
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])
+    c = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])
+    nodes = [helper.make_node("Cast", ["x"], ["h"], to=TensorProto.FLOAT16),
+             helper.make_node("If", ["c"], ["s"], then_branch=branch("then", 2.0), else_branch=branch("else", 3.0)),
+             helper.make_node("Cast", ["s"], ["y"], to=TensorProto.FLOAT)]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x, c], [y]), opset_imports=[helper.make_opsetid("", 19)])
+    feeds = {"x": np.array([1.0, 40000.0, -3.0], np.float32), "c": np.array(True)}
+    got = storage_session(model).run(None, feeds)[0]
+    assert got[0] == 2.0 and np.isinf(got[1]) and got[2] == -6.0  # 2 x 40000 overflows fp16 inside the branch
+    np.testing.assert_array_equal(storage_session(model).run(None, {**feeds, "c": np.array(False)})[0],
+                                  reference_eval(model, {**feeds, "c": np.array(False)}))
