@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # a path or prompt that is not UTF-8 must print, not crash
+        if hasattr(stream, "reconfigure"):
+            try:
+                stream.reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):
+                pass
     args = build_parser().parse_args(argv)  # usage errors exit 2 inside argparse
     return run_guarded(lambda: args.func(args))
 

@@ -68,6 +68,11 @@ class _Checker:
             self.file(f"{key}.external_data", value["external_data"])
         self.tensors(f"{key}.inputs", value["inputs"])
         self.tensors(f"{key}.outputs", value["outputs"])
+        multiples = value.get("extra", {}).get("multiples", {})
+        self.typed(f"{key}.extra.multiples", multiples, dict)
+        for axis, multiple in multiples.items():
+            if not isinstance(multiple, int) or isinstance(multiple, bool) or not 1 <= multiple <= 1 << 16:
+                self.fail(f"{key}.extra.multiples.{axis}", f"is {multiple!r}, expected an integer in 1..65536")
         for axis, bounds in value["axes"].items():
             self.typed(f"{key}.axes.{axis}", bounds, list)
             if len(bounds) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in bounds) \

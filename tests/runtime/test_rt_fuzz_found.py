@@ -56,3 +56,23 @@ def test_lint_of_an_onnx_whose_strings_are_not_utf8(tmp_path):
     path.write_bytes(data.replace(b"NODENAME", b"NODE\xe5\xffME"))
     result = check_onnx_file(path)
     assert result.errors and "fields are damaged" in result.errors[0].message, result
+
+
+def test_multiples_in_the_manifest_are_checked(artifacts_copy):
+    # found by the second long run: `extra.multiples: null` gave AttributeError in the shape check
+    path = artifacts_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["onnx"]["unet"]["fp32"]["extra"]["multiples"] = None
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match=r"extra\.multiples"):
+        from k3trt.runtime.artifacts import Manifest
+
+        Manifest.load(artifacts_copy)
+
+
+def test_usage_errors_naming_text_that_is_not_utf8_still_print(capsys):
+    # found by the second long run: argparse's message with a lone surrogate raised UnicodeEncodeError
+    with pytest.raises(SystemExit) as info:
+        main(["check", "--artifacts", "a", "\ud800"])  # "unrecognized arguments: ..."
+    assert info.value.code == 2
+    assert "\\ud800" in capsys.readouterr().err
