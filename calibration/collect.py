@@ -4,6 +4,9 @@ The fp32 pipeline runs on ONNX Runtime with its backend's `run` wrapped, so the 
 the runtime feeds at every denoising step (both guidance halves: the runtime batches [uncond, cond]). One
 `.npz` per prompt, named by a key over everything that shapes it (prompt, seed, steps, guidance, size, the
 fp32 export keys, tokenizer and scheduler), so re-runs reuse it and a re-export invalidates it.
+
+Only held-out prompts are decoded to images (their PSNR needs them); calibration prompts stop at the final
+latents, because the MoVQ decode is the largest memory user of a 1024 x 1024 generation (see `fp32_pipeline`).
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ class TrajectoryFile:
     seed: int
     key: str
     path: Path
+    decoded: bool = True  # False: final latents only, no image (calibration prompts)
 
     def load(self) -> dict[str, np.ndarray]:
         with np.load(self.path, allow_pickle=False) as data:
@@ -59,7 +63,13 @@ class TrajectorySet:
             yield from unet_calls(self.files[index].load(), index)
 
     def images(self) -> np.ndarray:
+        if not self.decoded:
+            raise ArtifactError(f"trajectory set {self.name!r} was recorded without images (decode=False)")
         return np.concatenate([f.load()["image"] for f in self.files])
+
+    @property
+    def decoded(self) -> bool:
+        return all(f.decoded for f in self.files)
 
 
 def unet_calls(arrays: dict, prompt_index: int) -> Iterator[UnetCall]:
@@ -72,29 +82,31 @@ def unet_calls(arrays: dict, prompt_index: int) -> Iterator[UnetCall]:
         yield UnetCall(prompt_index, step, int(timestep[0]), feeds, arrays["unet__noise_pred"][step])
 
 
-def trajectory_key(manifest: Manifest, prompt: str, seed: int, config: TrajectoryConfig) -> str:
+def trajectory_key(manifest: Manifest, prompt: str, seed: int, config: TrajectoryConfig, decoded: bool = True) -> str:
     # the text-to-image trajectory: the task components (MoVQ encoder, U-Net variants) do not take part
     exports = {c: manifest.onnx(c).export_key for c in ("text_encoder", "unet", "movq_decoder")}
     return sha256_json({"prompt": prompt, "seed": seed, "config": config.as_dict(), "exports": exports,
                         "tokenizer": manifest.data["tokenizer"]["sha256"],
-                        "scheduler": manifest.data["scheduler"]["sha256"], "version": CALIBRATION_VERSION})
+                        "scheduler": manifest.data["scheduler"]["sha256"], "version": CALIBRATION_VERSION,
+                        **({} if decoded else {"decoded": False})})  # decoded keys unchanged: caches stay valid
 
 
-def plan(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig) -> TrajectorySet:
+def plan(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *, decode: bool = True) -> TrajectorySet:
     files = []
     for i, prompt in enumerate(prompts.prompts):
-        key = trajectory_key(manifest, prompt, config.seed + i, config)
+        key = trajectory_key(manifest, prompt, config.seed + i, config, decode)
         files.append(TrajectoryFile(prompt, config.seed + i, key,
-                                    manifest.root / CACHE_DIR / f"trajectory-{key[:20]}.npz"))
+                                    manifest.root / CACHE_DIR / f"trajectory-{key[:20]}.npz", decode))
     return TrajectorySet(prompts.name, tuple(files), config)
 
 
 def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *, threads: int | None = None,
-            log=print) -> TrajectorySet:
-    """Trajectories for `prompts`, from the cache where present; missing ones are run and saved."""
+            decode: bool = True, log=print) -> TrajectorySet:
+    """Trajectories for `prompts`, from the cache where present; missing ones are run and saved.
+    `decode=False` records the U-Net calls and final latents only (no MoVQ decode, no image)."""
     from tqdm import tqdm
 
-    trajectories = plan(manifest, prompts, config)
+    trajectories = plan(manifest, prompts, config, decode=decode)
     missing = [f for f in trajectories.files if not f.path.is_file()]
     cached = len(trajectories.files) - len(missing)
     where = manifest.root / CACHE_DIR
@@ -107,7 +119,7 @@ def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *,
     pipe = fp32_pipeline(manifest, threads)
     try:
         for item in tqdm(missing, desc=f"{prompts.name} trajectories", unit="prompt", file=sys.stderr):
-            save_npz(item.path, record_prompt(pipe, item.prompt, item.seed, config), meta={
+            save_npz(item.path, record_prompt(pipe, item.prompt, item.seed, config, decode=decode), meta={
                 "prompt": item.prompt, "seed": item.seed, "config": config.as_dict(), "key": item.key})
     finally:
         pipe.close()
@@ -115,13 +127,16 @@ def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *,
 
 
 def fp32_pipeline(manifest: Manifest, threads: int | None):
+    """Without ONNX Runtime's memory arena: at 1024 x 1024 each session's arena would otherwise keep its peak
+    (U-Net and MoVQ decoder together) for the whole collection."""
     from ..runtime.backends.base import make_backend
     from ..runtime.pipeline import Pipeline
 
-    return Pipeline(manifest, make_backend("ort", manifest, "fp32", threads=threads))
+    return Pipeline(manifest, make_backend("ort", manifest, "fp32", threads=threads, arena=False))
 
 
-def record_prompt(pipe, prompt: str, seed: int, config: TrajectoryConfig) -> dict[str, np.ndarray]:
+def record_prompt(pipe, prompt: str, seed: int, config: TrajectoryConfig, *, decode: bool = True
+                  ) -> dict[str, np.ndarray]:
     """Run one prompt with the backend's `run` wrapped; returns the packed per-component inputs."""
     calls: list[tuple[str, dict, dict]] = []
     original = pipe.backend.run
@@ -133,21 +148,24 @@ def record_prompt(pipe, prompt: str, seed: int, config: TrajectoryConfig) -> dic
 
     pipe.backend.run = recording_run  # instance attribute shadows the method; removed in `finally`
     try:
-        image = pipe.generate(prompt, seed=seed, steps=config.steps, guidance=config.guidance,
-                              height=config.height, width=config.width, output_type="np")
+        result = pipe.generate(prompt, seed=seed, steps=config.steps, guidance=config.guidance,
+                               height=config.height, width=config.width, output_type="np" if decode else "latent")
     finally:
         del pipe.backend.run
-    return pack(calls, image)
+    return pack(calls, result if decode else None, None if decode else result)
 
 
 def _numpy(tensors: dict) -> dict:
     return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in tensors.items()}
 
 
-def pack(calls: list[tuple[str, dict, dict]], image: np.ndarray) -> dict[str, np.ndarray]:
+def pack(calls: list[tuple[str, dict, dict]], image: np.ndarray | None,
+         final_latents: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """One prompt's arrays; with `image=None` the run stopped at `final_latents` (no MoVQ call expected)."""
     by_component = {c: [(f, o) for name, f, o in calls if name == c] for c in COMPONENTS}
-    if len(by_component["text_encoder"]) != 1 or len(by_component["movq_decoder"]) != 1:
-        raise ArtifactError("expected one text-encoder and one MoVQ call per prompt, got "
+    decoder_calls = 0 if image is None else 1
+    if len(by_component["text_encoder"]) != 1 or len(by_component["movq_decoder"]) != decoder_calls:
+        raise ArtifactError(f"expected one text-encoder and {decoder_calls} MoVQ call(s) per prompt, got "
                             f"{len(by_component['text_encoder'])} and {len(by_component['movq_decoder'])}")
     unet = by_component["unet"]
     context, mask = unet[0][0]["encoder_hidden_states"], unet[0][0]["encoder_attention_mask"]
@@ -156,15 +174,18 @@ def pack(calls: list[tuple[str, dict, dict]], image: np.ndarray) -> dict[str, np
                 and np.array_equal(feeds["encoder_attention_mask"], mask)):
             raise ArtifactError("the U-Net context changed between steps; calibration cannot store it once")
     (te_feeds, _), = by_component["text_encoder"]
-    (movq_feeds, _), = by_component["movq_decoder"]
-    return {
+    latents = by_component["movq_decoder"][0][0]["latents"] if image is not None else final_latents
+    arrays = {
         "text_encoder__input_ids": te_feeds["input_ids"], "text_encoder__attention_mask": te_feeds["attention_mask"],
         "unet__sample": np.stack([f["sample"] for f, _ in unet]),
         "unet__timestep": np.stack([f["timestep"] for f, _ in unet]),
         "unet__encoder_hidden_states": context, "unet__encoder_attention_mask": mask,
         "unet__noise_pred": np.stack([o["noise_pred"] for _, o in unet]),
-        "movq_decoder__latents": movq_feeds["latents"], "image": image.astype(np.float32),
+        "movq_decoder__latents": latents,
     }
+    if image is not None:
+        arrays["image"] = image.astype(np.float32)
+    return arrays
 
 
 def save_npz(path: Path, arrays: dict[str, np.ndarray], meta: dict) -> None:

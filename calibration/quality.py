@@ -22,7 +22,7 @@ def fake_quant_session(model, threads: int | None = None, *, optimize: bool = Tr
     """An ONNX Runtime CPU session (path or serialized bytes) that keeps Q/DQ as float fake-quant ops."""
     from ..runtime.backends.ort import cpu_session
 
-    return cpu_session(model, threads=threads, optimize=optimize, disable_quant_qdq=True)
+    return cpu_session(model, threads=threads, optimize=optimize, disable_quant_qdq=True, arena=False)
 
 
 def guided(noise: np.ndarray, guidance: float) -> np.ndarray:
@@ -98,7 +98,7 @@ def end_to_end(manifest: Manifest, record: OnnxRecord, heldout: TrajectorySet, c
     from ..runtime.pipeline import Pipeline
 
     view = int8_manifest(manifest, record)
-    backend = make_backend("ort", view, "int8", threads=threads, disable_quant_qdq=not fused)
+    backend = make_backend("ort", view, "int8", threads=threads, disable_quant_qdq=not fused, arena=False)
     pipe, cfg = Pipeline(view, backend), heldout.config
     rows, images = [], []
     label = "end to end (int8 kernels)" if fused else "end to end (fake-quant)"

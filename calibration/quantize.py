@@ -135,6 +135,7 @@ def compute_ranges(fp32_path: Path, trajectories: TrajectorySet, config: QuantCo
         calibrator = create_calibrator(fp32_path, list(config.op_types), str(Path(tmp) / "augmented.onnx"),
                                        _calibrate_method(config), use_external_data_format=external,
                                        extra_options=options)
+        calibrator.infer_session = lean_session(calibrator.augmented_model_path)
         with quiet_library():
             for call in tqdm(trajectories.unet_calls(), total=calls, desc="calibration", unit="call",
                              file=sys.stderr):
@@ -144,6 +145,18 @@ def compute_ranges(fp32_path: Path, trajectories: TrajectorySet, config: QuantCo
         del calibrator
     save_tensors_data(ranges, out)
     return out
+
+
+def lean_session(augmented_path: str):
+    """The calibrator's own session as onnxruntime makes it (no graph optimization, so every recorded tensor
+    keeps its name), but without the memory arena: the augmented model returns every Conv/MatMul input of a
+    U-Net call, and an arena would keep that peak for the whole run."""
+    import onnxruntime as ort
+
+    from ..runtime.backends.ort import session_options
+
+    options = session_options(optimize=False, flush_denormals=False, arena=False)
+    return ort.InferenceSession(augmented_path, options, providers=["CPUExecutionProvider"])
 
 
 # ----------------------------------------------------------------------------------------- Q/DQ model

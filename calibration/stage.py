@@ -127,7 +127,9 @@ def make_record(root: Path, folder: Path, fp32: OnnxRecord, key: str, extra: dic
 def collect_all(manifest: Manifest, request: CalibrationRequest, log):
     heldout_set = heldout_prompts(request.heldout)
     calib_set = calibration_prompts(request.prompts_file, request.num_prompts)  # vs the whole held-out file
-    calib = collect.collect(manifest, calib_set, request.trajectory, threads=request.threads, log=log)
+    # calibration prompts need only their U-Net calls: no MoVQ decode (the 1024² peak), no images
+    calib = collect.collect(manifest, calib_set, request.trajectory, threads=request.threads, decode=False,
+                            log=log)
     heldout = collect.collect(manifest, heldout_set, request.trajectory, threads=request.threads, log=log)
     return calib, heldout
 

@@ -160,13 +160,14 @@ class Pipeline:
                  seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int | None = None,
                  width: int | None = None, num_images: int = 1, output_type: str = "pil",
                  callback: StepCallback | None = None, recorder: list | None = None, **unknown):
-        """Images for `prompt` (PIL list, or a float array (N, H, W, 3) in [0, 1] with output_type="np").
+        """Images for `prompt` (PIL list, or a float array (N, H, W, 3) in [0, 1] with output_type="np"), or the
+        final latents (N, 4, H/8, W/8) as a float array with output_type="latent" (the MoVQ decoder is not run).
 
         `height`/`width` in pixels default to the size the artifacts were made for (`limits.default_size`).
         `callback(StepInfo)` runs after every step; returning True cancels (GenerationCancelled), returning a
         tensor replaces the latents. Safe to call from many threads at once: all per-request state is local."""
         check_options("Pipeline.generate", unknown, ())
-        check_choice("output_type", output_type, ("pil", "np"))
+        check_choice("output_type", output_type, ("pil", "np", "latent"))
         if callback is not None and not callable(callback):
             raise InvalidArgumentError(f"callback={callback!r} is not callable", accepted="a function or None",
                                        fix="pass a function taking a StepInfo")
@@ -180,7 +181,10 @@ class Pipeline:
         self.check_request(request)
         generator = make_generator(request.seed)  # one per request (thread-safe); all 64 bits count
         state = self.start(request, self.encode(request), generator)
-        images = self.decode(self.denoise(state, callback, recorder))
+        latents = self.denoise(state, callback, recorder)
+        if output_type == "latent":
+            return latents.detach().cpu().numpy()
+        images = self.decode(latents)
         return to_pil(images) if output_type == "pil" else images
 
     # ------------------------------------------------------------------------------------- tasks

@@ -35,6 +35,34 @@ def test_capture_then_reuse_from_cache(artifacts_copy, monkeypatch):
     assert not set(f.path for f in other.files) & set(f.path for f in first.files)  # steps are in the key
 
 
+def test_calibration_prompts_skip_the_decode_and_keep_the_same_unet_calls(artifacts_copy, monkeypatch):
+    """decode=False (calibration prompts) records the same U-Net calls and final latents without running the
+    MoVQ decoder, under its own cache key; asking it for images is a typed error."""
+    from k3trt.runtime.errors import ArtifactError
+
+    manifest = Manifest.load(artifacts_copy)
+    config, prompts = TrajectoryConfig(steps=2, height=64, width=64), PromptSet("c", PROMPTS.prompts[:1], "t")
+    decoded = collect.collect(manifest, prompts, config, log=lambda *_: None)
+    real_pipeline = collect.fp32_pipeline
+    decoder_calls = []
+
+    def counting_pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        run = pipe.backend.run
+        pipe.backend.run = lambda c, f: (decoder_calls.append(c) if c == "movq_decoder" else None) or run(c, f)
+        return pipe
+
+    monkeypatch.setattr(collect, "fp32_pipeline", counting_pipeline)
+    latent_only = collect.collect(manifest, prompts, config, decode=False, log=lambda *_: None)
+    assert decoder_calls == [] and latent_only.files[0].path != decoded.files[0].path
+    ours, theirs = latent_only.files[0].load(), decoded.files[0].load()
+    assert "image" not in ours and "image" in theirs
+    for name in ("unet__sample", "unet__noise_pred", "movq_decoder__latents"):
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    with pytest.raises(ArtifactError, match="without images"):
+        latent_only.images()
+
+
 def test_recorded_feeds_reproduce_the_recorded_output(artifacts_copy):
     """The cached inputs are exactly what the U-Net saw: rerunning them gives the cached noise prediction."""
     import onnxruntime as ort

@@ -70,7 +70,7 @@ def test_size_rounds_up_like_diffusers(pipe, caplog):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(steps=0), "steps=0"), (dict(guidance=-1.0), "guidance=-1.0"), (dict(num_images=0), "num_images=0"),
-    (dict(prompt=[]), "empty"), (dict(prompt=3), "not a string"), (dict(output_type="latent"), "output_type"),
+    (dict(prompt=[]), "empty"), (dict(prompt=3), "not a string"), (dict(output_type="pt"), "output_type"),
     (dict(negative_prompt=["a", "b"]), "2 negative prompts for 1"),
 ])
 def test_bad_requests_are_typed_errors(pipe, kwargs, match):
@@ -78,6 +78,15 @@ def test_bad_requests_are_typed_errors(pipe, kwargs, match):
     with pytest.raises(InvalidArgumentError, match=match) as info:
         pipe.generate(args.pop("prompt"), **args)
     assert "accepted" in str(info.value)
+
+
+def test_latent_output_is_what_the_decoder_would_read(pipe):
+    """output_type="latent" stops before the MoVQ decoder (calibration records trajectories this way)."""
+    decodes = len(pipe.backend.timings["movq_decoder"])
+    latents = pipe.generate("a cat", seed=3, steps=2, height=64, width=64, output_type="latent")
+    assert latents.shape == (1, 4, 8, 8) and len(pipe.backend.timings["movq_decoder"]) == decodes
+    images = pipe.generate("a cat", seed=3, steps=2, height=64, width=64, output_type="np")
+    np.testing.assert_array_equal(pipe.decode(torch.from_numpy(latents)), images)
 
 
 def test_shapes_outside_the_artifacts_fail_before_any_work(pipe):
