@@ -1,17 +1,20 @@
-"""Full-size U-Net exports in bounded memory: the weights are never all in RAM, in fp32 or at all.
+"""Full-size exports in bounded memory (the U-Net and the T5 text encoder): the weights are never all in RAM,
+in fp32 or at all.
 
-1. `write_random_unet`: a random-weight U-Net of any configuration in the diffusers layout (sharded
+1. `write_random_weights`: a random-weight component of any configuration in the diffusers layout (sharded
    `*.fp16.safetensors` + index + config), one tensor at a time: memory is one shard.
-2. `export_unet_streamed`: trace the U-Net with every parameter a view into one shared buffer (the size of
+2. `export_streamed`: trace the component with every parameter a view into one shared buffer (the size of
    the largest weight), exported without weights (`export_params=False`: weights become graph inputs, nothing
    folded into them), then turn each weight input into an initializer whose bytes are streamed from the
    safetensors file into the external-data file, fp16 -> fp32, one tensor at a time.
+3. `streamed_reference_output`: the fp32 computation from the fp16 files with one layer's weights in memory.
 
 The graph is the TorchScript tracer's, as in `onnx_export.trace_to_onnx`, minus weight constant folding (ONNX
 Runtime and TensorRT fold the few Transposes of Linear weights when they load the model).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -33,6 +36,35 @@ def _meta_unet(config: dict):
 
     with torch.device("meta"):
         return Kandinsky3UNet.from_config(config).eval()
+
+
+def _meta_text_encoder(config: dict):
+    from transformers import T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        return T5EncoderModel(T5Config(**config)).eval()
+
+
+# component -> (meta builder, diffusers sub-folder, weight file stem, graph-input prefix of the ONNX wrapper)
+STREAMED = {
+    "unet": (_meta_unet, "unet", "diffusion_pytorch_model", "unet."),
+    "text_encoder": (_meta_text_encoder, "text_encoder", "model", "encoder."),
+}
+
+
+def _streamed(component: str):
+    if component not in STREAMED:
+        from ..runtime.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"component {component!r} has no bounded-memory export",
+                                   accepted=", ".join(STREAMED), fix="export it with `k3trt export`")
+    return STREAMED[component]
+
+
+def _config_json(model, component: str) -> str:
+    config = model.config.to_json_string() if component == "text_encoder" else json.dumps(
+        dict(model.config), indent=2, default=list)
+    return config
 
 
 def _random_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:
@@ -57,20 +89,26 @@ def _shard_plan(shapes: dict[str, tuple], shard_bytes: int) -> list[list[str]]:
     return shards + ([current] if current else [])
 
 
-def write_random_unet(out: str | os.PathLike, config: dict, *, seed: int = 0, shard_bytes: int = SHARD_BYTES,
-                      log=print) -> Path:
-    """`out/unet/`: config.json + fp16 safetensors shards + index, diffusers names; memory: one shard."""
+def write_random_unet(out: str | os.PathLike, config: dict, **options) -> Path:
+    return write_random_weights(out, "unet", config, **options)
+
+
+def write_random_weights(out: str | os.PathLike, component: str, config: dict, *, seed: int = 0,
+                         shard_bytes: int = SHARD_BYTES, log=print) -> Path:
+    """`out/<folder>/`: config.json + fp16 safetensors shards + index, diffusers/transformers names; memory:
+    one shard. Tied weights (T5's shared embedding) are written once, under their first name."""
     from safetensors.torch import save_file
 
-    folder = Path(out) / "unet"
+    build, sub, stem, _ = _streamed(component)
+    folder = Path(out) / sub
     folder.mkdir(parents=True, exist_ok=True)
-    unet = _meta_unet(config)
-    shapes = {name: tuple(t.shape) for name, t in unet.state_dict().items()}
+    model = build(config)
+    shapes = {name: tuple(t.shape) for name, t in model.named_parameters()}
     plan = _shard_plan(shapes, shard_bytes)
     gen = torch.Generator().manual_seed(seed)
     weight_map, total = {}, 0
     for index, names in enumerate(plan, 1):
-        file = f"diffusion_pytorch_model.fp16-{index:05d}-of-{len(plan):05d}.safetensors"
+        file = f"{stem}.fp16-{index:05d}-of-{len(plan):05d}.safetensors"
         tensors = {name: _random_tensor(name, shapes[name], gen) for name in names}
         save_file(tensors, str(folder / file), metadata={"format": "pt"})
         total += sum(t.numel() * 2 for t in tensors.values())
@@ -78,8 +116,8 @@ def write_random_unet(out: str | os.PathLike, config: dict, *, seed: int = 0, sh
         log(f"  wrote {file} ({len(names)} tensors)")
         del tensors
     index_json = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "diffusion_pytorch_model.safetensors.index.fp16.json").write_text(json.dumps(index_json, indent=2))
-    (folder / "config.json").write_text(json.dumps(dict(unet.config), indent=2, default=list))
+    (folder / f"{stem}.safetensors.index.fp16.json").write_text(json.dumps(index_json, indent=2))
+    (folder / "config.json").write_text(_config_json(model, component))
     return folder
 
 
@@ -90,29 +128,46 @@ def _alias_parameters(module: torch.nn.Module) -> int:
     params = list(module.named_parameters())
     largest = max(p.numel() for _, p in params)
     buffer = torch.arange(largest + len(params), dtype=torch.float32)
-    for offset, (name, param) in enumerate(params):
+    views = {id(param): torch.nn.Parameter(buffer[offset:offset + param.numel()].view(param.shape),
+                                           requires_grad=False) for offset, (_, param) in enumerate(params)}
+    for name, param in module.named_parameters(remove_duplicate=False):  # tied weights: every owner, one view
         owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
-        view = buffer[offset:offset + param.numel()].view(param.shape)
-        owner._parameters[name.rpartition(".")[2]] = torch.nn.Parameter(view, requires_grad=False)
+        owner._parameters[name.rpartition(".")[2]] = views[id(param)]
     return buffer.numel() * 4
 
 
-def trace_weightless(model_dir: Path, path: Path, *, opset: int = DEFAULT_OPSET) -> dict:
-    """The U-Net graph with its weights as inputs named by their state-dict keys (prefixed `unet.`)."""
-    spec = SPECS["unet"]
-    config = json.loads((model_dir / "unet" / "config.json").read_text())
-    unet = _meta_unet(config)
-    buffer_bytes = _alias_parameters(unet)
-    info = {"context_dim": config["encoder_hid_dim"]}
+def _stored_names(module: torch.nn.Module) -> dict[str, str]:
+    """Every parameter name -> the name it is stored under (tied weights are stored once, first name)."""
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(param), name)
+            for name, param in module.named_parameters(remove_duplicate=False)}
+
+
+def _model_info(component: str, config: dict) -> dict:
+    if component == "text_encoder":
+        return {"vocab_size": config["vocab_size"], "hidden": config["d_model"]}
+    return {"context_dim": config["encoder_hid_dim"]}
+
+
+def trace_weightless(model_dir: Path, path: Path, *, component: str = "unet", opset: int = DEFAULT_OPSET) -> dict:
+    """The component's graph with its weights as inputs named by their parameter names (prefixed by the
+    wrapper's attribute: `unet.`, `encoder.`)."""
+    build, sub, _, _ = _streamed(component)
+    spec = SPECS[component]
+    config = json.loads((model_dir / sub / "config.json").read_text())
+    model = build(config)
+    buffer_bytes = _alias_parameters(model)
+    info = _model_info(component, config)
     inputs = spec.make_inputs(spec.trace, info, torch.Generator().manual_seed(0))
-    wrapper = spec.wrapper(unet).eval()
-    with torch.no_grad(), warnings.catch_warnings(), rank_static_pooling(unet):
+    wrapper = spec.wrapper(model).eval()
+    pooling = rank_static_pooling(model) if component == "unet" else contextlib.nullcontext()
+    with torch.no_grad(), warnings.catch_warnings(), pooling:
         warnings.simplefilter("ignore")
         torch.onnx.export(wrapper, tuple(inputs[n] for n in spec.input_names), str(path),
                           input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_axes=spec.dynamic_axes(), opset_version=opset, export_params=False,
                           do_constant_folding=False, dynamo=False)
-    return {"alias_buffer_bytes": buffer_bytes, "context_dim": info["context_dim"]}
+    return {"alias_buffer_bytes": buffer_bytes, **info}
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
@@ -166,19 +221,54 @@ def _append(handle, offset: int, array: np.ndarray) -> int:
     return offset + pad + array.nbytes
 
 
-def export_unet_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                         opset: int = DEFAULT_OPSET) -> dict:
+def export_unet_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLike, **options) -> dict:
+    return export_streamed(model_dir, out_dir, component="unet", **options)
+
+
+def fp32_data_bytes(model_dir: Path, component: str) -> int:
+    """The external-data size an export will write: every stored weight in fp32 (before page alignment)."""
+    _, sub, _, _ = _streamed(component)
+    indexes = sorted((Path(model_dir) / sub).glob("*.safetensors.index*.json"))
+    if indexes:
+        return 2 * int(json.loads(indexes[0].read_text())["metadata"]["total_size"])  # fp16 bytes -> fp32
+    return 2 * sum(f.stat().st_size for f in (Path(model_dir) / sub).glob("*.safetensors"))
+
+
+def check_free_disk(out_dir: Path, needed: int) -> None:
+    """Refuse before writing rather than fill the disk halfway through a 30 GB file."""
+    import shutil
+
+    probe = next(p for p in (out_dir, *out_dir.parents) if p.exists())
+    free = shutil.disk_usage(probe).free
+    if free < needed * 1.05:
+        from ..runtime.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"{out_dir} has {free / 1e9:.1f} GB free; the export writes "
+                                   f"{needed / 1e9:.1f} GB", accepted="an output folder on a disk with room",
+                                   fix="free space or choose another --out")
+
+
+def export_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, component: str = "unet",
+                    opset: int = DEFAULT_OPSET) -> dict:
     """`out_dir/model.onnx` + `model.onnx.data` from a diffusers folder, in memory bounded by the graph plus
     one weight tensor. Returns paths and sizes."""
     import onnx
 
+    _, sub, _, prefix = _streamed(component)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    check_free_disk(out_dir, fp32_data_bytes(model_dir, component))
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "weightless.onnx"
-    traced = trace_weightless(model_dir, raw, opset=opset)
+    traced = trace_weightless(model_dir, raw, component=component, opset=opset)
     model = onnx.load(str(raw))
     data = out_dir / "model.onnx.data"
-    written = stream_weights(model, model_dir / "unet", data)
+    written = stream_weights(model, model_dir / sub, data, prefix=prefix)
+    leftover = [i.name for i in model.graph.input if i.name not in SPECS[component].input_names]
+    if leftover:
+        from ..runtime.errors import ModelSourceError
+
+        raise ModelSourceError(f"{len(leftover)} {component} weights are not in {model_dir / sub}, e.g. "
+                               f"{leftover[:3]}", fix="re-write the weights (write_random_weights) or re-download")
     graph = out_dir / "model.onnx"
     onnx.save_model(model, str(graph))
     raw.unlink()
@@ -232,6 +322,59 @@ class fp32_compute:
     def __exit__(self, *exc):
         for handle in self.handles:
             handle.remove()
+
+
+class streamed_fp32_weights:
+    """Run a meta-device module from its fp16 safetensors with one layer's weights in memory: each submodule's
+    own parameters are read from the file and cast to fp32 just before its forward, and dropped after. The
+    result is the fp32 model's; memory is the largest layer, not the model (8.6 B T5: 17 GB in fp16)."""
+
+    def __init__(self, module: torch.nn.Module, folder: Path):
+        self.files, self.stored_names = _weight_files(folder), _stored_names(module)
+        owners = {}  # a module shared under two names gets one pair of hooks
+        for name, m in module.named_modules(remove_duplicate=False):
+            if any(p is not None for p in m._parameters.values()):
+                owners.setdefault(id(m), (name, m))
+        self.owners = list(owners.values())
+        self.handles, self.stored = [], {}
+
+    def _load(self, qualified: str) -> torch.nn.Parameter:
+        from safetensors import safe_open
+
+        qualified = self.stored_names[qualified]
+        with safe_open(str(self.files[qualified]), "pt") as handle:
+            return torch.nn.Parameter(handle.get_tensor(qualified).float(), requires_grad=False)
+
+    def _hooks(self, owner_name: str):
+        def pre(module, *_):
+            self.stored[id(module)] = dict(module._parameters)
+            for name, param in module._parameters.items():
+                if param is not None:
+                    module._parameters[name] = self._load(f"{owner_name}.{name}" if owner_name else name)
+
+        def post(module, *_):
+            module._parameters.update(self.stored.pop(id(module)))
+        return pre, post
+
+    def __enter__(self):
+        for name, owner in self.owners:
+            pre, post = self._hooks(name)
+            self.handles += [owner.register_forward_pre_hook(pre), owner.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+
+def streamed_reference_output(model_dir, inputs: dict, *, component: str) -> np.ndarray:
+    """The component's fp32 output for `inputs` from its fp16 files, one layer's weights in memory at a time."""
+    build, sub, _, _ = _streamed(component)
+    spec = SPECS[component]
+    model = build(json.loads((Path(model_dir) / sub / "config.json").read_text()))
+    wrapper = spec.wrapper(model).eval()
+    with torch.no_grad(), streamed_fp32_weights(model, Path(model_dir) / sub):
+        return wrapper(*(inputs[n] for n in spec.input_names)).numpy()
 
 
 def reference_output(model_dir, inputs: dict) -> np.ndarray:
