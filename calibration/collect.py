@@ -18,7 +18,8 @@ from typing import Iterator
 
 import numpy as np
 
-from ..runtime.artifacts import COMPONENTS, Manifest, atomic_write, sha256_json
+from ..runtime.artifacts import Manifest, atomic_write, sha256_json
+from ..runtime.cards import COMPONENTS
 from ..runtime.errors import ArtifactError
 from .config import CALIBRATION_VERSION, TrajectoryConfig
 from .prompts import PromptSet

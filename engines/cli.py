@@ -12,7 +12,7 @@ def log(message: str) -> None:
 
 def check_build_args(args) -> None:
     """Resource and output arguments, before the manifest is read or anything is planned."""
-    from k3trt.runtime.artifacts import COMPONENTS
+    from k3trt.runtime.cards import COMPONENTS
     from k3trt.runtime.outputs import check_output_json
     from k3trt.runtime.validate import check_float, check_int, check_path, parse_list, writable_ancestor
 
@@ -89,7 +89,7 @@ def cmd_check(args) -> int:
 def cmd_refit(args) -> int:
     from .refit import refit_artifacts
 
-    from k3trt.runtime.artifacts import COMPONENTS
+    from k3trt.runtime.cards import COMPONENTS
     from k3trt.runtime.validate import parse_list
 
     components = parse_list("--components", args.components, COMPONENTS) if args.components is not None else None
@@ -141,7 +141,8 @@ def register(sub) -> None:
     p.add_argument("--refittable", action="store_true", help="build engines `k3trt refit` can update")
     p.add_argument("--builder-optimization-level", type=int, default=None, metavar="N",
                    help="0-5 (default 3, 4 for int8/fp8)")
-    p.add_argument("--workspace", type=float, default=None, metavar="GB", help="builder workspace limit")
+    p.add_argument("--workspace", type=float, default=None, metavar="GB", help="builder workspace limit, 1/1024..4096 (default: TensorRT's, "
+                   "the GPU's memory)")
     p.add_argument("--force", action="store_true", help="rebuild engines that are up to date")
     p.add_argument("--dry-run", action="store_true", help="compute and print the plan; build nothing")
     p.add_argument("--json", metavar="FILE", help="write the plan as JSON")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping
 
-from k3trt.runtime.artifacts import COMPONENTS, Manifest, sha256_json
+from k3trt.runtime.artifacts import Manifest, sha256_json
+from k3trt.runtime.cards import COMPONENTS
 from k3trt.runtime.errors import InvalidArgumentError
 from k3trt.runtime.precision import Precision
 

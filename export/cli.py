@@ -99,7 +99,8 @@ def register(sub) -> None:
     p = sub.add_parser("preset", help="write a random-weight preset in the diffusers layout, or describe `full`")
     p.add_argument("name", choices=["tiny", "small", "full"], help="tiny (tests), small (CPU benchmarks), "
                    "full (the real configuration, --describe only)")
-    p.add_argument("--out", metavar="DIR", help="folder to write: new, empty, or a preset k3trt wrote (with --force)")
+    p.add_argument("--out", metavar="DIR", help="folder to write: new, empty, or a preset k3trt wrote (with --force); "
+                   "needed for tiny and small")
     p.add_argument("--seed", type=int, default=0, help="weight seed, 0..2^64-1")
     p.add_argument("--undamped", action="store_true", help="keep raw random init instead of damped residual branches")
     p.add_argument("--force", action="store_true", help="replace --out if it holds a preset k3trt wrote "

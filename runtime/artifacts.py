@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable
 
-from .cards import COMPONENTS, TensorSpec  # noqa: F401  (re-exported: the records below are made of them)
+from .cards import TensorSpec
 from .errors import ArtifactError
 
 SCHEMA_VERSION = 1

@@ -27,33 +27,45 @@ def add_generation_args(p, *, steps: int = 25) -> None:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 or less: none)")
     add_size_args(p, "default: the size the artifacts were made for (64 for the tiny preset, 256 for small, "
                      "else 1024)")
-    p.add_argument("--batch", dest="num_images", type=int, default=1,
+    p.add_argument("--batch", dest="num_images", type=int, default=1, metavar="N",
                    help="images per prompt (a call holds prompts x batch images: what `k3trt build --batch` sizes)")
-    p.add_argument("--num-images", dest="num_images", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_renamed(p, "--num-images", "--batch N")
     p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm reproduces diffusers.Kandinsky3Pipeline")
 
 
+class RenamedOption(argparse.Action):
+    """An option spelled differently before: refused with the current spelling, so no command accepts two
+    spellings of one thing (issue 11: --resolution, not --height/--width; --batch, not --num-images)."""
+
+    def __init__(self, option_strings, dest, replacement: str, **kwargs):
+        self.replacement = replacement
+        super().__init__(option_strings, dest, nargs="?", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not an option of k3trt {parser.prog.split()[-1]}: give {self.replacement} "
+                     "instead")
+
+
+def add_renamed(p, old: str, replacement: str) -> None:
+    p.add_argument(old, action=RenamedOption, replacement=replacement, dest=f"renamed_{old.strip('-')}")
+
+
 def add_size_args(p, default_note: str) -> None:
-    """One spelling for image sizes across commands: --resolution WxH in pixels (as `k3trt build`).
-    --height/--width stay accepted, unlisted, for scripts written before."""
+    """One spelling for image sizes across commands: --resolution WxH in pixels (as `k3trt build`);
+    --height/--width are refused with that spelling."""
     p.add_argument("--resolution", metavar="WxH", default=None,
                    help=f"image size in pixels, width x height, each rounded up to a multiple of 64 ({default_note})")
-    p.add_argument("--height", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--width", type=int, default=None, help=argparse.SUPPRESS)
+    for old in ("--height", "--width"):
+        add_renamed(p, old, "--resolution WxH (width x height in pixels, e.g. --resolution 1024x1024)")
 
 
 def resolve_size(args, default: int) -> None:
-    """Fill args.height/args.width from --resolution (or the older --height/--width), else `default`."""
+    """Set args.height/args.width from --resolution, else `default` (pixels)."""
     if getattr(args, "resolution", None) is not None:
-        width, height = parse_resolution(args.resolution)
-        for flag, given, value in (("--height", args.height, height), ("--width", args.width, width)):
-            if given is not None and given != value:
-                raise InvalidArgumentError(f"{flag} {given} contradicts --resolution {args.resolution}",
-                                           fix="give the size once, as --resolution WxH")
-        args.height, args.width = height, width
-    args.height = default if args.height is None else args.height
-    args.width = default if args.width is None else args.width
+        args.width, args.height = parse_resolution(args.resolution)
+    else:
+        args.height = args.width = default
 
 
 def add_backend_args(p, backends=("ort", "trt", "openvino", "torch")) -> None:
@@ -228,8 +240,6 @@ def cmd_bench(args) -> int:
 
 
 def parse_also(item: str) -> tuple[str, str]:
-    from .errors import InvalidArgumentError
-
     backend, _, precision = item.partition(":")
     if backend not in ("ort", "openvino", "trt") or not precision:
         raise InvalidArgumentError(f"--also {item!r}", accepted="BACKEND:PRECISION with BACKEND ort, openvino or trt",

@@ -65,9 +65,10 @@ def check_image_request(manifest: Manifest, *, height: int, width: int, images: 
             raise ShapeError(
                 f"{name} {value} px is outside what the artifacts in {str(manifest.root)!r} allow",
                 accepted=limits.describe() + " (other sizes round up to a multiple of 64)",
-                fix=f"e.g. --height {default_size(manifest)} --width {default_size(manifest)}, or re-export for "
-                    "that size")
+                fix=f"e.g. --resolution {default_size(manifest)}x{default_size(manifest)} (height=, width= in the "
+                    "API), or re-export for that size")
     if images > limits.max_images:
         raise InvalidArgumentError(
-            f"{images} images in one call", accepted=f"at most {limits.max_images} (prompts x --num-images"
-            f"{', doubled by guidance' if guided else ''})", fix="lower --num-images or split the prompts")
+            f"{images} images in one call", accepted=f"at most {limits.max_images} (prompts x --batch"
+            f"{', doubled by guidance' if guided else ''})", fix="lower --batch (num_images in the API) or split the "
+            "prompts")

@@ -67,7 +67,7 @@ def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25
                                        accepted="one negative prompt, or one per prompt",
                                        fix="pass one negative prompt as a str, or a list as long as the prompts")
     check_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 25")
-    check_int("num_images", num_images, 1, MAX_IMAGES, "e.g. --num-images 1")
+    check_int("num_images", num_images, 1, MAX_IMAGES, "e.g. num_images=1 (--batch 1 on the command line)")
     check_float("guidance", guidance, 0.0, 1e4, "e.g. --guidance 3.0 (the default); 1 or less: no CFG")
     check_seed(seed)
     if len(prompts) * num_images > MAX_IMAGES:

@@ -15,8 +15,9 @@ from typing import Callable, Mapping
 
 import torch
 
-from ..artifacts import COMPONENTS, Manifest, OnnxRecord
-from ..errors import ArtifactError, BackendUnavailableError, InvalidArgumentError, ShapeError
+from ..artifacts import Manifest, OnnxRecord
+from ..cards import COMPONENTS
+from ..errors import BackendUnavailableError, InvalidArgumentError, ShapeError
 from ..precision import Precision, Resolved, resolve_precision
 
 log = logging.getLogger("k3trt")

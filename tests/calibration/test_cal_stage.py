@@ -42,7 +42,7 @@ def test_runtime_selects_int8_and_generates_finite_images(calibrated, tmp_path):
     assert images.shape == (1, 64, 64, 3) and np.isfinite(images).all()
     out = tmp_path / "int8.png"
     assert main(["generate", "--artifacts", str(calibrated[0]), "--precision", "int8", "--prompt", "a fox",
-                 "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]) == 0
+                 "--steps", "2", "--resolution", "64x64", "--out", str(out)]) == 0
     assert out.is_file()
 
 

@@ -7,7 +7,7 @@ from k3trt.runtime.cli import main
 def test_generate_writes_numbered_pngs(tiny_artifacts, tmp_path, capsys):
     out = tmp_path / "img.png"
     code = main(["generate", "--artifacts", str(tiny_artifacts), "--prompt", "a fox", "--steps", "2",
-                 "--height", "64", "--width", "64", "--num-images", "2", "--out", str(out)])
+                 "--resolution", "64x64", "--batch", "2", "--out", str(out)])
     assert code == 0
     from PIL import Image
 
@@ -26,8 +26,7 @@ def test_generate_bad_input_exits_2_with_typed_error(tiny_artifacts, tmp_path, c
 def test_parity_exit_status(tiny_model_dir, tiny_artifacts, tmp_path, capsys):
     from k3trt.export.presets import write_preset
 
-    common = ["--artifacts", str(tiny_artifacts), "--prompt", "a fox", "--steps", "3", "--height", "64",
-              "--width", "64"]
+    common = ["--artifacts", str(tiny_artifacts), "--prompt", "a fox", "--steps", "3", "--resolution", "64x64"]
     assert main(["parity", "--model", str(tiny_model_dir), *common, "--json", str(tmp_path / "p.json"),
                  "--report", str(tmp_path / "rep")]) == 0
     assert json.loads((tmp_path / "p.json").read_text())["ok"] is True
@@ -40,7 +39,7 @@ def test_parity_exit_status(tiny_model_dir, tiny_artifacts, tmp_path, capsys):
 def test_bench_reports_medians_and_ratio(tiny_model_dir, tiny_artifacts, tmp_path):
     out = tmp_path / "bench.json"
     assert main(["bench", "--artifacts", str(tiny_artifacts), "--model", str(tiny_model_dir), "--prompt", "a",
-                 "--steps", "2", "--height", "64", "--width", "64", "--repeats", "1", "--json", str(out),
+                 "--steps", "2", "--resolution", "64x64", "--repeats", "1", "--json", str(out),
                  "--also", "openvino:fp32"]) == 0
     result = json.loads(out.read_text())
     assert result["ratio"] > 0

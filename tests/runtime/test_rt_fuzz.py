@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -103,6 +104,9 @@ def sandbox(tmp_path_factory, monkeypatch):
     import k3trt.export.cli as export_cli
     import k3trt.export.presets as presets
     import k3trt.runtime.commands as commands
+    import k3trt.runtime.pipeline as pipeline
+    import k3trt.runtime.serving.cli as serving_cli
+    import k3trt.runtime.serving.loadtest as loadtest
 
     root = tmp_path_factory.mktemp("sandbox")
     (root / "user").mkdir()
@@ -115,7 +119,8 @@ def sandbox(tmp_path_factory, monkeypatch):
         raise ReachedWork()
 
     for module, name in ((commands, "open_pipeline"), (export_cli, "open_source"), (presets, "train_tokenizer"),
-                         (build, "build_engines")):
+                         (build, "build_engines"), (pipeline.Pipeline, "from_artifacts"), (serving_cli, "run_uvicorn"),
+                         (loadtest, "run_loadtest")):
         monkeypatch.setattr(module, name, stop)
     return root
 
@@ -131,35 +136,51 @@ OUTPUT_FLAGS = ("--out", "--json", "--report", "--timing-cache")
 
 @st.composite
 def cli_argv(draw, art: str, model: str):
-    command = draw(st.sampled_from(["generate", "bench", "parity", "export", "preset", "build", "check"]))
+    command = draw(st.sampled_from(["generate", "bench", "parity", "export", "preset", "build", "check", "demo",
+                                    "serve", "bench-serve", "loadtest"]))
     flags = {
-        "generate": ["--prompt", "--seed", "--steps", "--guidance", "--height", "--width", "--num-images",
-                     "--threads", "--out", "--scheduler", "--negative-prompt", "--precision", "--provider"],
-        "bench": ["--prompt", "--repeats", "--seed", "--steps", "--threads", "--json", "--height"],
-        "parity": ["--prompt", "--report", "--json", "--seed", "--width"],
+        "generate": ["--prompt", "--seed", "--steps", "--guidance", "--resolution", "--batch", "--threads", "--out",
+                     "--scheduler", "--negative-prompt", "--precision", "--provider", "--height", "--num-images"],
+        "bench": ["--prompt", "--repeats", "--seed", "--steps", "--threads", "--json", "--resolution"],
+        "parity": ["--prompt", "--report", "--json", "--seed", "--resolution", "--width"],
         "export": ["--out", "--components", "--opset", "--external-data-threshold-mb", "--seed"],
         "preset": ["--out", "--seed"],
         "build": ["--resolution", "--batch", "--workspace", "--builder-optimization-level", "--components",
                   "--json", "--timing-cache", "--precision"],
         "check": ["--trt-version"],
+        "demo": ["--prompt", "--model-seed", "--task"],
+        "serve": ["--port", "--default-resolution", "--default-steps", "--grace", "--max-queue", "--timeout",
+                  "--threads", "--max-batch", "--default-size"],
+        "bench-serve": ["--json", "--resolution", "--concurrency", "--requests-per-client", "--steps", "--threads",
+                        "--max-batch", "--height"],
+        "loadtest": ["--json", "--url", "--requests", "--concurrency", "--warmup", "--prompt", "--resolution",
+                     "--steps", "--timeout", "--size"],
     }[command]
     argv = [command]
     usually = st.integers(0, 9).map(lambda n: n > 0)  # required arguments are present 90% of the time
     if command == "preset":
         argv.append(draw(st.sampled_from(["tiny", "small", "full", "huge"])))
-    if command in ("generate", "bench", "parity", "build", "check") and draw(usually):
+    if command in ("generate", "bench", "parity", "build", "check", "serve", "bench-serve") and draw(usually):
         argv += ["--artifacts", draw(st.one_of(st.just(art), st.just(art), PATHS))]
     if command in ("bench", "parity", "export") and draw(usually):
         argv += ["--model", draw(st.one_of(st.just(model), st.just(model), st.just(art), PATHS))]
     if command in ("generate", "bench", "parity") and draw(usually):
         argv += ["--prompt", draw(TEXT)]
-    if command in ("generate", "export") and draw(usually):
-        argv += ["--out", draw(PATHS)]
+    if command in ("generate", "export", "demo") and (draw(usually) or command == "demo"):
+        argv += ["--out", draw(PATHS)]  # demo always names it: its default folder would be a write not asked for
     for _ in range(draw(st.integers(0, 5))):
         argv += [draw(st.sampled_from(flags)), draw(ARG_VALUES)]
     if draw(st.integers(0, 9)) == 0:
         argv.insert(draw(st.integers(0, len(argv))), draw(TEXT))  # a stray word
     return argv
+
+
+def _nameable(text: str) -> bool:
+    """Whether `text` can name a file at all (no NUL, no lone surrogate): only those can be outputs."""
+    try:
+        return bool(text) and "\x00" not in text and bool(os.fsencode(text))
+    except UnicodeEncodeError:
+        return False
 
 
 def cli_property(sandbox: Path, argv: list[str]):
@@ -175,12 +196,14 @@ def cli_property(sandbox: Path, argv: list[str]):
     after = snapshot(sandbox)
     outputs = []
     for i, flag in enumerate(argv[:-1]):
-        if flag in OUTPUT_FLAGS and argv[i + 1] and "\x00" not in argv[i + 1]:
+        if flag in OUTPUT_FLAGS and _nameable(argv[i + 1]):
             outputs.append((sandbox / argv[i + 1]).resolve())
     for name in set(before) | set(after):
         if before.get(name) != after.get(name):
             path = (sandbox / name).resolve()
-            assert any(path == o or o in path.parents for o in outputs), (name, argv)  # only what was asked for
+            inside = any(path == o or o in path.parents for o in outputs)  # only what was asked for ...
+            above = after.get(name) == "dir" and any(path in o.parents for o in outputs)  # ... and its new parents
+            assert inside or above, (name, argv)
             assert name not in before or before[name] == "dir", (name, argv)  # nothing the user had is changed
     for name in sorted(set(after) - set(before), reverse=True):  # the next example starts from the same sandbox
         path = sandbox / name

@@ -140,3 +140,57 @@ def test_install_dir_never_removes_a_folder_that_is_not_its_kind(tmp_path, user_
     empty = tmp_path / "empty"
     empty.mkdir()
     assert install_dir(staging, empty, "preset") == empty and (empty / MARKER).is_file()
+
+
+def test_bench_serve_and_loadtest_json_are_checked_before_work_and_replace_only_their_own(
+        tiny_artifacts, tmp_path, capsys, monkeypatch):
+    """`bench-serve --json` and `loadtest --json` used to overwrite any file, after the whole run."""
+    import k3trt.runtime.serving.bench as bench
+    import k3trt.runtime.serving.loadtest as loadtest
+    from k3trt.runtime.pipeline import Pipeline
+
+    ran = []
+    monkeypatch.setattr(Pipeline, "from_artifacts", lambda *a, **k: ran.append("load") or object())
+    monkeypatch.setattr(bench, "bench_serving", lambda *a, **k: {"rows": [], "size": "64x64"})
+    monkeypatch.setattr(bench, "format_serving", lambda result: "table")
+    monkeypatch.setattr(loadtest, "run_loadtest", lambda *a, **k: ran.append("requests") or {"ok": True})
+    monkeypatch.setattr(loadtest, "format_report", lambda report: "table")
+    theirs = tmp_path / "results.json"
+    theirs.write_text('{"mine": 1}')
+    commands = {"bench-serve": ["bench-serve", "--artifacts", str(tiny_artifacts)], "loadtest": ["loadtest"]}
+    for name, argv in commands.items():
+        refuse([*argv, "--json", str(theirs)], capsys, "was not written by k3trt")
+        refuse([*argv, "--json", str(tmp_path / "results.txt")], capsys, "extension")
+        refuse([*argv, "--json", str(tmp_path)], capsys, "is a folder")
+        assert theirs.read_text() == '{"mine": 1}' and not ran, name  # refused before any work
+        ours = tmp_path / f"{name}.json"
+        for _ in range(2):  # written atomically, tagged as k3trt's, so the second run may replace it
+            assert main([*argv, "--json", str(ours)]) == 0
+            assert "k3trt" in json.loads(ours.read_text())
+        ran.clear()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["loadtest", "--url", "http://example.com:8000"], "not a loopback address"),
+    (["loadtest", "--resolution", "64"], "WIDTHxHEIGHT"),
+    (["loadtest", "--warmup", "-1"], "--warmup=-1"),
+    (["loadtest", "--prompt", "a\udcffb"], "not valid Unicode"),
+    (["bench-serve", "--resolution", "4096x64"], "4096 px is outside"),
+    (["bench-serve", "--threads", "100000"], "threads=100000"),
+    (["bench-serve", "--max-batch", "1000"], "1000 images in one call"),
+    (["serve", "--port", "70000"], "--port=70000"),
+    (["serve", "--grace", "-1"], "--grace=-1"),
+])
+def test_serving_commands_check_arguments_before_work(argv, needle, tiny_artifacts, capsys, monkeypatch):
+    import k3trt.runtime.serving.cli as serving_cli
+    import k3trt.runtime.serving.loadtest as loadtest
+    from k3trt.runtime.pipeline import Pipeline
+
+    for target, name in ((Pipeline, "from_artifacts"), (loadtest, "run_loadtest"), (serving_cli, "run_uvicorn")):
+        monkeypatch.setattr(target, name, lambda *a, **k: pytest.fail("work started"))
+    if argv[0] != "loadtest":
+        argv = [*argv, "--artifacts", str(tiny_artifacts)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error [") and needle in err and "Traceback" not in err, err

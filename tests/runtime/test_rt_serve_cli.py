@@ -1,12 +1,10 @@
 """`k3trt serve` as a process: serves, the load test drives it, SIGTERM finishes the running request, exit 0."""
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
+from serve_helpers import serve_process
 
 httpx = pytest.importorskip("httpx", reason="the HTTP tests need httpx (in `dev`)")
 pytest.importorskip("fastapi", reason="the HTTP service needs the `serve` extra (in `dev`)")
@@ -16,20 +14,9 @@ from k3trt.runtime.errors import InvalidArgumentError  # noqa: E402
 from k3trt.runtime.serving.loadtest import check_loopback, run_loadtest  # noqa: E402
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_serve_loadtest_and_graceful_sigterm(tiny_artifacts):
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "k3trt.runtime.cli", "serve", "--artifacts", str(tiny_artifacts), "--port", str(port),
-         "--default-size", "64x64", "--default-steps", "2", "--threads", "1", "--grace", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with serve_process(tiny_artifacts, "--default-resolution", "64x64", "--default-steps", "2", "--threads", "1",
+                       "--grace", "60") as (base, server):
         report = run_loadtest(base, requests=6, concurrency=3, warmup=1, body={"prompt": "a fox", "steps": 1},
                               log=lambda *_: None)
         assert report["statuses"] == {"200": 6} and report["answered"] == 6
@@ -47,10 +34,6 @@ def test_serve_loadtest_and_graceful_sigterm(tiny_artifacts):
         slow.join(120)
         assert answer["r"].status_code == 200  # admitted before SIGTERM: finished, not dropped
         assert server.wait(60) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
     assert "stopped" in server.stdout.read()
 
 

@@ -1,11 +1,11 @@
 """Ray Serve scale-out: 2 local replicas behind Ray's proxy serve the same API and the same images (slow)."""
 import base64
 import io
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from serve_helpers import free_port, serve_process
 
 pytest.importorskip("fastapi", reason="the HTTP service needs the `serve` extra (in `dev`)")
 
@@ -27,12 +27,6 @@ def test_deployment_options_expose_replicas_and_autoscaling():
         deployment_options(settings, 2, 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_replicas_spread_requests_and_match_the_single_process_service(tiny_artifacts):
     ray = pytest.importorskip("ray", reason="needs the `ray` extra")
@@ -46,7 +40,7 @@ def test_two_replicas_spread_requests_and_match_the_single_process_service(tiny_
 
     settings = ServeSettings(str(tiny_artifacts), default_size="64x64", default_steps=2, max_batch=2,
                              backend_options=(("threads", 1),))
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -76,33 +70,23 @@ def test_two_replicas_spread_requests_and_match_the_single_process_service(tiny_
 def test_serve_ray_cli_serves_and_exits_0_on_sigterm(tiny_artifacts):
     """`k3trt serve --ray`: ready, answers, and SIGTERM ends it with exit 0 (Ray installs aborting handlers)."""
     import signal
-    import subprocess
-    import sys
     import time
 
     pytest.importorskip("ray", reason="needs the `ray` extra")
     httpx = pytest.importorskip("httpx")
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "k3trt.runtime.cli", "serve", "--artifacts", str(tiny_artifacts),
-                               "--ray", "--replicas", "1", "--max-replicas", "2", "--port", str(port),
-                               "--default-size", "64x64", "--default-steps", "1", "--threads", "1"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with serve_process(tiny_artifacts, "--ray", "--replicas", "1", "--max-replicas", "2", "--default-resolution",
+                       "64x64", "--default-steps", "1", "--threads", "1") as (base, server):
         end = time.monotonic() + 240
         while True:
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                if httpx.get(f"{base}/readyz").status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < end and server.poll() is None, "never became ready"
             time.sleep(1)
-        answer = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations", json={"prompt": "a fox"}, timeout=120)
+        answer = httpx.post(f"{base}/v1/images/generations", json={"prompt": "a fox"}, timeout=120)
         assert answer.status_code == 200
         server.send_signal(signal.SIGTERM)
         assert server.wait(120) == 0
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
     assert "1..2 replicas" in server.stdout.read()

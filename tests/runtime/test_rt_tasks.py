@@ -144,8 +144,7 @@ def test_cli_tasks(tiny_artifacts, picture, tmp_path):
     assert main([*base, "--image", str(tmp_path / "in.png"), "--strength", "0.5", "--out", str(tmp_path / "a.png")]) == 0
     assert main([*base, "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"),
                  "--out", str(tmp_path / "b.png")]) == 0
-    assert main(["generate", "--artifacts", str(tiny_artifacts), "--prompt", "a fox", "--flash", "--height", "64",
-                 "--width", "64", "--out", str(tmp_path / "c.png")]) == 0
+    assert main(["generate", "--artifacts", str(tiny_artifacts), "--prompt", "a fox", "--flash", "--resolution", "64x64", "--out", str(tmp_path / "c.png")]) == 0
     assert Image.open(tmp_path / "a.png").size == Image.open(tmp_path / "b.png").size == (128, 64)
     assert main([*base, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "d.png")]) == 2
 

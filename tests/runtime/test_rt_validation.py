@@ -44,9 +44,9 @@ GEN_CASES = [
     (["--seed", str(2**64), "--out", "x.png"], "seed="),
     (["--seed", "-1", "--out", "x.png"], "seed=-1"),
     (["--prompt", "bad \udcff bytes", "--out", "x.png"], "not valid Unicode"),
-    (["--height", "4096", "--out", "x.png"], "4096 px is outside"),
+    (["--resolution", "64x4096", "--out", "x.png"], "4096 px is outside"),
     (["--steps", "0", "--out", "x.png"], "steps=0"),
-    (["--num-images", "1000", "--out", "x.png"], "num_images=1000"),
+    (["--batch", "1000", "--out", "x.png"], "num_images=1000"),
 ]
 
 
@@ -268,19 +268,51 @@ def test_every_project_error_is_exit_2(capsys, monkeypatch):
 
 
 def test_version_and_help_show_defaults_and_describe_every_option(capsys):
+    """Walks every subcommand's parser: each option is described, each real default is shown in --help, and
+    the only hidden options are old spellings that are refused."""
     import argparse
 
     from k3trt.runtime.cli import build_parser
+    from k3trt.runtime.commands import RenamedOption
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.startswith("k3trt ")
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"generate", "export", "build", "calibrate", "serve", "bench-serve", "loadtest"} <= set(sub.choices)
     for name, command in sub.choices.items():
+        formatter = command._get_formatter()
         for action in command._actions:
-            if action.option_strings and action.dest != "help":
-                assert action.help, f"k3trt {name} {action.option_strings[0]} has no description"
-        text = command.format_help()
-        if name == "generate":
-            assert "(default: 25)" in text and "(default: 0)" in text
+            where = f"k3trt {name} {(action.option_strings or [action.dest])[0]}"
+            if action.dest == "help":
+                continue
+            if action.help == argparse.SUPPRESS:
+                assert isinstance(action, RenamedOption), f"{where} is hidden"
+                continue
+            assert action.help and action.help.strip(), f"{where} has no description"
+            shown = formatter._get_help_string(action)  # what --help prints for it
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in shown, f"{where}: its default {action.default!r} is not shown: {shown!r}"
+        command.format_help()  # every help renders (a stray % in a help text would raise here)
+    text = sub.choices["generate"].format_help()
+    assert "(default: 25)" in text and "(default: 0)" in text and "--height" not in text
+
+
+@pytest.mark.parametrize("argv, spelling", [
+    (["generate", "--height", "64"], "--resolution WxH"),
+    (["generate", "--width", "64"], "--resolution WxH"),
+    (["generate", "--num-images", "2"], "--batch N"),
+    (["parity", "--height", "64"], "--resolution WxH"),
+    (["bench", "--width", "64"], "--resolution WxH"),
+    (["calibrate", "--height", "64"], "--resolution WxH"),
+    (["bench-serve", "--height", "64"], "--resolution WxH"),
+    (["loadtest", "--size", "64x64"], "--resolution WxH"),
+    (["serve", "--default-size", "64x64"], "--default-resolution WxH"),
+])
+def test_one_spelling_for_size_and_batch(argv, spelling, capsys):
+    """Issue 11: --resolution WxH and --batch N in every command; the old spellings are refused, naming the new."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"{argv[1]} is not an option of k3trt {argv[0]}: give {spelling}" in err, err
