@@ -51,7 +51,8 @@ def check_calibrate_args(args) -> None:
 
     from ..runtime.artifacts import Manifest
     from ..runtime.outputs import check_output_dir
-    from ..runtime.validate import MAX_SEED, MAX_STEPS, check_float, check_input_dir, check_int, check_threads
+    from ..runtime.validate import (MAX_SEED, MAX_STEPS, check_float, check_input_dir, check_int, check_threads,
+                                    parse_resolution)
 
     root = Manifest.load(args.artifacts).root
     check_int("--num-prompts", args.num_prompts, 1, 100_000, "e.g. --num-prompts 32")
@@ -62,9 +63,8 @@ def check_calibrate_args(args) -> None:
     check_float("--guidance", args.guidance, 0, 1e4)
     check_float("--percentile", args.percentile, 50, 100, "e.g. --percentile 99.99")
     check_int("--sensitivity-blocks", args.sensitivity_blocks, 1, 1000)
-    for flag in ("height", "width"):
-        if getattr(args, flag) is not None:
-            check_int(f"--{flag}", getattr(args, flag), 1, 1 << 16, "an image side in pixels")
+    if args.resolution is not None:
+        parse_resolution(args.resolution)
     check_threads(args.threads, "--threads")
     if args.model is not None:
         check_input_dir("--model", args.model, "model folder", "pass the model folder the artifacts came from")
