@@ -50,7 +50,29 @@ SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer TfIdfVector
 AffineGrid BitwiseAnd BitwiseNot BitwiseOr BitwiseXor CenterCropPad Col2Im ImageDecoder RegexFullMatch
 StringConcat StringSplit
 """.split())
-OPSET_RANGE = (9, 20)
+# The newest ONNX opset each TensorRT release's parser covers, from the sources named per row; a release reads
+# the row of the newest release at or below it. The parser refuses only opsets below 7 (onnx-tensorrt
+# ModelImporter.cpp, 10.1) and parses newer ones op by op, so an opset past the row is a warning, not an error.
+# It matters for bf16 variants: ONNX accepts bfloat16 for Conv and InstanceNormalization only from opset 22, so
+# the bf16 U-Net and MoVQ are opset 22 (export/variants.py: variant_opset) and want TensorRT >= 10.6.
+MIN_OPSET = 9  # operators.md: "the inclusive range of opset 9 to ..." in every 10.x/11.x matrix
+PARSER_MAX_OPSET = (
+    ((10, 0), 20),   # onnx-tensorrt docs/operators.md at 10.0/10.1: "opset 9 to opset 20"
+    ((10, 6), 22),   # onnx-tensorrt docs/Changelog.md 10.6: "Updated ONNX submodule version to 1.17.0" (opset 22)
+    ((10, 11), 23),  # Changelog 10.11: "Updated ONNX version to 1.18" (opset 23)
+    ((10, 15), 24),  # operators.md at 10.15: "opset 9 to opset 24" (11.0-11.4 keep 24: 11.2's matrix says so)
+    ((11, 5), 25),   # TensorRT 11.5 release notes: "Added support for ONNX opset 25"
+)
+
+
+def max_opset(version: tuple[int, int]) -> int:
+    """The newest opset documented for TensorRT `version` (the oldest row for older releases)."""
+    covered = [opset for since, opset in PARSER_MAX_OPSET if version >= since]
+    return covered[-1] if covered else PARSER_MAX_OPSET[0][1]
+
+
+def first_release_for(opset: int) -> tuple[int, int] | None:
+    return next((since for since, top in PARSER_MAX_OPSET if top >= opset), None)
 # Tensor types the parser has no mapping for (TensorRT 10 types: DOUBLE (cast down), FLOAT, FLOAT16, BFLOAT16,
 # INT32, INT64, FP8 E4M3FN, INT8, INT4, UINT8, BOOL).
 UNSUPPORTED_TYPES = {4: "UINT16", 5: "INT16", 8: "STRING", 12: "UINT32", 13: "UINT64", 14: "COMPLEX64",
@@ -235,16 +257,25 @@ def _initializer_findings(graph, version) -> list[Finding]:
     return out
 
 
+def _opset_findings(opset: int | None, version: tuple[int, int]) -> list[Finding]:
+    if opset is not None and opset < MIN_OPSET:
+        return [Finding("error", "opset", "(model)", "opset", f"opset {opset} < {MIN_OPSET}")]
+    if opset is None or opset <= max_opset(version):
+        return []
+    first = first_release_for(opset)
+    newer = (f"TensorRT {first[0]}.{first[1]}+ documents it (check with --trt-version {first[0]}.{first[1]})"
+             if first else "no supported TensorRT release documents it yet")
+    return [Finding("warning", "opset", "(model)", "opset",
+                    f"opset {opset}: TensorRT {version[0]}.{version[1]}'s parser documents opsets {MIN_OPSET}.."
+                    f"{max_opset(version)} (it parses newer ones op by op); {newer}")]
+
+
 def lint_model(model, *, trt_version: tuple[int, int] = DEFAULT_TRT_VERSION,
                axes: Mapping | None = None) -> list[Finding]:
     """Findings for an in-memory model (graph-level checks; no file access)."""
     out = []
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if opset is not None and opset < OPSET_RANGE[0]:
-        out.append(Finding("error", "opset", "(model)", "opset", f"opset {opset} < {OPSET_RANGE[0]}"))
-    elif opset is not None and opset > OPSET_RANGE[1]:
-        out.append(Finding("warning", "opset", "(model)", "opset", f"opset {opset}: the TensorRT 10.0 matrix "
-                           f"covers {OPSET_RANGE[0]}..{OPSET_RANGE[1]}; newer releases parse newer opsets"))
+    out += _opset_findings(opset, trt_version)
     functions = {(f.domain, f.name) for f in model.functions}
     out += _io_findings(model.graph, trt_version, axes)
     out += _initializer_findings(model.graph, trt_version)

@@ -150,3 +150,18 @@ def test_subgraph_nodes_are_checked():
     model = model_of([helper.make_node("If", ["c"], ["out"], name="branch", then_branch=then, else_branch=other)],
                      [cond, vec("x")], [vec("out")])
     assert codes(lint_model(model)) == {("unsupported-op", "branch/then_branch/u", "Unique")}
+
+
+def test_opset_range_follows_the_tensorrt_release():
+    # The bf16 U-Net and MoVQ variants are opset 22 (ONNX accepts bfloat16 Conv from 22): documented from 10.6.
+    model = model_of([helper.make_node("Relu", ["x"], ["y"], name="r")], [vec("x")], [vec("y")], opset=22)
+    at_10_0 = [f for f in lint_model(model, trt_version=(10, 0)) if f.code == "opset"]
+    assert [f.severity for f in at_10_0] == ["warning"]
+    assert "documents opsets 9..20" in at_10_0[0].message and "--trt-version 10.6" in at_10_0[0].message
+    assert lint_model(model, trt_version=(10, 6)) == [] and lint_model(model, trt_version=(11, 4)) == []
+    assert check.max_opset((10, 5)) == 20 and check.max_opset((10, 15)) == 24 and check.max_opset((11, 5)) == 25
+    assert check.max_opset((8, 6)) == 20  # older than the table: its oldest row (still a warning past it)
+    too_new = model_of([helper.make_node("Relu", ["x"], ["y"], name="r")], [vec("x")], [vec("y")], opset=26)
+    assert "no supported TensorRT release documents it" in lint_model(too_new, trt_version=(11, 5))[0].message
+    ancient = model_of([helper.make_node("Relu", ["x"], ["y"], name="r")], [vec("x")], [vec("y")], opset=8)
+    assert codes(lint_model(ancient)) == {("opset", "(model)", "opset")}

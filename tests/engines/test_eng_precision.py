@@ -39,7 +39,7 @@ def test_defaults_come_from_the_cards_and_every_build_is_strongly_typed():
     chosen = select_precisions(ALL)
     te, unet, movq = chosen["text_encoder"], chosen["unet"], chosen["movq_decoder"]
     assert (te.precision, te.variant, te.fp32_policy) == (Precision.BF16, "bf16", "t5_norms")
-    assert (unet.precision, unet.variant, unet.fp32_policy) == (Precision.FP16, "fp16", "none")
+    assert (unet.precision, unet.variant, unet.fp32_policy) == (Precision.FP16, "fp16", "unet_time_projection")
     assert (movq.precision, movq.variant, movq.fp32_policy) == (Precision.FP16, "fp16", "movq_norms_softmax")
     assert all(c.to_dict()["strongly_typed"] and c.converted and not c.tf32 for c in chosen.values())
 
@@ -105,3 +105,16 @@ def test_movq_norms_and_softmax(graphs):
     assert "Conv" not in picked and "MatMul" not in picked  # convolutions and attention matmuls stay fp16
     assert "/decoder/mid_block/resnets.0/norm1/Mul" in names  # SpatialNorm modulation follows the norm
     assert fp32_nodes("none", graphs["unet"]) == ()
+
+
+def test_unet_time_projection_keeps_the_sinusoid_argument_fp32(graphs):
+    # sin/cos(t x f) with t up to 999: the argument and everything float that feeds it, not the rest
+    model = graphs["unet"]
+    names = fp32_nodes("unet_time_projection", model)
+    ops = {n.name: n.op_type for n in model.graph.node}
+    picked = sorted(ops[n] for n in names)
+    assert {"Sin", "Cos", "Mul"} <= set(picked) and picked.count("Sin") == picked.count("Cos") == 1
+    assert not {"Conv", "MatMul", "Gemm", "InstanceNormalization"} & set(picked)
+    sin = next(n for n in model.graph.node if n.op_type == "Sin")
+    mul = next(n for n in model.graph.node if n.output[0] == sin.input[0])
+    assert mul.name in names and len(names) <= 8

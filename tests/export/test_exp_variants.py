@@ -13,7 +13,8 @@ from onnx.reference import ReferenceEvaluator
 from k3trt.export.components import SPECS, model_info
 from k3trt.export.fp32_islands import fp32_nodes
 from k3trt.export.onnx_export import export_onnx
-from k3trt.export.variants import add_variants, check_variant_allowed, convert, parse_precisions
+from k3trt.export.variants import (add_variants, check_variant_allowed, convert, parse_precisions, remove_dead_nodes,
+                                   variant_opset)
 from k3trt.runtime.artifacts import Manifest
 from k3trt.runtime.backends.storage import emulate_storage, storage_session
 from k3trt.runtime.cards import card
@@ -197,3 +198,41 @@ def test_emulation_reaches_into_subgraphs():
     assert got[0] == 2.0 and np.isinf(got[1]) and got[2] == -6.0  # 2 x 40000 overflows fp16 inside the branch
     np.testing.assert_array_equal(storage_session(model).run(None, {**feeds, "c": np.array(False)})[0],
                                   reference_eval(model, {**feeds, "c": np.array(False)}))
+
+
+# ----------------------------------------------------------------------------------------- converter details
+def test_one_scan_dead_node_cleanup_is_modelopt_s_rule(tiny_artifacts):
+    """Our replacement for ModelOpt's O(nodes^2) dead-node cleanup removes exactly what ModelOpt's removes."""
+    import copy
+    from types import SimpleNamespace
+
+    from modelopt.onnx.autocast.precisionconverter import PrecisionConverter
+
+    manifest = Manifest.load(tiny_artifacts)
+    model = onnx.load(str(manifest.path(manifest.onnx("text_encoder").graph.path)), load_external_data=False)
+    first, count = model.graph.node[0].output[0], len(model.graph.node)
+    model.graph.node.extend([  # dead ends as a conversion leaves them: an unread Cast, a chain ending in one
+        onnx.helper.make_node("Cast", [first], ["dead_a"], to=onnx.TensorProto.FLOAT16, name="dead_a"),
+        onnx.helper.make_node("Cast", [first], ["dead_b1"], to=onnx.TensorProto.FLOAT16, name="dead_b1"),
+        onnx.helper.make_node("Cast", ["dead_b1"], ["dead_b2"], to=onnx.TensorProto.FLOAT, name="dead_b2")])
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    remove_dead_nodes(SimpleNamespace(model=ours))
+    PrecisionConverter._cleanup_no_consumer_nodes(SimpleNamespace(model=theirs))
+    assert ours.SerializeToString() == theirs.SerializeToString()
+    assert {n.name for n in ours.graph.node} >= {"dead_b1"} and len(ours.graph.node) == count + 1
+
+
+def test_variant_opset_is_the_export_s_unless_the_type_needs_newer(tiny_artifacts):
+    """bf16 Conv/InstanceNormalization exist in ONNX only from opset 22; T5's float ops take bf16 at 19."""
+    manifest = Manifest.load(tiny_artifacts)
+    got = {}
+    for component in ("text_encoder", "unet", "movq_decoder"):
+        model = onnx.load(str(manifest.path(manifest.onnx(component).graph.path)), load_external_data=False)
+        got[component] = (variant_opset(model, "fp16"), variant_opset(model, "bf16"))
+    assert got == {"text_encoder": (19, 19), "unet": (19, 22), "movq_decoder": (19, 22)}
+    path = manifest.path(manifest.onnx("text_encoder").graph.path)
+    keep = fp32_nodes(card("text_encoder").precision.islands("bf16"), onnx.load(str(path)))
+    bf16 = convert(path, "bf16", keep)
+    onnx.checker.check_model(bf16, full_check=True)  # bf16 types valid at the export's opset
+    assert [o.version for o in bf16.opset_import if o.domain in ("", "ai.onnx")] == [19]
+    assert any(t.data_type == onnx.TensorProto.BFLOAT16 for t in bf16.graph.initializer)

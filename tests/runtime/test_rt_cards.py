@@ -49,7 +49,7 @@ def test_precision_policy_says_what_stays_fp32():
     assert card("text_encoder").precision.islands("fp16") == "t5_norms_wo_residual"
     assert card("text_encoder").precision.islands("bf16") == "t5_norms"
     assert card("movq_decoder").precision.islands("fp16") == "movq_norms_softmax"
-    assert card("unet").precision.islands("fp16") == "none"
+    assert card("unet").precision.islands("fp16") == "unet_time_projection"
     assert "int8" in card("unet").precision.variants and "int8" not in card("movq_decoder").precision.variants
 
 
