@@ -33,7 +33,7 @@ def cmd_calibrate(args) -> int:
         artifacts=Path(args.artifacts), trajectory=trajectory, quant=quant,
         prompts_file=Path(args.prompts) if args.prompts else None, num_prompts=args.num_prompts,
         heldout=args.heldout_prompts, sensitivity=sensitivity, out=Path(args.out) if args.out else None,
-        report_dir=Path(args.report) if args.report else None, threads=args.threads)
+        report_dir=Path(args.report) if args.report else None, threads=args.threads, component=args.component)
     with contextlib.ExitStack() as locks:  # one writer per artifact directory: ART, and --out if it exists
         locks.enter_context(artifact_lock(Path(args.artifacts), log))
         if args.out and (Path(args.out) / "manifest.json").is_file() and \
@@ -54,7 +54,11 @@ def check_calibrate_args(args) -> None:
     from ..runtime.validate import (MAX_SEED, MAX_STEPS, check_float, check_input_dir, check_int, check_threads,
                                     parse_resolution)
 
-    root = Manifest.load(args.artifacts).root
+    from .targets import target_of
+
+    manifest = Manifest.load(args.artifacts)
+    root = manifest.root
+    manifest.onnx(target_of(args.component).component)  # calibratable, and exported: typed errors now
     check_int("--num-prompts", args.num_prompts, 1, 100_000, "e.g. --num-prompts 32")
     check_int("--heldout-prompts", args.heldout_prompts, 1, 1000, "e.g. --heldout-prompts 4")
     check_int("--steps", args.steps, 1, MAX_STEPS, "e.g. --steps 25")
@@ -86,8 +90,13 @@ def check_calibrate_args(args) -> None:
 def register(sub) -> None:
     from ..runtime.commands import add_size_args
 
+    from .targets import quantizable
+
     p = sub.add_parser("calibrate", help="INT8 Q/DQ U-Net from real denoising trajectories, with quality report")
     p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
+    p.add_argument("--component", choices=quantizable(), default="unet",
+                   help="which U-Net: unet (text-to-image trajectories, the default), unet_inpainting (inpainting "
+                        "trajectories on box, stroke and outpaint masks), unet_flash (Flash trajectories)")
     p.add_argument("--out", metavar="ART", help="write into a copy of ART here (default: ART itself)")
     p.add_argument("--model", metavar="DIR", help="model folder, for its native image size (default: the "
                                                    "manifest's source path; else 1024)")

@@ -5,8 +5,14 @@ the runtime feeds at every denoising step (both guidance halves: the runtime bat
 `.npz` per prompt, named by a key over everything that shapes it (prompt, seed, steps, guidance, size, the
 fp32 export keys, tokenizer and scheduler), so re-runs reuse it and a re-export invalidates it.
 
+Which U-Net and which task (`targets.Target`): text to image for the base U-Net; for the inpainting U-Net the
+inpainting task, on the image the fp32 text-to-image pipeline made for the same prompt and seed (so a prompt
+describes its picture; those trajectories are the base U-Net's, reused from the cache) and a mask drawn from
+the seed (`masks.py`: box, strokes, outpaint bands); Flash for the Flash U-Net.
+
 Only held-out prompts are decoded to images (their PSNR needs them); calibration prompts stop at the final
 latents, because the MoVQ decode is the largest memory user of a 1024 x 1024 generation (see `fp32_pipeline`).
+(An inpainting trajectory of a calibration prompt decodes its source's final latents once, for the picture.)
 """
 from __future__ import annotations
 
@@ -22,10 +28,12 @@ from ..runtime.artifacts import Manifest, atomic_write, sha256_json
 from ..runtime.cards import COMPONENTS
 from ..runtime.errors import ArtifactError
 from .config import CALIBRATION_VERSION, TrajectoryConfig
+from .masks import MASK_VERSION, calibration_mask, layout_of
 from .prompts import PromptSet
+from .targets import TEXT_TO_IMAGE, Target
 
 CACHE_DIR = Path("calibration") / "cache"  # relative to the artifact directory
-UNET_INPUTS = ("sample", "timestep", "encoder_hidden_states", "encoder_attention_mask")
+TASK_INPUTS = ("input_image", "user_mask")  # what an inpainting trajectory starts from, stored with it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,8 +41,9 @@ class UnetCall:
     prompt_index: int
     step: int
     timestep: int
-    feeds: dict  # the four U-Net inputs as float32 numpy arrays
+    feeds: dict  # the U-Net's inputs (its card's names) as float32 numpy arrays
     noise_pred: np.ndarray  # what the fp32 U-Net returned for them
+    output: str = "noise_pred"  # the name of that output (its card's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +52,17 @@ class TrajectoryFile:
     seed: int
     key: str
     path: Path
+    source: "TrajectoryFile | None" = None  # inpainting: the text-to-image trajectory whose image it repaints
     decoded: bool = True  # False: final latents only, no image (calibration prompts)
 
     def load(self) -> dict[str, np.ndarray]:
         with np.load(self.path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
+
+    def task_inputs(self) -> dict[str, np.ndarray]:
+        """What the task started from (inpainting: the source image and the user mask); empty otherwise."""
+        arrays = self.load()
+        return {name: arrays[name] for name in TASK_INPUTS if name in arrays}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,13 +70,22 @@ class TrajectorySet:
     name: str
     files: tuple[TrajectoryFile, ...]
     config: TrajectoryConfig
+    target: Target = TEXT_TO_IMAGE
 
     def key(self) -> str:
         return sha256_json([f.key for f in self.files])
 
+    @property
+    def guided(self) -> bool:
+        return self.target.guided(self.config)
+
+    @property
+    def calls(self) -> int:
+        return len(self.files) * self.target.calls_per_prompt(self.config)
+
     def unet_calls(self, prompts: range | None = None) -> Iterator[UnetCall]:
         for index in prompts if prompts is not None else range(len(self.files)):
-            yield from unet_calls(self.files[index].load(), index)
+            yield from unet_calls(self.files[index].load(), index, self.target)
 
     def images(self) -> np.ndarray:
         if not self.decoded:
@@ -73,58 +97,83 @@ class TrajectorySet:
         return all(f.decoded for f in self.files)
 
 
-def unet_calls(arrays: dict, prompt_index: int) -> Iterator[UnetCall]:
+def unet_calls(arrays: dict, prompt_index: int, target: Target = TEXT_TO_IMAGE) -> Iterator[UnetCall]:
     """Expand one prompt's arrays into its per-step U-Net feeds (the context is stored once per prompt)."""
-    for step in range(arrays["unet__sample"].shape[0]):
-        timestep = arrays["unet__timestep"][step]
-        feeds = {"sample": arrays["unet__sample"][step], "timestep": timestep,
-                 "encoder_hidden_states": arrays["unet__encoder_hidden_states"],
-                 "encoder_attention_mask": arrays["unet__encoder_attention_mask"]}
-        yield UnetCall(prompt_index, step, int(timestep[0]), feeds, arrays["unet__noise_pred"][step])
+    name, step_inputs = target.component, ("sample", "timestep")
+    for step in range(arrays[f"{name}__sample"].shape[0]):
+        feeds = {i: arrays[f"{name}__{i}"][step] if i in step_inputs else arrays[f"{name}__{i}"]
+                 for i in target.card.input_names}
+        yield UnetCall(prompt_index, step, int(feeds["timestep"][0]), feeds, arrays[f"{name}__{target.output}"][step],
+                       target.output)
 
 
-def trajectory_key(manifest: Manifest, prompt: str, seed: int, config: TrajectoryConfig, decoded: bool = True) -> str:
-    # the text-to-image trajectory: the task components (MoVQ encoder, U-Net variants) do not take part
-    exports = {c: manifest.onnx(c).export_key for c in ("text_encoder", "unet", "movq_decoder")}
-    return sha256_json({"prompt": prompt, "seed": seed, "config": config.as_dict(), "exports": exports,
-                        "tokenizer": manifest.data["tokenizer"]["sha256"],
-                        "scheduler": manifest.data["scheduler"]["sha256"], "version": CALIBRATION_VERSION,
-                        **({} if decoded else {"decoded": False})})  # decoded keys unchanged: caches stay valid
+def trajectory_key(manifest: Manifest, prompt: str, seed: int, config: TrajectoryConfig, decoded: bool = True,
+                   target: Target = TEXT_TO_IMAGE, source: TrajectoryFile | None = None) -> str:
+    exports = {c: manifest.onnx(c).export_key for c in target.exports()}
+    spec = {"prompt": prompt, "seed": seed, "config": config.as_dict(), "exports": exports,
+            "tokenizer": manifest.data["tokenizer"]["sha256"],
+            "scheduler": manifest.data["scheduler"]["sha256"], "version": CALIBRATION_VERSION,
+            **({} if decoded else {"decoded": False})}  # decoded keys unchanged: caches stay valid
+    if target != TEXT_TO_IMAGE:  # (text to image keeps the key it always had: its caches stay valid)
+        spec.update(target=target.component, task=target.task, masks=MASK_VERSION,
+                    source=source.key if source is not None else None)
+    return sha256_json(spec)
 
 
-def plan(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *, decode: bool = True) -> TrajectorySet:
+def plan(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, target: Target = TEXT_TO_IMAGE,
+         sources: TrajectorySet | None = None, *, decode: bool = True) -> TrajectorySet:
     files = []
     for i, prompt in enumerate(prompts.prompts):
-        key = trajectory_key(manifest, prompt, config.seed + i, config, decode)
+        source = sources.files[i] if sources is not None else None
+        key = trajectory_key(manifest, prompt, config.seed + i, config, decode, target, source)
         files.append(TrajectoryFile(prompt, config.seed + i, key,
-                                    manifest.root / CACHE_DIR / f"trajectory-{key[:20]}.npz", decode))
-    return TrajectorySet(prompts.name, tuple(files), config)
+                                    manifest.root / CACHE_DIR / f"trajectory-{key[:20]}.npz", source, decode))
+    return TrajectorySet(prompts.name, tuple(files), config, target)
 
 
-def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *, threads: int | None = None,
-            decode: bool = True, log=print) -> TrajectorySet:
-    """Trajectories for `prompts`, from the cache where present; missing ones are run and saved.
+def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *, target: Target = TEXT_TO_IMAGE,
+            threads: int | None = None, decode: bool = True, log=print) -> TrajectorySet:
+    """Trajectories for `prompts`, from the cache where present; missing ones are run and saved. Inpainting
+    trajectories first collect (or reuse) the text-to-image ones whose images they repaint.
     `decode=False` records the U-Net calls and final latents only (no MoVQ decode, no image)."""
     from tqdm import tqdm
 
-    trajectories = plan(manifest, prompts, config, decode=decode)
+    sources = collect(manifest, prompts, config, threads=threads, decode=decode, log=log) if target.masked \
+        else None
+    trajectories = plan(manifest, prompts, config, target, sources, decode=decode)
     missing = [f for f in trajectories.files if not f.path.is_file()]
     cached = len(trajectories.files) - len(missing)
-    where = manifest.root / CACHE_DIR
+    where, what = manifest.root / CACHE_DIR, f"[{target.task}: {target.component}]"
     if not missing:
         log(f"{prompts.name}: reusing cached trajectories for all {cached} prompts ({config.steps} steps, "
-            f"{config.width}x{config.height}) from {where}")
+            f"{config.width}x{config.height}) from {where} {what}")
         return trajectories
     log(f"{prompts.name}: {cached} prompt(s) cached, running the fp32 pipeline for {len(missing)} "
-        f"({config.steps} steps, {config.width}x{config.height}) -> {where}")
+        f"({config.steps} steps, {config.width}x{config.height}) -> {where} {what}")
     pipe = fp32_pipeline(manifest, threads)
     try:
         for item in tqdm(missing, desc=f"{prompts.name} trajectories", unit="prompt", file=sys.stderr):
-            save_npz(item.path, record_prompt(pipe, item.prompt, item.seed, config, decode=decode), meta={
-                "prompt": item.prompt, "seed": item.seed, "config": config.as_dict(), "key": item.key})
+            inputs = task_inputs(pipe, item, config) if target.masked else {}
+            arrays = record_prompt(pipe, item.prompt, item.seed, config, target, inputs, decode=decode)
+            save_npz(item.path, arrays, meta={
+                "prompt": item.prompt, "seed": item.seed, "config": config.as_dict(), "key": item.key,
+                "component": target.component, "task": target.task,
+                **({"mask_layout": layout_of(item.seed)} if inputs else {})})
     finally:
         pipe.close()
     return trajectories
+
+
+def task_inputs(pipe, item: TrajectoryFile, config: TrajectoryConfig) -> dict[str, np.ndarray]:
+    """The inpainting start: the source trajectory's image at 8 bits (what a PNG holds) and the seed's mask. A
+    source recorded without its image (a calibration prompt) is decoded from its final latents here."""
+    import torch
+
+    source = item.source.load()
+    image = source["image"][0] if "image" in source else \
+        pipe.decode(torch.from_numpy(source["movq_decoder__latents"]))[0]
+    return {"input_image": (np.round(np.clip(image, 0, 1) * 255) / 255).astype(np.float32),
+            "user_mask": calibration_mask(item.seed, config.height, config.width)}
 
 
 def fp32_pipeline(manifest: Manifest, threads: int | None):
@@ -136,9 +185,9 @@ def fp32_pipeline(manifest: Manifest, threads: int | None):
     return Pipeline(manifest, make_backend("ort", manifest, "fp32", threads=threads, arena=False))
 
 
-def record_prompt(pipe, prompt: str, seed: int, config: TrajectoryConfig, *, decode: bool = True
-                  ) -> dict[str, np.ndarray]:
-    """Run one prompt with the backend's `run` wrapped; returns the packed per-component inputs."""
+def record_prompt(pipe, prompt: str, seed: int, config: TrajectoryConfig, target: Target = TEXT_TO_IMAGE,
+                  inputs: dict | None = None, *, decode: bool = True) -> dict[str, np.ndarray]:
+    """Run one prompt's task with the backend's `run` wrapped; returns the packed per-component inputs."""
     calls: list[tuple[str, dict, dict]] = []
     original = pipe.backend.run
 
@@ -149,42 +198,42 @@ def record_prompt(pipe, prompt: str, seed: int, config: TrajectoryConfig, *, dec
 
     pipe.backend.run = recording_run  # instance attribute shadows the method; removed in `finally`
     try:
-        result = pipe.generate(prompt, seed=seed, steps=config.steps, guidance=config.guidance,
-                               height=config.height, width=config.width, output_type="np" if decode else "latent")
+        result = target.run(pipe, prompt, seed, config, inputs or {}, decode=decode)
     finally:
         del pipe.backend.run
-    return pack(calls, result if decode else None, None if decode else result)
+    arrays = pack(calls, result if decode else None, target, None if decode else result)
+    return {**arrays, **(inputs or {})}
 
 
 def _numpy(tensors: dict) -> dict:
     return {k: np.ascontiguousarray(v.detach().cpu().numpy()) for k, v in tensors.items()}
 
 
-def pack(calls: list[tuple[str, dict, dict]], image: np.ndarray | None,
+def pack(calls: list[tuple[str, dict, dict]], image: np.ndarray | None, target: Target = TEXT_TO_IMAGE,
          final_latents: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """One prompt's arrays; with `image=None` the run stopped at `final_latents` (no MoVQ call expected)."""
+    """One prompt's calls as arrays: the U-Net's per-step inputs and outputs (`<component>__<name>`), its
+    context once, and the single calls of the other components. With `image=None` the run stopped at
+    `final_latents` (no MoVQ decoder call expected; they are stored as its input)."""
     by_component = {c: [(f, o) for name, f, o in calls if name == c] for c in COMPONENTS}
-    decoder_calls = 0 if image is None else 1
-    if len(by_component["text_encoder"]) != 1 or len(by_component["movq_decoder"]) != decoder_calls:
-        raise ArtifactError(f"expected one text-encoder and {decoder_calls} MoVQ call(s) per prompt, got "
-                            f"{len(by_component['text_encoder'])} and {len(by_component['movq_decoder'])}")
-    unet = by_component["unet"]
+    singles = [c for c in target.exports() if c != target.component]
+    expected = {c: 0 if c == "movq_decoder" and image is None else 1 for c in singles}
+    if any(len(by_component[c]) != n for c, n in expected.items()):
+        raise ArtifactError("expected per prompt " + ", ".join(f"{n} {c} call(s)" for c, n in expected.items())
+                            + ", got " + ", ".join(f"{len(by_component[c])}" for c in singles))
+    unet, name = by_component[target.component], target.component
     context, mask = unet[0][0]["encoder_hidden_states"], unet[0][0]["encoder_attention_mask"]
     for feeds, _ in unet:  # stored once per prompt: prove it is constant over the trajectory
         if not (np.array_equal(feeds["encoder_hidden_states"], context)
                 and np.array_equal(feeds["encoder_attention_mask"], mask)):
             raise ArtifactError("the U-Net context changed between steps; calibration cannot store it once")
-    (te_feeds, _), = by_component["text_encoder"]
-    latents = by_component["movq_decoder"][0][0]["latents"] if image is not None else final_latents
-    arrays = {
-        "text_encoder__input_ids": te_feeds["input_ids"], "text_encoder__attention_mask": te_feeds["attention_mask"],
-        "unet__sample": np.stack([f["sample"] for f, _ in unet]),
-        "unet__timestep": np.stack([f["timestep"] for f, _ in unet]),
-        "unet__encoder_hidden_states": context, "unet__encoder_attention_mask": mask,
-        "unet__noise_pred": np.stack([o["noise_pred"] for _, o in unet]),
-        "movq_decoder__latents": latents,
-    }
-    if image is not None:
+    arrays = {f"{c}__{i}": v for c in singles if expected[c] for i, v in by_component[c][0][0].items()}
+    arrays.update({f"{name}__sample": np.stack([f["sample"] for f, _ in unet]),
+                   f"{name}__timestep": np.stack([f["timestep"] for f, _ in unet]),
+                   f"{name}__encoder_hidden_states": context, f"{name}__encoder_attention_mask": mask,
+                   f"{name}__{target.output}": np.stack([o[target.output] for _, o in unet])})
+    if image is None:
+        arrays["movq_decoder__latents"] = final_latents
+    else:
         arrays["image"] = image.astype(np.float32)
     return arrays
 

@@ -15,7 +15,8 @@ DEFAULT_EXCLUSIONS: tuple[tuple[str, str], ...] = (
     ("/unet/conv_in/", "first layer: raw latents in, small compute, error reaches every later layer"),
     ("/unet/conv_out/", "last layer: writes the noise prediction itself"),
     ("/unet/time_embedding/", "timestep MLP: an error shifts every conditional norm at once"),
-    ("/unet/encoder_hid_proj/", "text projection: feeds every cross-attention key and value"),
+    # (no /unet/ prefix: the inpainting and Flash U-Nets' wrapper runs the projection itself, docs/tasks.md)
+    ("/encoder_hid_proj/", "text projection: feeds every cross-attention key and value"),
     ("/unet/add_time_condition/", "attention pooling of the text into the time embedding"),
     ("/context_mlp/", "conditional GroupNorm scale/shift MLPs (norms): batch-size rows, nothing to gain, "
                       "their output rescales whole feature maps"),

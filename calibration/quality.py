@@ -25,8 +25,11 @@ def fake_quant_session(model, threads: int | None = None, *, optimize: bool = Tr
     return cpu_session(model, threads=threads, optimize=optimize, disable_quant_qdq=True, arena=False)
 
 
-def guided(noise: np.ndarray, guidance: float) -> np.ndarray:
-    """The runtime's classifier-free guidance on a [uncond, cond] batch: (g + 1) * cond - g * uncond."""
+def guided(noise: np.ndarray, guidance: float | None) -> np.ndarray:
+    """The runtime's classifier-free guidance on a [uncond, cond] batch: (g + 1) * cond - g * uncond; `None`:
+    an unguided U-Net (Flash), whose output is the noise the sampler uses."""
+    if guidance is None:
+        return noise
     uncond, cond = np.split(noise, 2)
     return (guidance + 1.0) * cond - guidance * uncond
 
@@ -45,11 +48,11 @@ def run_calls(session, calls, label: str = "int8 U-Net", progress: bool = True) 
     reference, candidate = {}, {}
     for call in tqdm(list(calls), desc=label, unit="call", file=sys.stderr, leave=False, disable=not progress):
         reference.setdefault(call.timestep, []).append(call.noise_pred)
-        candidate.setdefault(call.timestep, []).append(session.run(["noise_pred"], call.feeds)[0])
+        candidate.setdefault(call.timestep, []).append(session.run([call.output], call.feeds)[0])
     return TimestepOutputs(tuple(sorted(reference, reverse=True)), reference, candidate)
 
 
-def per_timestep(outputs: TimestepOutputs, guidance: float) -> list[dict]:
+def per_timestep(outputs: TimestepOutputs, guidance: float | None) -> list[dict]:
     """Cosine / relative L2 per timestep, pooled over prompts (and the worst single prompt), for the raw U-Net
     output (both guidance halves) and for the guided noise the scheduler actually uses."""
     rows = []
@@ -77,7 +80,7 @@ def summarize(rows: list[dict]) -> dict:
 def unet_quality(model_path, heldout: TrajectorySet, *, threads: int | None = None) -> tuple[dict, list[dict]]:
     """(summary, per-timestep rows) of the Q/DQ U-Net at `model_path` on every held-out call."""
     session = fake_quant_session(model_path, threads)
-    rows = per_timestep(run_calls(session, heldout.unet_calls()), heldout.config.guidance)
+    rows = per_timestep(run_calls(session, heldout.unet_calls()), heldout.config.guidance if heldout.guided else None)
     return summarize(rows), rows
 
 
@@ -90,21 +93,22 @@ def int8_manifest(manifest: Manifest, record: OnnxRecord) -> Manifest:
 
 def end_to_end(manifest: Manifest, record: OnnxRecord, heldout: TrajectorySet, count: int, *,
                threads: int | None = None, fused: bool = False) -> tuple[list[dict], np.ndarray]:
-    """Free-running int8 pipeline on the first `count` held-out prompts with their fp32 seeds: PSNR against
-    the cached fp32 images. `fused=True` uses ONNX Runtime's int8 kernels instead of fake-quant."""
+    """Free-running task (the trajectories' own: text to image, inpainting on the same image and mask, Flash)
+    with only the calibrated U-Net in int8, on the first `count` held-out prompts with their fp32 seeds: PSNR
+    against the cached fp32 images. `fused=True` uses ONNX Runtime's int8 kernels instead of fake-quant."""
     from tqdm import tqdm
 
     from ..runtime.backends.base import make_backend
     from ..runtime.pipeline import Pipeline
 
     view = int8_manifest(manifest, record)
-    backend = make_backend("ort", view, "int8", threads=threads, disable_quant_qdq=not fused, arena=False)
+    backend = make_backend("ort", view, {record.component: record.variant}, threads=threads,
+                           disable_quant_qdq=not fused, arena=False)
     pipe, cfg = Pipeline(view, backend), heldout.config
     rows, images = [], []
     label = "end to end (int8 kernels)" if fused else "end to end (fake-quant)"
     for item in tqdm(heldout.files[:count], desc=label, unit="prompt", file=sys.stderr, leave=False):
-        image = pipe.generate(item.prompt, seed=item.seed, steps=cfg.steps, guidance=cfg.guidance,
-                              height=cfg.height, width=cfg.width, output_type="np")
+        image = heldout.target.run(pipe, item.prompt, item.seed, cfg, item.task_inputs())
         reference = item.load()["image"]
         rows.append({"prompt": item.prompt, "seed": item.seed, "psnr_db": psnr(reference, image),
                      "finite": bool(np.isfinite(image).all())})

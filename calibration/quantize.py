@@ -126,7 +126,7 @@ def compute_ranges(fp32_path: Path, trajectories: TrajectorySet, config: QuantCo
     if out.is_file():
         log(f"reusing cached activation ranges {out.name} ({config.calibrator.value}, same trajectories)")
         return out
-    calls = len(trajectories.files) * trajectories.config.steps
+    calls = trajectories.calls
     log(f"calibrating activation ranges ({config.calibrator.value}) over {calls} U-Net calls, one at a time ...")
     options = {"symmetric": True}
     if config.calibrator is Calibrator.PERCENTILE:

@@ -12,7 +12,12 @@ from ..runtime.artifacts import atomic_write_bytes, atomic_write_json
 NOT_QUANTIZED = {
     "text_encoder": "fp32: T5 overflows in reduced precision and runs once per prompt (no int8 variant)",
     "movq_decoder": "fp32: runs once per image; not quantized by this stage (no int8 variant)",
+    "movq_encoder": "fp32: runs once per image; not quantized by this stage (no int8 variant)",
 }
+
+
+def unet_label(component: str) -> str:
+    return "U-Net" if component == "unet" else f"U-Net [{component}]"
 
 
 def _mean_psnr(rows: list[dict]) -> float:
@@ -20,11 +25,15 @@ def _mean_psnr(rows: list[dict]) -> float:
     return float(np.mean(values)) if values and all(math.isfinite(v) for v in values) else float("nan")
 
 
-def build_payload(*, record_path: str, settings: dict, exclusions: dict, qdq: dict, measured: dict) -> dict:
-    unet = {"variant": "int8", "summary": measured["unet"], "per_timestep": measured["per_timestep"]}
-    components = {"unet": unet, **{c: {"variant": "fp32", "note": n} for c, n in NOT_QUANTIZED.items()}}
+def build_payload(*, record_path: str, settings: dict, exclusions: dict, qdq: dict, measured: dict,
+                  component: str = "unet", others: tuple[str, ...] = ("text_encoder", "movq_decoder"),
+                  guided: bool = True) -> dict:
+    """`others`: the components the trajectories also ran (reported as fp32)."""
+    unet = {"variant": "int8", "summary": measured["unet"], "per_timestep": measured["per_timestep"],
+            "guided": guided}
+    components = {component: unet, **{c: {"variant": "fp32", "note": NOT_QUANTIZED[c]} for c in others}}
     return {
-        "graph": record_path, "settings": settings, "exclusions": exclusions,
+        "component": component, "graph": record_path, "settings": settings, "exclusions": exclusions,
         "qdq": {k: (len(v) if isinstance(v, list) else v) for k, v in qdq.items()},
         "components": components,
         "end_to_end": {"fake_quant": measured["end_to_end"], "mean_psnr_db": _mean_psnr(measured["end_to_end"]),
@@ -34,9 +43,14 @@ def build_payload(*, record_path: str, settings: dict, exclusions: dict, qdq: di
     }
 
 
+def calibrated(payload: dict) -> dict:
+    """The calibrated component's section of the payload (reports written before it was named: the U-Net)."""
+    return payload["components"][payload.get("component", "unet")]
+
+
 def quality_summary(payload: dict) -> dict:
     """The short form stored in the manifest record."""
-    unet = payload["components"]["unet"]["summary"]
+    unet = calibrated(payload)["summary"]
     return {**{k: unet[k] for k in ("mean_cosine", "worst_cosine", "worst_timestep", "mean_rel_l2",
                                     "worst_rel_l2", "mean_guided_cosine", "finite")},
             "end_to_end_psnr_db": [r["psnr_db"] for r in payload["end_to_end"]["fake_quant"]],
@@ -44,14 +58,18 @@ def quality_summary(payload: dict) -> dict:
 
 
 def format_summary(payload: dict) -> str:
-    unet = payload["components"]["unet"]["summary"]
+    section = calibrated(payload)
+    unet = section["summary"]
     e2e = payload["end_to_end"]
+    guided = (f"guided noise (g+1)*cond - g*uncond: cosine mean {unet['mean_guided_cosine']:.5f}, worst "
+              f"{unet['worst_guided_cosine']:.5f}") if section.get("guided", True) else \
+        "unguided U-Net: its output is the noise the sampler uses"
     lines = [
-        f"U-Net int8 vs fp32 on held-out trajectories ({len(payload['components']['unet']['per_timestep'])} "
-        f"timesteps): cosine mean {unet['mean_cosine']:.5f}, worst {unet['worst_cosine']:.5f} at "
-        f"t={unet['worst_timestep']}; rel L2 mean {unet['mean_rel_l2']:.4f}, worst {unet['worst_rel_l2']:.4f}",
-        f"guided noise (g+1)*cond - g*uncond: cosine mean {unet['mean_guided_cosine']:.5f}, worst "
-        f"{unet['worst_guided_cosine']:.5f}",
+        f"{unet_label(payload.get('component', 'unet'))} int8 vs fp32 on held-out trajectories "
+        f"({len(section['per_timestep'])} timesteps): cosine mean {unet['mean_cosine']:.5f}, worst "
+        f"{unet['worst_cosine']:.5f} at t={unet['worst_timestep']}; rel L2 mean {unet['mean_rel_l2']:.4f}, worst "
+        f"{unet['worst_rel_l2']:.4f}",
+        guided,
         "end-to-end PSNR vs fp32, same seed (fake-quant): " + ", ".join(f"{r['psnr_db']:.2f}" for r in
                                                                      e2e["fake_quant"])
         + f" dB (mean {e2e['mean_psnr_db']:.2f})",
@@ -75,13 +93,19 @@ def _png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_report(folder: Path, payload: dict, fp32_images: np.ndarray, int8_images: np.ndarray) -> Path:
+def write_report(folder: Path, payload: dict, fp32_images: np.ndarray, int8_images: np.ndarray,
+                 inputs: list[dict] | None = None) -> Path:
+    """`inputs`: per held-out prompt, what the task started from (inpainting: input_image, user_mask), shown
+    beside the outputs."""
     from ..runtime.outputs import claim_output_dir
 
     folder = claim_output_dir(folder, "report", name="--report")  # new, empty, or an earlier report
     for i, (ref, ours) in enumerate(zip(fp32_images, int8_images)):
         atomic_write_bytes(folder / f"fp32-{i}.png", _png(ref))
         atomic_write_bytes(folder / f"int8-{i}.png", _png(ours))
+        for name, array in (inputs[i] if inputs else {}).items():
+            tile = array if array.ndim == 3 else np.repeat(array[..., None].astype(np.float32), 3, -1)
+            atomic_write_bytes(folder / f"{name}-{i}.png", _png(tile))
     atomic_write_json(folder / "quality.json", json.loads(json.dumps(payload, default=float)))
     atomic_write_bytes(folder / "report.md", markdown(payload).encode())
     return folder / "report.md"
@@ -89,7 +113,8 @@ def write_report(folder: Path, payload: dict, fp32_images: np.ndarray, int8_imag
 
 def markdown(payload: dict) -> str:
     s = payload["settings"]
-    lines = ["# INT8 calibration report (U-Net)", "", f"Model: `{payload['graph']}`", "",
+    component = payload.get("component", "unet")
+    lines = [f"# INT8 calibration report ({unet_label(component)})", "", f"Model: `{payload['graph']}`", "",
              f"Calibration: {s['calibration_prompts']['count']} prompts from `{s['calibration_prompts']['source']}`"
              f", {s['trajectory']['steps']} steps, {s['trajectory']['width']}x{s['trajectory']['height']}, "
              f"guidance {s['trajectory']['guidance']}; calibrator `{s['quant']['calibrator']}`"
@@ -98,13 +123,16 @@ def markdown(payload: dict) -> str:
              f"{payload['qdq']['float_nodes']} Conv/MatMul/Gemm kept float.", "", "```", format_summary(payload),
              "```", "", "## Per timestep (held-out prompts, teacher-forced)", "",
              "| t | cosine | rel L2 | worst prompt cosine | guided cosine |", "|---|---|---|---|---|"]
-    for r in payload["components"]["unet"]["per_timestep"]:
+    for r in calibrated(payload)["per_timestep"]:
         lines.append(f"| {r['timestep']} | {r['cosine']:.5f} | {r['rel_l2']:.4f} | {r['min_prompt_cosine']:.5f} | "
                      f"{r['guided_cosine']:.5f} |")
-    lines += ["", "## End to end (same seed, fake-quant)", "", "| prompt | PSNR dB | fp32 | int8 |",
-              "|---|---|---|---|"]
+    shown = payload.get("task_inputs", [])  # e.g. input_image, user_mask (inpainting)
+    lines += ["", "## End to end (same seed, fake-quant)", "",
+              "| prompt | PSNR dB | " + " | ".join(shown + ["fp32", "int8"]) + " |",
+              "|---|---|" + "---|" * (len(shown) + 2)]
     for i, r in enumerate(payload["end_to_end"]["fake_quant"]):
-        lines.append(f"| {r['prompt']} | {r['psnr_db']:.2f} | ![](fp32-{i}.png) | ![](int8-{i}.png) |")
+        tiles = " | ".join(f"![]({name}-{i}.png)" for name in shown + ["fp32", "int8"])
+        lines.append(f"| {r['prompt']} | {r['psnr_db']:.2f} | {tiles} |")
     lines += _exclusion_lines(payload) + _sensitivity_lines(payload.get("sensitivity"))
     return "\n".join(lines) + "\n"
 

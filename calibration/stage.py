@@ -1,7 +1,9 @@
 """The calibration stage: trajectories -> ranges -> Q/DQ U-Net -> quality -> manifest, atomically.
 
-The int8 model is written to a staging folder, moved to a content-keyed folder (`unet/int8-<key12>/`) that
-nothing references yet, measured, and only then recorded: `manifest.save()` is the commit point, and any
+Any U-Net whose card allows int8 (`targets.py`): the base U-Net on text-to-image trajectories, the inpainting
+U-Net on masked inpainting trajectories, the Flash U-Net on Flash trajectories; the same steps and report.
+The int8 model is written to a staging folder, moved to a content-keyed folder (`<component>/int8-<key12>/`)
+that nothing references yet, measured, and only then recorded: `manifest.save()` is the commit point, and any
 failure before it removes the new folder and leaves the previous artifacts (and manifest) as they were.
 """
 from __future__ import annotations
@@ -18,7 +20,9 @@ from ..runtime.outputs import check_output_dir, install_dir
 from . import collect, quality, quantize
 from .config import CALIBRATION_VERSION, DEFAULT_EXCLUSIONS, QuantConfig, TrajectoryConfig
 from .prompts import calibration_prompts, heldout_prompts
+from .report import unet_label
 from .sensitivity import SensitivityConfig
+from .targets import Target, target_of
 
 PROTOBUF_LIMIT = 2 * 1024**3
 KANDINSKY3_NATIVE_SIZE = 1024
@@ -37,6 +41,11 @@ class CalibrationRequest:
     report_dir: Path | None = None
     threads: int | None = None
     external_threshold: int = PROTOBUF_LIMIT
+    component: str = "unet"  # which U-Net: any card with an int8 variant (`targets.quantizable`)
+
+    @property
+    def target(self) -> Target:
+        return target_of(self.component)
 
 
 def native_size(manifest: Manifest, model_dir: str | Path | None = None) -> int:
@@ -54,15 +63,15 @@ def native_size(manifest: Manifest, model_dir: str | Path | None = None) -> int:
     return KANDINSKY3_NATIVE_SIZE
 
 
-def prepare_root(artifacts: Path, out: Path | None, log) -> Path:
+def prepare_root(artifacts: Path, out: Path | None, log, component: str = "unet") -> Path:
     """The directory to write: ART itself, or a fresh copy of it at --out (copied atomically)."""
-    Manifest.load(artifacts)  # a typed error now if ART is not an artifact directory
+    Manifest.load(artifacts).onnx(component)  # a typed error now if ART is not an artifact directory with it
     if out is None or out.resolve() == artifacts.resolve():
         return artifacts
     check_output_dir(out, "artifacts", name="--out", inputs=(artifacts,))  # new, empty, or k3trt's artifacts
     if out.exists() and any(out.iterdir()):
         mine = Manifest.load(out)  # an earlier `--out` of the same artifacts may be continued
-        if mine.onnx("unet").export_key != Manifest.load(artifacts).onnx("unet").export_key:
+        if mine.onnx(component).export_key != Manifest.load(artifacts).onnx(component).export_key:
             raise InvalidArgumentError(f"--out {str(out)!r} holds other artifacts",
                                        accepted="a new or empty folder, or an earlier --out of the same ART",
                                        fix="choose another --out folder")
@@ -87,15 +96,16 @@ def int8_key(fp32: OnnxRecord, ranges: Path, config: QuantConfig, excluded: list
 def build_int8(manifest: Manifest, fp32: OnnxRecord, ranges: Path, excluded: list[str], request, key: str,
                log) -> tuple[Path, bool]:
     """The content-keyed int8 folder, quantized through a staging folder; (folder, created_now)."""
-    folder = manifest.root / "unet" / f"int8-{key[:12]}"
-    if manifest.has_onnx("unet", "int8") and manifest.onnx("unet", "int8").export_key == key:
+    folder = manifest.root / fp32.component / f"int8-{key[:12]}"
+    if manifest.has_onnx(fp32.component, "int8") and manifest.onnx(fp32.component, "int8").export_key == key:
         try:
-            manifest.verify_onnx(manifest.onnx("unet", "int8"))
-            log(f"int8 U-Net up to date ({folder.relative_to(manifest.root)}, same ranges and exclusions)")
+            manifest.verify_onnx(manifest.onnx(fp32.component, "int8"))
+            log(f"int8 {unet_label(fp32.component)} up to date ({folder.relative_to(manifest.root)}, same ranges "
+                "and exclusions)")
             return folder, False
         except ArtifactError:
             pass
-    staging = Path(tempfile.mkdtemp(dir=manifest.root, prefix=".staging-unet-int8-"))
+    staging = Path(tempfile.mkdtemp(dir=manifest.root, prefix=f".staging-{fp32.component}-int8-"))
     try:
         log(f"quantizing: {len(excluded)} Conv/MatMul/Gemm node(s) kept float ...")
         quantize.quantize_model(manifest.path(fp32.graph.path), ranges, staging, excluded, request.quant,
@@ -117,7 +127,7 @@ def make_record(root: Path, folder: Path, fp32: OnnxRecord, key: str, extra: dic
     data = folder / "model.onnx.data"
     opset = next(o.version for o in onnx.load(str(graph), load_external_data=False).opset_import
                  if o.domain in ("", "ai.onnx"))
-    return OnnxRecord(component="unet", variant="int8", graph=FileRecord.of(root, graph),
+    return OnnxRecord(component=fp32.component, variant="int8", graph=FileRecord.of(root, graph),
                       external_data=FileRecord.of(root, data) if data.is_file() else None, opset=opset,
                       inputs=fp32.inputs, outputs=fp32.outputs, axes=dict(fp32.axes), source_hash=fp32.source_hash,
                       export_key=key, versions=library_versions(), validation={},
@@ -127,10 +137,10 @@ def make_record(root: Path, folder: Path, fp32: OnnxRecord, key: str, extra: dic
 def collect_all(manifest: Manifest, request: CalibrationRequest, log):
     heldout_set = heldout_prompts(request.heldout)
     calib_set = calibration_prompts(request.prompts_file, request.num_prompts)  # vs the whole held-out file
+    options = dict(target=request.target, threads=request.threads, log=log)
     # calibration prompts need only their U-Net calls: no MoVQ decode (the 1024² peak), no images
-    calib = collect.collect(manifest, calib_set, request.trajectory, threads=request.threads, decode=False,
-                            log=log)
-    heldout = collect.collect(manifest, heldout_set, request.trajectory, threads=request.threads, log=log)
+    calib = collect.collect(manifest, calib_set, request.trajectory, decode=False, **options)
+    heldout = collect.collect(manifest, heldout_set, request.trajectory, **options)
     return calib, heldout
 
 
@@ -152,9 +162,9 @@ def measure(manifest: Manifest, record: OnnxRecord, folder: Path, heldout, reque
     return result
 
 
-def collect_garbage(manifest: Manifest) -> None:
+def collect_garbage(manifest: Manifest, component: str) -> None:
     keep = {Path(p).parent.name for p in manifest.referenced_paths()}
-    for folder in (manifest.root / "unet").glob("int8-*"):
+    for folder in (manifest.root / component).glob("int8-*"):
         if folder.is_dir() and folder.name not in keep:
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -172,7 +182,9 @@ def settings(request: CalibrationRequest, calib, heldout, fp32: OnnxRecord, rang
                                                                                        None)):
         prompts[name] = {"count": len(traj.files), "source": str(source or "shipped"),
                          "digest": sha256_json([f.prompt for f in traj.files])}
-    return {"trajectory": request.trajectory.as_dict(), "quant": request.quant.as_dict(), **prompts,
+    target = request.target
+    return {"component": target.component, "task": target.task, "trajectory": request.trajectory.as_dict(),
+            "quant": request.quant.as_dict(), **prompts,
             "fp32_export_key": fp32.export_key, "ranges_cache": ranges.name,
             "library": f"onnxruntime {quantize._ort_version()} quantize_static (QDQ, per_channel, symmetric)",
             "extra_options": quantize.EXTRA_OPTIONS}
@@ -184,9 +196,10 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
 
     from . import report
 
-    root = prepare_root(Path(request.artifacts), Path(request.out) if request.out else None, log)
+    target = request.target  # a typed error now for a component without an int8 variant
+    root = prepare_root(Path(request.artifacts), Path(request.out) if request.out else None, log, target.component)
     manifest = Manifest.load(root)
-    fp32 = manifest.onnx("unet")
+    fp32 = manifest.onnx(target.component)
     manifest.verify_onnx(fp32)
     fp32_path = manifest.path(fp32.graph.path)
     graph = onnx.load(str(fp32_path), load_external_data=False)
@@ -205,9 +218,13 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
         measured = measure(manifest, record, folder, heldout, request, summary, log)
         payload = report.build_payload(record_path=record.graph.path, settings=config, qdq=summary,
                                        exclusions=exclusion_table(request.quant, matched, excluded, graph),
-                                       measured=measured)
+                                       measured=measured, component=target.component, guided=heldout.guided,
+                                       others=tuple(c for c in target.exports() if c != target.component))
+        shown = [f.task_inputs() for f in heldout.files]
+        payload["task_inputs"] = list(shown[0]) if shown and shown[0] else []
         report_dir = Path(request.report_dir or root / "calibration" / f"report-int8-{key[:12]}")
-        payload["report"] = str(report.write_report(report_dir, payload, heldout.images(), measured["images"]))
+        payload["report"] = str(report.write_report(report_dir, payload, heldout.images(), measured["images"],
+                                                    inputs=shown))
         short = report.quality_summary(payload)
         record = dataclasses.replace(record, validation={"heldout": short},
                                      extra={**record.extra, "quality": short, "report": payload["report"]})
@@ -217,5 +234,5 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    collect_garbage(manifest)
+    collect_garbage(manifest, target.component)
     return payload

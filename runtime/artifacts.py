@@ -167,8 +167,8 @@ class Manifest:
                 accepted=", ".join(self.data["onnx"]) or "(none exported yet)",
                 fix=f"run `k3trt export ... --components {component} --out {self.root}`")
         if variant not in variants:
-            hint = ("run `k3trt calibrate --artifacts DIR` to add the int8 variant" if variant == "int8"
-                    else "re-export")
+            hint = (f"run `k3trt calibrate --artifacts DIR --component {component}` to add the int8 variant"
+                    if variant == "int8" else "re-export")
             raise ArtifactError(f"{component} has no {variant!r} variant", accepted=", ".join(variants), fix=hint)
         return OnnxRecord.from_dict(variants[variant])
 

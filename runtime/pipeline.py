@@ -212,7 +212,10 @@ class Pipeline:
 
 
 def _as_output(task, output_type: str, *args, **kwargs):
-    if output_type not in ("pil", "np"):
-        raise InvalidArgumentError(f"output_type={output_type!r}", accepted="pil, np")
+    """PIL images, a float array (N, H, W, 3), or with "latent" the final latents (the MoVQ decoder not run)."""
+    if output_type not in ("pil", "np", "latent"):
+        raise InvalidArgumentError(f"output_type={output_type!r}", accepted="pil, np, latent")
+    if output_type == "latent":
+        return task(*args, decode=False, **kwargs)
     images = task(*args, **kwargs)
     return to_pil(images) if output_type == "pil" else images

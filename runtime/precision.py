@@ -63,8 +63,9 @@ class Resolved:
 
 def _fix_for(component: str, precision: Precision, artifacts: str) -> str:
     if precision in QUANTIZED:
-        return f"run `k3trt calibrate --artifacts {artifacts}`" if precision is Precision.INT8 else \
-            "export an fp8 Q/DQ variant first"
+        if precision is Precision.INT8:
+            return f"run `k3trt calibrate --artifacts {artifacts} --component {component}`"
+        return "export an fp8 Q/DQ variant first"
     return f"run `k3trt export ... --components {component} --precision {precision} --out {artifacts}`"
 
 

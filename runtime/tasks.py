@@ -21,6 +21,7 @@ from .stages import (DenoiseState, GenerationCancelled, StepCallback, StepInfo, 
                      prepare_latents)
 
 TASK_COMPONENTS = {  # what each task runs beside the text encoder and the MoVQ decoder
+    "text2img": ("unet",),
     "img2img": ("unet", "movq_encoder"),
     "inpaint": ("unet_inpainting", "movq_encoder"),
     "flash": ("unet_flash",),
@@ -60,8 +61,9 @@ def _check_encoder(pipe, pixels: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------------------- image to image
 def img2img(pipe, prompt: str, image, *, strength: float = 0.3, negative_prompt: str | None = None,
             seed: int = 0, steps: int = 25, guidance: float = 3.0, num_images: int = 1,
-            callback: StepCallback | None = None, recorder: list | None = None) -> np.ndarray:
-    """diffusers.Kandinsky3Img2ImgPipeline step for step; float images (N, H, W, 3) in [0, 1]."""
+            callback: StepCallback | None = None, recorder: list | None = None, decode: bool = True) -> np.ndarray:
+    """diffusers.Kandinsky3Img2ImgPipeline step for step; float images (N, H, W, 3) in [0, 1] (`decode=False`:
+    the final latents (N, 4, H/8, W/8), the MoVQ decoder not run)."""
     from .pipeline import make_request
 
     prompt = single_prompt(prompt)
@@ -80,7 +82,11 @@ def img2img(pipe, prompt: str, image, *, strength: float = 0.3, negative_prompt:
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)  # prepare_latents' one draw
     latents = scheduler.add_noise(latents.cpu(), noise, timesteps[0])
     state = pipe.start(request, cond, generator, latents=latents, timesteps=timesteps)
-    return pipe.decode(pipe.denoise(state, callback, recorder))
+    return _decoded(pipe, pipe.denoise(state, callback, recorder), decode)
+
+
+def _decoded(pipe, latents: torch.Tensor, decode: bool) -> np.ndarray:
+    return pipe.decode(latents) if decode else latents.detach().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------- inpainting
@@ -126,8 +132,9 @@ def inpaint_inputs(image, mask=None, outpaint: str | dict | None = None) -> Inpa
 def inpaint(pipe, prompt: str, image, mask=None, *, outpaint: str | dict | None = None,
             negative_prompt: str | None = None, seed: int = 0, steps: int = 50, guidance: float = 4.0,
             num_images: int = 1, preserve_unmasked: bool = True, callback: StepCallback | None = None,
-            recorder: list | None = None) -> np.ndarray:
-    """The official inpainting pipeline (docs/tasks.md); float images (N, H, W, 3) in [0, 1]."""
+            recorder: list | None = None, decode: bool = True) -> np.ndarray:
+    """The official inpainting pipeline (docs/tasks.md); float images (N, H, W, 3) in [0, 1] (`decode=False`:
+    the final latents, nothing pasted)."""
     from .pipeline import make_request
 
     prompt = single_prompt(prompt)
@@ -147,7 +154,10 @@ def inpaint(pipe, prompt: str, image, mask=None, *, outpaint: str | dict | None 
     cond = pipe.encode(request)
     latents = prepare_latents(request.latent_shape, generator, device=pipe.backend.device)
     state = MaskedDenoiseState(sampler, timesteps, latents, cond, request.guidance, generator, extra=extra)
-    images = pipe.decode(denoise(pipe.backend, state, callback, recorder))
+    latents = denoise(pipe.backend, state, callback, recorder)
+    if not decode:
+        return _decoded(pipe, latents, decode)
+    images = pipe.decode(latents)
     if preserve_unmasked:  # k3trt's addition: the input's own pixels outside the repaint region
         original = ((inputs.pixels + 1.0) / 2.0).permute(0, 2, 3, 1).cpu().numpy()
         images = np.where(keep.permute(0, 2, 3, 1).cpu().numpy() > 0.5, original, images)
@@ -167,8 +177,10 @@ def _check_inpaint_shapes(pipe, request, pixels: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------------------- Flash
 def flash(pipe, prompt: str | Sequence[str], *, seed: int = 0, height: int = 1024, width: int = 1024,
-          num_images: int = 1, callback: StepCallback | None = None, recorder: list | None = None) -> np.ndarray:
-    """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (docs/tasks.md)."""
+          num_images: int = 1, callback: StepCallback | None = None, recorder: list | None = None,
+          decode: bool = True) -> np.ndarray:
+    """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (docs/tasks.md); `decode=False`: the
+    final x0 latents."""
     from .pipeline import make_request
 
     sampler = FlashSampler()
@@ -198,4 +210,4 @@ def flash(pipe, prompt: str | Sequence[str], *, seed: int = 0, height: int = 102
                 x0 = verdict.to(x0.device, x0.dtype)
             elif verdict:
                 raise GenerationCancelled(f"cancelled by the callback after step {i + 1}/{len(sampler.timesteps)}")
-    return pipe.decode(x0)
+    return _decoded(pipe, x0, decode)

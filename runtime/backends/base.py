@@ -53,7 +53,7 @@ def precision_map(precision: str | Mapping[str, str] | None) -> dict[str, str]:
             raise InvalidArgumentError(f"unknown component(s) {sorted(unknown)} in the precision map",
                                        accepted=", ".join(COMPONENTS))
         return {c: _word(precision.get(c)) for c in COMPONENTS}
-    # A single --precision int8 quantizes what can have an int8 variant (the U-Net); the rest runs at baseline.
+    # A single --precision int8 quantizes what can have an int8 variant (the U-Nets); the rest runs at baseline.
     return {c: _word(precision) for c in COMPONENTS}
 
 

@@ -24,3 +24,15 @@ def calibrated_copy(calibrated, tmp_path) -> Path:
     dest = tmp_path / "art"
     shutil.copytree(calibrated[0], dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def calibrated_inpainting(calibrated, tmp_path_factory) -> tuple[Path, dict]:
+    """`calibrated` plus an int8 inpainting U-Net, calibrated on inpainting trajectories over the images of the
+    cached text-to-image trajectories (reused, not recomputed). Read-only for tests."""
+    from k3trt.calibration.stage import calibrate
+
+    root = tmp_path_factory.mktemp("calibrated-inpainting") / "art"
+    shutil.copytree(calibrated[0], root)
+    payload = calibrate(tiny_request(root, component="unet_inpainting"), log=lambda *_: None)
+    return root, payload
