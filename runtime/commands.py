@@ -321,9 +321,10 @@ def register(sub) -> None:
     p.add_argument("--out", default="k3trt-demo", metavar="DIR",
                    help="folder for the model, artifacts, image and report: new, empty, or an earlier demo")
     p.add_argument("--prompt", default="a red fox in a snowy forest, watercolor", help="the text to draw")
-    p.add_argument("--task", choices=["text2img", "img2img", "inpaint"], default="text2img",
-                   help="img2img: vs diffusers.Kandinsky3Img2ImgPipeline at strength 0.6; inpaint: vs the "
-                        "official-semantics torch reference (docs/tasks.md); reports show input, mask, output")
+    p.add_argument("--task", choices=["text2img", "img2img", "inpaint", "outpaint", "flash"], default="text2img",
+                   help="img2img: vs diffusers.Kandinsky3Img2ImgPipeline at strength 0.6; inpaint, outpaint, "
+                        "flash: vs the official-semantics torch references (docs/tasks.md); reports show input, "
+                        "mask, output")
     p.add_argument("--model-seed", type=int, default=0, help="weight seed of the tiny preset (default 0)")
     p.set_defaults(func=cmd_demo)
 
