@@ -66,6 +66,14 @@ def test_trajectories_carry_the_mask_and_the_masked_image(calibrated_inpainting)
         np.testing.assert_array_equal(arrays["user_mask"], calibration_mask(item.seed, 64, 64))
         expected = np.round(source.load()["image"][0] * 255) / 255  # the text-to-image picture, at 8 bits
         np.testing.assert_allclose(arrays["input_image"], expected, atol=1e-6)
+    from k3trt.calibration.prompts import calibration_prompts
+
+    sources = collect.plan(manifest, calibration_prompts(None, 2), config, decode=False)
+    latent_only = collect.plan(manifest, calibration_prompts(None, 2), config, target, sources, decode=False)
+    for item in latent_only.files:  # calibration prompts: no decoded output; the source decoded for its picture
+        arrays = item.load()
+        assert "image" not in arrays and arrays["movq_decoder__latents"].shape == (1, 4, 8, 8)
+        assert arrays["input_image"].shape == (64, 64, 3) and arrays["unet_inpainting__sample"].shape[2] == 9
 
 
 def test_manifest_records_the_int8_inpainting_unet(calibrated_inpainting):

@@ -149,15 +149,38 @@ def test_cli_tasks(tiny_artifacts, picture, tmp_path):
     assert main([*base, "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "d.png")]) == 2
 
 
+@pytest.mark.parametrize("task", ["inpaint", "outpaint"])
+def test_demo_report_shows_input_mask_and_output(task, tiny_model_dir, tiny_artifacts, tmp_path):
+    """The demo's task step on the session's artifacts (the CLI run below adds the preset and the export)."""
+    import json
+
+    from k3trt.export.task_demo import DEMOS
+
+    metrics = DEMOS[task](tiny_model_dir, tiny_artifacts, PROMPT, tmp_path / "report", lambda *_: None)
+    assert metrics["ok"] and metrics["psnr_db_vs_reference"] >= E2E_PSNR_DB
+    folder = tmp_path / "report"
+    tiles = {name: np.asarray(Image.open(folder / f"{name}.png")) for name in
+             ("input", "mask", "runtime", "reference", "difference", "preserved")}
+    height = 64 if task == "inpaint" else 128  # outpaint: left=64,bottom=64 on the 64 x 128 picture
+    assert all(t.shape[:2] == (height, tiles["input"].shape[1]) for t in tiles.values())
+    assert set(np.unique(tiles["mask"])) == {0, 255}  # white = repaint, black = keep
+    assert Image.open(folder / "compare.png").height >= 256  # enlarged to be looked at
+    assert json.loads((folder / "report.json").read_text())["task"] == task
+    assert "![compare](compare.png)" in (folder / "report.md").read_text()
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+@pytest.mark.parametrize("task", ["img2img", "inpaint", "outpaint", "flash"])
 def test_demo_task_writes_a_report(task, tmp_path, capsys):
     from k3trt.runtime.cli import main
 
     assert main(["demo", "--task", task, "--out", str(tmp_path / "demo")]) == 0
     report = tmp_path / "demo" / f"report-{task}"
     assert (report / "report.md").is_file() and (report / "compare.png").is_file()
-    assert (report / "input.png").is_file() and (report / "runtime.png").is_file()
-    if task == "inpaint":
+    assert (report / "runtime.png").is_file() and (report / "reference.png" if task != "img2img" else
+                                                   report / "diffusers.png").is_file()
+    if task != "flash":
+        assert (report / "input.png").is_file()
+    if task in ("inpaint", "outpaint"):
         assert (report / "mask.png").is_file()
     assert "report:" in capsys.readouterr().out
