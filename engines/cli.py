@@ -26,10 +26,14 @@ def check_build_args(args) -> None:
         check_output_json(args.json, "--json")
     if args.timing_cache:
         cache = check_path("--timing-cache", args.timing_cache)
-        if cache.is_dir():
-            from k3trt.runtime.errors import OutputPathError
+        from k3trt.runtime.errors import OutputPathError
 
+        if cache.is_dir():
             raise OutputPathError(f"--timing-cache {str(cache)!r} is a folder", accepted="a file path")
+        if cache.suffix != ".cache":  # it is rewritten after the build: never a file of another kind
+            raise OutputPathError(f"--timing-cache {str(cache)!r} does not end in .cache",
+                                  accepted="FILE.cache: TensorRT's timing cache, loaded if it exists, then updated",
+                                  fix=f"e.g. --timing-cache {cache.with_suffix('.cache').name}")
         writable_ancestor(cache, "--timing-cache")
 
 
@@ -136,7 +140,7 @@ def register(sub) -> None:
     p.add_argument("--static", action="store_true", help="require one shape (refuse ranges)")
     p.add_argument("--no-guidance", action="store_true",
                    help="pipelines without classifier-free guidance (e.g. Kandinsky 3.1 Flash): U-Net batch x1")
-    p.add_argument("--timing-cache", metavar="FILE", help="load and update this timing cache "
+    p.add_argument("--timing-cache", metavar="FILE.cache", help="load and update this timing cache "
                    "(default ART/engines/timing.cache)")
     p.add_argument("--refittable", action="store_true", help="build engines `k3trt refit` can update")
     p.add_argument("--builder-optimization-level", type=int, default=None, metavar="N",

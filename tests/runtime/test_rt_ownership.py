@@ -194,3 +194,19 @@ def test_serving_commands_check_arguments_before_work(argv, needle, tiny_artifac
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error [") and needle in err and "Traceback" not in err, err
+
+
+def test_build_timing_cache_is_never_a_file_of_another_kind(tiny_artifacts, tmp_path, capsys, monkeypatch):
+    """`build --timing-cache FILE` rewrites FILE after the build (TensorRT ignores a file it cannot read): a
+    typo naming someone's file would have replaced it. Only FILE.cache is accepted, checked before any work."""
+    import k3trt.engines.build as build
+
+    monkeypatch.setattr(build, "build_engines", lambda *a, **k: pytest.fail("work started"))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    argv = ["build", "--artifacts", str(tiny_artifacts), "--dry-run"]
+    refuse([*argv, "--timing-cache", str(notes)], capsys, "does not end in .cache", "fix:")
+    refuse([*argv, "--timing-cache", str(tmp_path)], capsys, "is a folder")
+    assert notes.read_text() == "mine"
+    assert main([*argv, "--timing-cache", str(tmp_path / "timing.cache")]) == 0  # a dry run writes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
