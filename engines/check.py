@@ -315,9 +315,12 @@ def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION,
                     axes: Mapping | None = None, label: str | None = None) -> CheckResult:
     import onnx
 
-    path = Path(path)
+    from k3trt.runtime.validate import check_path
+
+    path = check_path("--onnx", path)
     if not path.is_file():
-        raise InvalidArgumentError(f"ONNX file {str(path)!r} does not exist", fix="pass --onnx PATH/model.onnx")
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise InvalidArgumentError(f"ONNX file {str(path)!r} {state}", fix="pass --onnx PATH/model.onnx")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError and friends: report, do not crash the lint

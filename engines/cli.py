@@ -84,7 +84,7 @@ def cmd_check(args) -> int:
     from .check import check_artifacts, check_onnx_file, format_results, parse_trt_version
 
     version = parse_trt_version(args.trt_version)
-    results = (check_artifacts(args.artifacts, trt_version=version) if args.artifacts
+    results = (check_artifacts(args.artifacts, trt_version=version) if args.artifacts is not None
                else [check_onnx_file(args.onnx, trt_version=version)])
     print(format_results(results, version))
     return 1 if any(r.errors for r in results) else 0

@@ -76,3 +76,14 @@ def test_usage_errors_naming_text_that_is_not_utf8_still_print(capsys):
         main(["check", "--artifacts", "a", "\ud800"])  # "unrecognized arguments: ..."
     assert info.value.code == 2
     assert "\\ud800" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["check", "--artifacts", ""], "is not a usable path"),  # found by the third long run: TypeError (the
+    (["check", "--onnx", ""], "is not a usable path"),       # empty --artifacts fell through to --onnx None)
+    (["check", "--onnx", "."], "is a folder"),
+])
+def test_check_with_an_empty_or_folder_path_exits_2(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "internal error" not in err, err
