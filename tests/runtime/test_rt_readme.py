@@ -44,9 +44,24 @@ def shell_commands(text: str) -> list[str]:
                 continue
             words = shlex.split(line, comments=True)
             for part in " ".join(shlex.quote(w) for w in words).split(" '&&' "):
+                part = " ".join(shlex.quote(w) for w in unwrapped(shlex.split(part)))
                 if part:
                     commands.append(part)
     return commands
+
+
+def unwrapped(words: list[str]) -> list[str]:
+    """The command itself, without what only wraps it: VAR=value prefixes, `time` / `/usr/bin/time -v`."""
+    while words:
+        if re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):
+            words = words[1:]
+        elif words[0] in ("time", "/usr/bin/time"):
+            words = words[1:]
+            while words and words[0].startswith("-"):
+                words = words[1:]
+        else:
+            break
+    return words
 
 
 COMMANDS = shell_commands(README)
@@ -93,8 +108,6 @@ def test_pip_and_pytest_commands_name_real_extras_and_markers():
     markers = {m.split(":")[0] for m in project["tool"]["pytest"]["ini_options"]["markers"]}
     for command in COMMANDS:
         words = shlex.split(command)
-        while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[0]):  # VAR=value prefixes
-            words = words[1:]
         if words[0] == "curl" and "-d" in words:
             assert isinstance(json.loads(words[words.index("-d") + 1]), dict), command
         if words[0] in NOT_RUNNABLE_HERE or words[0] == "k3trt":
