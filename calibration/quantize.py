@@ -22,7 +22,8 @@ from ..runtime.errors import InvalidArgumentError
 from .collect import CACHE_DIR, TrajectorySet
 from .config import CALIBRATION_VERSION, Calibrator, QuantConfig
 
-QDQ_FORMAT = 2  # bump when the Q/DQ graph changes for the same ranges (part of the int8 content key)
+QDQ_FORMAT = 3  # bump when the Q/DQ graph changes for the same ranges (part of the int8 content key); 3: fp16 floats
+QDQ_FP32_NAME = "qdq-fp32.onnx"  # the Q/DQ graph as quantized (fp32 float parts), beside model.onnx
 RANGES_FORMAT = 2  # 2: histograms streamed one U-Net call at a time (1: one prompt's trajectory at a time)
 EXTRA_OPTIONS = {
     "ActivationSymmetric": True,  # zero point 0: what TensorRT requires
@@ -161,8 +162,8 @@ def lean_session(augmented_path: str):
 
 # ----------------------------------------------------------------------------------------- Q/DQ model
 def quantize_model(fp32_path: Path, ranges: Path, out_dir: Path, excluded: list[str], config: QuantConfig, *,
-                   external_threshold: int) -> tuple[Path, Path | None]:
-    """Write the Q/DQ model into `out_dir` (model.onnx, plus model.onnx.data past the threshold)."""
+                   external_threshold: int, name: str = "model.onnx") -> tuple[Path, Path | None]:
+    """Write the Q/DQ model into `out_dir` (`name`, plus `name`.data past the threshold)."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
@@ -180,12 +181,38 @@ def quantize_model(fp32_path: Path, ranges: Path, out_dir: Path, excluded: list[
     quantized = {n.name for n in candidate_nodes(fp32_graph, config.op_types)} - set(excluded)
     model = onnx.load(str(raw), load_external_data=True)
     keep_float_for_others(model, quantized)
-    final = out_dir / "model.onnx"
+    final = out_dir / name
     external = save_onnx(model, final, external_threshold=external_threshold)
     for leftover in out_dir.iterdir():
         if leftover not in (final, external):
             leftover.unlink()
     return final, external
+
+
+def float_parts_to_fp16(qdq_fp32: Path, out: Path, component: str, *, external_threshold: int) -> Path | None:
+    """The Q/DQ U-Net with its float parts in fp16, the U-Net card's fp32 islands kept: a strongly typed TensorRT
+    (11.x always) runs every layer that is not quantized in the ONNX's float type, so an fp32-float Q/DQ graph
+    would run them in fp32. Same converter and policy as the fp16 variant (export/variants.py); Q/DQ scales
+    become fp16 (allowed from opset 19). Writes `out` (+ `out`.data past the threshold)."""
+    import onnx
+
+    from ..export.onnx_export import save_onnx
+    from ..export.variants import convert
+
+    model = convert(qdq_fp32, "fp16", int8_fp32_nodes(qdq_fp32, component))
+    external = save_onnx(model, out, external_threshold=external_threshold)
+    onnx.checker.check_model(str(out))
+    return external
+
+
+def int8_fp32_nodes(graph_path: Path, component: str) -> tuple[str, ...]:
+    """The nodes the U-Net's card keeps fp32 in fp16 (the timestep projection), found in `graph_path`."""
+    import onnx
+
+    from ..export.fp32_islands import fp32_nodes
+    from ..runtime.cards import card
+
+    return fp32_nodes(card(component).precision.islands("fp16"), onnx.load(str(graph_path), load_external_data=False))
 
 
 def keep_float_for_others(model, quantized: set[str]) -> int:

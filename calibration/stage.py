@@ -42,6 +42,7 @@ class CalibrationRequest:
     threads: int | None = None
     external_threshold: int = PROTOBUF_LIMIT
     component: str = "unet"  # which U-Net: any card with an int8 variant (`targets.quantizable`)
+    float_parts: str = "fp16"  # what TensorRT 11 runs the non-quantized layers in; fp32: as quantized (faster)
 
     @property
     def target(self) -> Target:
@@ -87,8 +88,10 @@ def prepare_root(artifacts: Path, out: Path | None, log, component: str = "unet"
     return out
 
 
-def int8_key(fp32: OnnxRecord, ranges: Path, config: QuantConfig, excluded: list[str], threshold: int) -> str:
+def int8_key(fp32: OnnxRecord, ranges: Path, config: QuantConfig, excluded: list[str], threshold: int,
+             float_parts: str = "fp16") -> str:
     return sha256_json({"fp32": fp32.export_key, "ranges": ranges.name, "quant": config.as_dict(),
+                        "float_parts": float_parts,
                         "excluded": excluded, "options": quantize.EXTRA_OPTIONS, "format": quantize.QDQ_FORMAT,
                         "threshold": threshold, "version": CALIBRATION_VERSION, "ort": quantize._ort_version()})
 
@@ -108,8 +111,14 @@ def build_int8(manifest: Manifest, fp32: OnnxRecord, ranges: Path, excluded: lis
     staging = Path(tempfile.mkdtemp(dir=manifest.root, prefix=f".staging-{fp32.component}-int8-"))
     try:
         log(f"quantizing: {len(excluded)} Conv/MatMul/Gemm node(s) kept float ...")
+        fp16 = request.float_parts == "fp16"
         quantize.quantize_model(manifest.path(fp32.graph.path), ranges, staging, excluded, request.quant,
-                                external_threshold=request.external_threshold)
+                                external_threshold=request.external_threshold,
+                                name=quantize.QDQ_FP32_NAME if fp16 else "model.onnx")
+        if fp16:
+            log("float parts to fp16 (TensorRT 11 runs the non-quantized layers in the ONNX's float type) ...")
+            quantize.float_parts_to_fp16(staging / quantize.QDQ_FP32_NAME, staging / "model.onnx", fp32.component,
+                                         external_threshold=request.external_threshold)
         if folder.exists():
             shutil.rmtree(folder)  # unreferenced leftover of an interrupted run
         os.replace(staging, folder)
@@ -134,6 +143,28 @@ def make_record(root: Path, folder: Path, fp32: OnnxRecord, key: str, extra: dic
                       extra={"multiples": fp32.extra.get("multiples", {}), **extra})
 
 
+def float_parts(root: Path, folder: Path, component: str) -> dict:
+    """Manifest facts of the int8 graph's float parts: fp16, with the card's fp32 nodes, from the fp32-float Q/DQ
+    graph beside it (kept for the sensitivity analysis)."""
+    import onnx
+
+    from ..export.variants import CONVERTER
+
+    if not (folder / quantize.QDQ_FP32_NAME).is_file():
+        return {"float_type": "fp32"}
+    names = {n.name for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node}
+    kept = [n for n in quantize.int8_fp32_nodes(folder / quantize.QDQ_FP32_NAME, component) if n in names]
+    return {"float_type": "fp16", "fp32_nodes": kept, "converter": CONVERTER,
+            "qdq_fp32_graph": str((folder / quantize.QDQ_FP32_NAME).relative_to(root))}
+
+
+def qdq_fp32_graph(manifest: Manifest, record: OnnxRecord) -> Path:
+    """The int8 U-Net as quantized, fp32 float parts: what the sensitivity analysis swaps layers in (node for
+    node against the fp32 graph)."""
+    path = record.extra.get("qdq_fp32_graph")
+    return manifest.path(path) if path else manifest.path(record.graph.path)
+
+
 def collect_all(manifest: Manifest, request: CalibrationRequest, log):
     heldout_set = heldout_prompts(request.heldout)
     calib_set = calibration_prompts(request.prompts_file, request.num_prompts)  # vs the whole held-out file
@@ -156,7 +187,8 @@ def measure(manifest: Manifest, record: OnnxRecord, folder: Path, heldout, reque
     result = {"unet": unet, "per_timestep": rows, "end_to_end": e2e,
               "end_to_end_int8_kernels": fused, "images": images}
     if request.sensitivity is not None:
-        result["sensitivity"] = analyze(folder / "model.onnx", manifest.path(record.extra["fp32_graph"]),
+        # one quantized layer at a time against the fp32 graph: the fp32-float Q/DQ graph swaps node for node
+        result["sensitivity"] = analyze(qdq_fp32_graph(manifest, record), manifest.path(record.extra["fp32_graph"]),
                                         summary["quantized_nodes"], heldout, rows, request.sensitivity,
                                         threads=request.threads, log=log)
     return result
@@ -196,6 +228,9 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
 
     from . import report
 
+    if request.float_parts not in ("fp16", "fp32"):
+        raise InvalidArgumentError(f"float parts {request.float_parts!r}", accepted="fp16 (what TensorRT 11 "
+                                   "should run), fp32", fix="CalibrationRequest(float_parts='fp16')")
     target = request.target  # a typed error now for a component without an int8 variant
     root = prepare_root(Path(request.artifacts), Path(request.out) if request.out else None, log, target.component)
     manifest = Manifest.load(root)
@@ -208,13 +243,14 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
     ranges = quantize.ranges_path(root, calib, request.quant, fp32.export_key)
     quantize.compute_ranges(fp32_path, calib, request.quant, ranges, external=fp32.external_data is not None,
                             log=log)
-    key = int8_key(fp32, ranges, request.quant, excluded, request.external_threshold)
+    key = int8_key(fp32, ranges, request.quant, excluded, request.external_threshold, request.float_parts)
     folder, created = build_int8(manifest, fp32, ranges, excluded, request, key, log)
     try:
         summary = quantize.qdq_summary(onnx.load(str(folder / "model.onnx"), load_external_data=False))
         config = settings(request, calib, heldout, fp32, ranges)
         record = make_record(root, folder, fp32, key, {"calibration": config, "fp32_export_key": fp32.export_key,
-                                                       "fp32_graph": fp32.graph.path, "excluded_nodes": excluded})
+                                                       "fp32_graph": fp32.graph.path, "excluded_nodes": excluded,
+                                                       **float_parts(root, folder, fp32.component)})
         measured = measure(manifest, record, folder, heldout, request, summary, log)
         payload = report.build_payload(record_path=record.graph.path, settings=config, qdq=summary,
                                        exclusions=exclusion_table(request.quant, matched, excluded, graph),

@@ -11,5 +11,6 @@ def tiny_request(artifacts: Path, **overrides):
     from k3trt.calibration.stage import CalibrationRequest
 
     quant = overrides.pop("quant", QuantConfig())
+    overrides.setdefault("float_parts", "fp32")  # the fp16 conversion costs ~1-2 min: only the session fixture pays it
     return CalibrationRequest(artifacts=Path(artifacts), trajectory=TrajectoryConfig(**TINY), quant=quant,
                               num_prompts=2, heldout=2, threads=2, **overrides)

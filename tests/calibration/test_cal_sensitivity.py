@@ -9,6 +9,7 @@ from k3trt.calibration.config import TrajectoryConfig
 from k3trt.calibration.prompts import heldout_prompts
 from k3trt.calibration.quality import fake_quant_session
 from k3trt.calibration.quantize import qdq_summary
+from k3trt.calibration.stage import qdq_fp32_graph
 from k3trt.runtime.artifacts import Manifest
 
 from cal_helpers import TINY
@@ -17,7 +18,7 @@ from cal_helpers import TINY
 @pytest.fixture(scope="module")
 def setup(calibrated):
     manifest = Manifest.load(calibrated[0])
-    int8_path = manifest.path(manifest.onnx("unet", "int8").graph.path)
+    int8_path = qdq_fp32_graph(manifest, manifest.onnx("unet", "int8"))  # fp32 float parts: swaps node for node
     fp32_path = manifest.path(manifest.onnx("unet").graph.path)
     heldout = plan(manifest, heldout_prompts(2), TrajectoryConfig(**TINY))  # cached by the fixture's run
     return int8_path, fp32_path, heldout, calibrated[1]
