@@ -81,6 +81,12 @@ def test_streamed_text_encoder_export_matches_the_layer_streamed_fp32_reference(
     np.testing.assert_allclose(streamed, direct, rtol=1e-5, atol=1e-6)
     ours = onnx_runtime_output(result["graph"], inputs)
     assert np.isfinite(ours).all() and _rel_l2(ours, streamed) < 1e-4
+    import onnx
+
+    graph = onnx.load(str(result["graph"]), load_external_data=False).graph
+    stored = {i.name for i in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "Transpose" and n.input[0] in stored]  # folded
+    assert sum(n.op_type == "MatMul" and n.input[1] in stored for n in graph.node) >= 7 * config["num_layers"]
 
 
 def test_streamed_export_refuses_before_writing_when_the_disk_is_too_small(tmp_path, monkeypatch):
