@@ -61,7 +61,14 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 def inside(root: Path, relative: str) -> Path:
     """Resolve `relative` under `root`, refusing anything that escapes it (absolute paths, '..', symlinks)."""
     root = root.resolve()
-    candidate = (root / relative).resolve()
+    try:
+        if not isinstance(relative, str) or "\x00" in relative:
+            raise ValueError(relative)
+        candidate = (root / os.fsdecode(os.fsencode(relative))).resolve()  # a lone surrogate fails here
+    except (TypeError, ValueError, UnicodeEncodeError, OSError):
+        raise ArtifactError(f"path {relative!r} in the manifest is not a usable file name",
+                            accepted="relative paths inside the artifact directory",
+                            fix="re-export the artifacts; never edit manifest paths by hand") from None
     if Path(relative).is_absolute() or (candidate != root and root not in candidate.parents):
         raise ArtifactError(
             f"path {relative!r} points outside the artifact directory {root}",

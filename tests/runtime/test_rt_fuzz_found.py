@@ -87,3 +87,18 @@ def test_check_with_an_empty_or_folder_path_exits_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and "internal error" not in err, err
+
+
+@pytest.mark.parametrize("bad", ["a\x00b", "tok\ud800.json"])
+def test_manifest_paths_that_cannot_be_file_names(artifacts_copy, bad, capsys):
+    # found by the fourth long run: tokenizer.path "a\x00b" raised ValueError (embedded null byte) in `k3trt check`
+    from k3trt.engines.check import check_artifacts
+
+    path = artifacts_copy / "manifest.json"
+    data = json.loads(path.read_text())
+    data["tokenizer"]["path"] = bad
+    path.write_text(json.dumps(data))
+    with pytest.raises(ArtifactError, match="not a usable file name"):
+        check_artifacts(artifacts_copy)
+    assert main(["check", "--artifacts", str(artifacts_copy)]) == 2
+    assert "internal error" not in capsys.readouterr().err
