@@ -69,9 +69,10 @@ def resolve_size(args, default: int) -> None:
 
 
 def add_backend_args(p, backends=("ort", "trt", "openvino", "torch")) -> None:
+    meaning = {"ort": "ONNX Runtime", "trt": "TensorRT engines from `k3trt build`", "openvino": "OpenVINO on the CPU",
+               "torch": "the PyTorch reference"}
     p.add_argument("--backend", choices=backends, default="ort",
-                   help="ort: ONNX Runtime; trt: TensorRT engines from `k3trt build`; openvino: OpenVINO on the "
-                        "CPU; torch: the PyTorch reference")
+                   help="; ".join(f"{name}: {meaning[name]}" for name in backends))  # only the accepted ones
     p.add_argument("--precision", default=None,
                    help="ort: fp32 (default) | fp16 | bf16 (the ONNX variants from `k3trt export --precision`; bf16 "
                         "runs with bf16 storage emulated on the CPU provider) | int8 (the U-Net's Q/DQ variant from "
@@ -124,14 +125,18 @@ def open_pipeline(args, model_dir: str | None = None):
 
 
 def progress_callback(total: int, label: str = "denoising"):
+    """A step callback drawing a progress bar from the first finished step on: a request refused before the
+    loop (a missing variant, a bad shape) prints its error alone, not under an empty bar."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=label, unit="step", file=sys.stderr, leave=False)
+    bars = []
 
     def callback(info) -> None:
-        bar.update(1)
+        if not bars:
+            bars.append(tqdm(total=total, desc=label, unit="step", file=sys.stderr, leave=False))
+        bars[0].update(1)
         if info.index + 1 == info.total:
-            bar.close()
+            bars[0].close()
 
     return callback
 

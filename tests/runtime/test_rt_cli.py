@@ -23,6 +23,15 @@ def test_generate_bad_input_exits_2_with_typed_error(tiny_artifacts, tmp_path, c
     assert "InvalidArgumentError" in capsys.readouterr().err
 
 
+def test_a_missing_variant_is_refused_before_the_progress_bar(tiny_artifacts, tmp_path, capsys):
+    """The tiny artifacts have no int8 U-Net: the typed error comes alone, before any denoising step."""
+    code = main(["generate", "--artifacts", str(tiny_artifacts), "--prompt", "a fox", "--steps", "2",
+                 "--precision", "int8", "--out", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no int8 ONNX variant" in err and "denoising" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_parity_exit_status(tiny_model_dir, tiny_artifacts, tmp_path, capsys):
     from k3trt.export.presets import write_preset
 
