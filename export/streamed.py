@@ -62,9 +62,10 @@ def _streamed(component: str):
 
 
 def _config_json(model, component: str) -> str:
-    config = model.config.to_json_string() if component == "text_encoder" else json.dumps(
-        dict(model.config), indent=2, default=list)
-    return config
+    """transformers configs serialise themselves; diffusers' is a frozen dict (tuples written as lists)."""
+    if component == "text_encoder":
+        return model.config.to_json_string()
+    return json.dumps(dict(model.config), indent=2, default=list)
 
 
 def _random_tensor(name: str, shape: tuple, gen: torch.Generator) -> torch.Tensor:

@@ -210,6 +210,7 @@ def _latent(lo: int, hi: int, multiple: int = 1) -> Axis:
 
 
 UNET_ISLANDS = {"fp16": "unet_time_projection", "bf16": "unet_time_projection"}
+MOVQ_ISLANDS = {"fp16": "movq_norms_softmax", "bf16": "movq_norms_softmax"}  # decoder and encoder alike
 
 
 def _variant_unet(name: str, channels: int, batch_rule: BatchRule, why: str) -> ComponentCard:
@@ -267,7 +268,7 @@ CARDS: Mapping[str, ComponentCard] = MappingProxyType({
         derived={"image_height": ("height", LATENT_FACTOR), "image_width": ("width", LATENT_FACTOR)},
         batch_rule=BatchRule.IMAGES,
         precision=PrecisionPolicy(
-            "fp16", ("fp16", "bf16"), fp32_islands={"fp16": "movq_norms_softmax", "bf16": "movq_norms_softmax"},
+            "fp16", ("fp16", "bf16"), fp32_islands=MOVQ_ISLANDS,
             why="GroupNorm/SpatialNorm statistics over 16k positions and the 16k x 16k attention softmax are "
                 "where fp16 loses accuracy: they stay fp32."),
     ),
@@ -281,7 +282,7 @@ CARDS: Mapping[str, ComponentCard] = MappingProxyType({
         derived={"height": ("image_height", LATENT_FACTOR), "width": ("image_width", LATENT_FACTOR)},
         batch_rule=BatchRule.IMAGES,
         precision=PrecisionPolicy(
-            "fp16", ("fp16", "bf16"), fp32_islands={"fp16": "movq_norms_softmax", "bf16": "movq_norms_softmax"},
+            "fp16", ("fp16", "bf16"), fp32_islands=MOVQ_ISLANDS,
             why="the decoder's mirror: GroupNorm statistics at full resolution and the lowest level's attention "
                 "softmax stay fp32; it runs once per image-to-image or inpainting request."),
     ),
