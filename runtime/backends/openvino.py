@@ -60,6 +60,8 @@ class OpenVinoBackend(Backend):
     def __init__(self, manifest, precision="fp32", *, threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None, verify: bool = True):
         super().__init__(manifest, precision)
+        # "default" (or a component left out of a per-component map) is this backend's baseline, fp32
+        self.precision = {c: self.baseline if p == "default" else p for c, p in self.precision.items()}
         check_precisions(self.precision)
         self.ov = _openvino()
         self.core = self.ov.Core()

@@ -59,3 +59,12 @@ def test_fp32_hint_is_explicit_and_int8_is_refused(tiny_artifacts, tmp_path):
     assert pipe.backend.config("unet")["INFERENCE_PRECISION_HINT"] == "f32"  # AMX would otherwise pick bf16
     with pytest.raises(InvalidArgumentError, match="int8"):
         _openvino(tiny_artifacts, "int8", tmp_path / "ov")
+
+
+def test_default_and_partial_maps_mean_fp32(tiny_artifacts, tmp_path):
+    # "default", None and components left out of a per-component map are the baseline, as on ONNX Runtime;
+    # they were refused as "cannot run movq_encoder in default"
+    for precision in (None, "default", {"unet": "fp32"}):
+        backend = _openvino(tiny_artifacts, precision, tmp_path / "ov").backend
+        assert set(backend.precision.values()) == {"fp32"}
+        assert backend.config("movq_encoder")["INFERENCE_PRECISION_HINT"] == "f32"
