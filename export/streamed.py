@@ -171,28 +171,31 @@ def trace_weightless(model_dir: Path, path: Path, *, component: str = "unet", op
     return {"alias_buffer_bytes": buffer_bytes, **info}
 
 
-def _weight_files(folder: Path) -> dict[str, Path]:
-    """state-dict key -> the safetensors file holding it (sharded with an index, or a single file)."""
-    indexes = sorted(folder.glob("*.safetensors.index*.json"))
-    if indexes:
-        weight_map = json.loads(indexes[0].read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+def _weight_files(folder: Path, variant: str | None = "auto") -> dict[str, Path]:
+    """state-dict key -> the safetensors file holding it, among the files of one variant (`sources.variant_files`:
+    `*.fp16*.safetensors` for "fp16", files without a variant for None; "auto": fp16 only where no plain files
+    exist, as `k3trt export` detects it). Keys come from each file's header, so a folder holding both variants
+    (the hub's layout) never mixes them, and an index file is not needed."""
     from safetensors import safe_open
 
+    from .sources import variant_files
+
+    if variant == "auto":
+        variant = None if variant_files(folder, None) else "fp16"
     out = {}
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in variant_files(folder, variant):
         with safe_open(str(file), "pt") as handle:
             out.update({name: file for name in handle.keys()})
     return out
 
 
-def stream_weights(model, folder: Path, data_path: Path, *, prefix: str = "unet.") -> int:
+def stream_weights(model, folder: Path, data_path: Path, *, prefix: str = "unet.", variant: str | None = "auto") -> int:
     """Move every weight input of `model` into an initializer stored in `data_path`, read one tensor at a time
     from the safetensors in `folder` and written as fp32. Returns the bytes written."""
     from onnx import TensorProto
     from safetensors import safe_open
 
-    files = _weight_files(folder)
+    files = _weight_files(folder, variant)
     weights = [i for i in model.graph.input if i.name.startswith(prefix) and i.name[len(prefix):] in files]
     transposes = _weight_transposes(model, {w.name for w in weights})
     offset = 0
@@ -256,13 +259,17 @@ def export_unet_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLik
     return export_streamed(model_dir, out_dir, component="unet", **options)
 
 
-def fp32_data_bytes(model_dir: Path, component: str) -> int:
-    """The external-data size an export will write: every stored weight in fp32 (before page alignment)."""
+def fp32_data_bytes(model_dir: Path, component: str, variant: str | None = "auto") -> int:
+    """The external-data size an export will write: every stored weight in fp32 (before page alignment), from
+    the safetensors headers (fp16 or fp32 files alike)."""
+    from safetensors import safe_open
+
     _, sub, _, _ = _streamed(component)
-    indexes = sorted((Path(model_dir) / sub).glob("*.safetensors.index*.json"))
-    if indexes:
-        return 2 * int(json.loads(indexes[0].read_text())["metadata"]["total_size"])  # fp16 bytes -> fp32
-    return 2 * sum(f.stat().st_size for f in (Path(model_dir) / sub).glob("*.safetensors"))
+    total = 0
+    for file in sorted(set(_weight_files(Path(model_dir) / sub, variant).values())):
+        with safe_open(str(file), "pt") as handle:
+            total += sum(4 * math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    return total
 
 
 def check_free_disk(out_dir: Path, needed: int) -> None:
@@ -280,20 +287,20 @@ def check_free_disk(out_dir: Path, needed: int) -> None:
 
 
 def export_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, component: str = "unet",
-                    opset: int = DEFAULT_OPSET) -> dict:
+                    opset: int = DEFAULT_OPSET, variant: str | None = "auto") -> dict:
     """`out_dir/model.onnx` + `model.onnx.data` from a diffusers folder, in memory bounded by the graph plus
-    one weight tensor. Returns paths and sizes."""
+    one weight tensor. `variant`: which weight files (see `_weight_files`). Returns paths and sizes."""
     import onnx
 
     _, sub, _, prefix = _streamed(component)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    check_free_disk(out_dir, fp32_data_bytes(model_dir, component))
+    check_free_disk(out_dir, fp32_data_bytes(model_dir, component, variant))
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "weightless.onnx"
     traced = trace_weightless(model_dir, raw, component=component, opset=opset)
     model = onnx.load(str(raw))
     data = out_dir / "model.onnx.data"
-    written = stream_weights(model, model_dir / sub, data, prefix=prefix)
+    written = stream_weights(model, model_dir / sub, data, prefix=prefix, variant=variant)
     leftover = [i.name for i in model.graph.input if i.name not in SPECS[component].input_names]
     if leftover:
         from ..runtime.errors import ModelSourceError
@@ -360,8 +367,8 @@ class streamed_fp32_weights:
     own parameters are read from the file and cast to fp32 just before its forward, and dropped after. The
     result is the fp32 model's; memory is the largest layer, not the model (8.6 B T5: 17 GB in fp16)."""
 
-    def __init__(self, module: torch.nn.Module, folder: Path):
-        self.files, self.stored_names = _weight_files(folder), _stored_names(module)
+    def __init__(self, module: torch.nn.Module, folder: Path, variant: str | None = "auto"):
+        self.files, self.stored_names = _weight_files(folder, variant), _stored_names(module)
         owners = {}  # a module shared under two names gets one pair of hooks
         for name, m in module.named_modules(remove_duplicate=False):
             if any(p is not None for p in m._parameters.values()):
@@ -398,13 +405,14 @@ class streamed_fp32_weights:
             handle.remove()
 
 
-def streamed_reference_output(model_dir, inputs: dict, *, component: str) -> np.ndarray:
-    """The component's fp32 output for `inputs` from its fp16 files, one layer's weights in memory at a time."""
+def streamed_reference_output(model_dir, inputs: dict, *, component: str, variant: str | None = "auto") -> np.ndarray:
+    """The component's fp32 output for `inputs` from its (fp16 or fp32) safetensors, one layer's weights in
+    memory at a time."""
     build, sub, _, _ = _streamed(component)
     spec = SPECS[component]
     model = build(json.loads((Path(model_dir) / sub / "config.json").read_text()))
     wrapper = spec.wrapper(model).eval()
-    with torch.no_grad(), streamed_fp32_weights(model, Path(model_dir) / sub):
+    with torch.no_grad(), streamed_fp32_weights(model, Path(model_dir) / sub, variant):
         return wrapper(*(inputs[n] for n in spec.input_names)).numpy()
 
 
@@ -417,14 +425,18 @@ def reference_output(model_dir, inputs: dict) -> np.ndarray:
         return wrapper(*(inputs[n] for n in spec.input_names)).numpy()
 
 
-def onnx_runtime_output(graph: str | os.PathLike, inputs: dict, *, threads: int | None = None) -> np.ndarray:
-    """One ONNX Runtime call without graph optimizations or weight pre-packing: the weights stay in the
-    (memory-mapped) external-data file instead of being copied into re-laid-out buffers."""
+def bounded_session(graph: str | os.PathLike, *, threads: int | None = None, flush_denormals: bool = True):
+    """An ONNX Runtime CPU session without graph optimizations or weight pre-packing: the weights stay in the
+    (memory-mapped, page-aligned) external-data file instead of being copied into re-laid-out buffers."""
     import onnxruntime as ort
 
     from ..runtime.backends.ort import session_options
 
-    options = session_options(threads=threads, optimize=False)
+    options = session_options(threads=threads, optimize=False, flush_denormals=flush_denormals)
     options.add_session_config_entry("session.disable_prepacking", "1")
-    session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    return ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_runtime_output(graph: str | os.PathLike, inputs: dict, *, threads: int | None = None) -> np.ndarray:
+    """One call of `bounded_session`."""
+    return bounded_session(graph, threads=threads).run(None, {k: v.numpy() for k, v in inputs.items()})[0]

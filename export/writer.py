@@ -21,13 +21,14 @@ from pathlib import Path
 import torch
 
 from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, atomic_write_bytes, sha256_file, sha256_json
-from ..runtime.errors import ValidationError
+from ..runtime.errors import K3TRTError, ValidationError
 from ..runtime.cards import LATENT_FACTOR, MAX_TEXT_LENGTH
 from ..runtime.locking import artifact_lock, staging_dir
 from ..runtime.outputs import check_output_dir, claim_output_dir
 from .components import SPECS, component_spec, model_info
 from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
 from .sources import ModelSource
+from .streamed import STREAMED
 from .validate import validate_component
 
 PACKAGE_VERSION = "0.1.0"
@@ -141,22 +142,38 @@ def _content_folder(root: Path, name: str, staging: Path, graph: Path, external:
     return final
 
 
+def _export_regular(source: ModelSource, spec, info: dict, staging: Path, *, opset: int, external_threshold: int,
+                    log):
+    """(graph, external data, validation, failures): trace the loaded fp32 module, validate against it."""
+    module = source.load(spec.folder)
+    trace_inputs = spec.make_inputs(spec.trace, info, torch.Generator().manual_seed(0))
+    log(f"  {spec.name}: tracing to ONNX (opset {opset}) ...")
+    graph, external = export_onnx(spec, module, trace_inputs, staging, opset=opset,
+                                  external_threshold=external_threshold)
+    log(f"  {spec.name}: validating against torch on ONNX Runtime at {len(spec.validate)} new shapes ...")
+    validation, failures = validate_component(spec, module, graph, info)
+    del module
+    gc.collect()
+    return graph, external, validation, failures
+
+
 def export_component(source: ModelSource, root: Path, name: str, *, source_hash: str, key: str, opset: int,
-                     external_threshold: int, log) -> OnnxRecord:
+                     external_threshold: int, log, streamed: bool = False) -> OnnxRecord:
+    """Export, validate and place one component; returns its record (the caller commits the manifest).
+    `streamed`: the bounded-memory path (export/low_memory.py), for the components that have one."""
     spec = component_spec(name)
     staging = staging_dir(root, name)  # `.staging-NAME-PID-*`: removed by the next writer if this one dies
     try:
         t0 = time.perf_counter()
-        module = source.load(spec.folder)
         info = model_info(source, spec)
-        trace_inputs = spec.make_inputs(spec.trace, info, torch.Generator().manual_seed(0))
-        log(f"  {name}: tracing to ONNX (opset {opset}) ...")
-        graph, external = export_onnx(spec, module, trace_inputs, staging, opset=opset,
-                                      external_threshold=external_threshold)
-        log(f"  {name}: validating against torch on ONNX Runtime at {len(spec.validate)} new shapes ...")
-        validation, failures = validate_component(spec, module, graph, info)
-        del module
-        gc.collect()
+        if streamed:
+            from .low_memory import export_streamed_files
+
+            graph, external, validation, failures = export_streamed_files(source, spec, info, staging, opset=opset,
+                                                                          log=log)
+        else:
+            graph, external, validation, failures = _export_regular(
+                source, spec, info, staging, opset=opset, external_threshold=external_threshold, log=log)
         if failures:
             raise ValidationError(failures, fix="report this with the model config; the previous artifacts "
                                                 "were left untouched")
@@ -168,7 +185,7 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
             axes=dict(spec.axes), source_hash=source_hash, export_key=key, versions=library_versions(),
             validation=validation,
             extra={"multiples": spec.multiples, "seconds": round(time.perf_counter() - t0, 2),
-                   "source_folder": spec.folder, "model_info": info},
+                   "source_folder": spec.folder, "model_info": info, **({"streamed": True} if streamed else {})},
         )
         worst = max(c["rel_l2"] for c in validation["cases"])
         log(f"  {name}: ok (worst rel_l2 {worst:.2e}, {record.extra['seconds']} s)")
@@ -216,24 +233,64 @@ def default_components(source) -> list[str]:
 
 def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=None,
                      opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT,
-                     force: bool = False, precisions=(), log=print) -> dict:
+                     force: bool = False, precisions=(), low_memory: bool = False, log=print) -> dict:
     """Export `components` of `source` into the artifact directory `out`. Returns a summary dict.
 
     `precisions` (fp16, bf16) adds converted variants of every component (fp32 is always exported).
+    `low_memory`: the U-Net and text encoder are streamed, never loaded (export/low_memory.py).
     All-or-nothing: the new manifest is written once, after every component has exported and validated."""
     from .variants import check_variant_allowed
 
     components = check_export_request(out, components=components, opset=opset,
                                       external_threshold=external_threshold, source_root=source.root)
-    if components is None:
-        components = default_components(source)
+    components = resolve_components(source, components, low_memory=low_memory, precisions=precisions, log=log)
     for name in components:
         for precision in precisions:
             check_variant_allowed(name, precision)
+    keys = export_keys(source, components, opset, external_threshold)
+    if low_memory:  # before the output folder is even created
+        from .low_memory import check_disk_for_streamed
+
+        check_disk_for_streamed(source, out, [n for n in components if force or not _key_matches(out, n, keys[n][1])])
     out = claim_output_dir(out, "artifacts", inputs=(source.root,))
     with artifact_lock(out, log):
-        return _export_locked(source, out, components=components, opset=opset,
-                              external_threshold=external_threshold, force=force, precisions=precisions, log=log)
+        return _export_locked(source, out, components=components, keys=keys, opset=opset,
+                              external_threshold=external_threshold, force=force, precisions=precisions,
+                              low_memory=low_memory, log=log)
+
+
+def resolve_components(source, components, *, low_memory: bool, precisions=(), log=print) -> list[str]:
+    """`components` (None: every component the model has), checked against `low_memory`'s refusals."""
+    if low_memory:
+        from .low_memory import check_low_memory_precisions, check_low_memory_source, low_memory_components
+
+        check_low_memory_source(source)
+        check_low_memory_precisions(precisions)
+        return low_memory_components(source, components, log)
+    return default_components(source) if components is None else components
+
+
+def export_keys(source: ModelSource, components, opset: int, external_threshold: int) -> dict[str, tuple[str, str]]:
+    """name -> (source hash, export key). The key names what is exported (source, opset, threshold, version),
+    not how: a streamed and a regular export of the same source validate against the same fp32 computation,
+    so either one is up to date for the other (a later run without --low-memory does not re-trace)."""
+    keys = {}
+    for name in components:
+        source_hash = source.source_hash(component_spec(name).folder)
+        keys[name] = (source_hash, export_key(source_hash, opset, external_threshold))
+    return keys
+
+
+def _key_matches(out, name: str, key: str) -> bool:
+    """The existing manifest's record of `name` has `key` (files not hashed: a cheap estimate before the lock)."""
+    path = Path(out) / "manifest.json"
+    if not path.is_file():
+        return False
+    try:
+        manifest = Manifest.load(out)
+        return manifest.has_onnx(name) and manifest.onnx(name).export_key == key
+    except (K3TRTError, OSError, ValueError, KeyError, TypeError):  # unreadable: the locked run decides
+        return False
 
 
 def check_export_request(out, *, components, opset: int, external_threshold: int, source_root=None) -> list[str]:
@@ -261,8 +318,8 @@ def check_export_request(out, *, components, opset: int, external_threshold: int
     return components
 
 
-def _export_locked(source: ModelSource, out: Path, *, components, opset: int, external_threshold: int,
-                   force: bool, precisions, log) -> dict:
+def _export_locked(source: ModelSource, out: Path, *, components, keys: dict, opset: int, external_threshold: int,
+                   force: bool, precisions, low_memory: bool, log) -> dict:
     from .variants import is_current, make_variant
 
     current = Manifest.load_or_new(out)
@@ -271,14 +328,14 @@ def _export_locked(source: ModelSource, out: Path, *, components, opset: int, ex
     write_side_files(source, staged)
     summary = {"exported": [], "up_to_date": []}
     for name in components:
-        source_hash = source.source_hash(component_spec(name).folder)
-        key = export_key(source_hash, opset, external_threshold)
+        source_hash, key = keys[name]
         if not force and _current(current, name, key):
             log(f"  {name}: up to date (inputs unchanged), skipped")
             summary["up_to_date"].append(name)
             continue
         staged.put_onnx(export_component(source, out, name, source_hash=source_hash, key=key, opset=opset,
-                                         external_threshold=external_threshold, log=log))
+                                         external_threshold=external_threshold, log=log,
+                                         streamed=low_memory and name in STREAMED))
         drop_stale_variants(staged, name, log)
         summary["exported"].append(name)
     summary["variants"] = []
