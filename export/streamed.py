@@ -137,11 +137,18 @@ def _alias_parameters(module: torch.nn.Module) -> int:
     return buffer.numel() * 4
 
 
-def _stored_names(module: torch.nn.Module) -> dict[str, str]:
-    """Every parameter name -> the name it is stored under (tied weights are stored once, first name)."""
-    first: dict[int, str] = {}
-    return {name: first.setdefault(id(param), name)
-            for name, param in module.named_parameters(remove_duplicate=False)}
+def _tied_names(module: torch.nn.Module) -> dict[str, tuple[str, ...]]:
+    """Every parameter name -> every name of that parameter, first name first. A tied weight (T5's `shared` and
+    `encoder.embed_tokens`) is stored once, under whichever name the saving library kept."""
+    names: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return {name: tuple(names[id(param)]) for name, param in module.named_parameters(remove_duplicate=False)}
+
+
+def _stored_key(name: str, tied: dict[str, tuple[str, ...]], files: dict[str, Path]) -> str | None:
+    """The key `name`'s tensor is stored under in `files` (itself or a tied name), None if absent."""
+    return next((alias for alias in tied.get(name, (name,)) if alias in files), None)
 
 
 def _model_info(component: str, config: dict) -> dict:
@@ -157,6 +164,7 @@ def trace_weightless(model_dir: Path, path: Path, *, component: str = "unet", op
     spec = SPECS[component]
     config = json.loads((model_dir / sub / "config.json").read_text())
     model = build(config)
+    tied = _tied_names(model)
     buffer_bytes = _alias_parameters(model)
     info = _model_info(component, config)
     inputs = spec.make_inputs(spec.trace, info, torch.Generator().manual_seed(0))
@@ -168,7 +176,7 @@ def trace_weightless(model_dir: Path, path: Path, *, component: str = "unet", op
                           input_names=spec.input_names, output_names=spec.output_names,
                           dynamic_axes=spec.dynamic_axes(), opset_version=opset, export_params=False,
                           do_constant_folding=False, dynamo=False)
-    return {"alias_buffer_bytes": buffer_bytes, **info}
+    return {"alias_buffer_bytes": buffer_bytes, "tied": tied, **info}
 
 
 def _weight_files(folder: Path, variant: str | None = "auto") -> dict[str, Path]:
@@ -189,20 +197,24 @@ def _weight_files(folder: Path, variant: str | None = "auto") -> dict[str, Path]
     return out
 
 
-def stream_weights(model, folder: Path, data_path: Path, *, prefix: str = "unet.", variant: str | None = "auto") -> int:
+def stream_weights(model, folder: Path, data_path: Path, *, prefix: str = "unet.", variant: str | None = "auto",
+                   tied: dict[str, tuple[str, ...]] | None = None) -> int:
     """Move every weight input of `model` into an initializer stored in `data_path`, read one tensor at a time
-    from the safetensors in `folder` and written as fp32. Returns the bytes written."""
+    from the safetensors in `folder` and written as fp32. `tied`: `_tied_names` of the traced module. Returns
+    the bytes written."""
     from onnx import TensorProto
     from safetensors import safe_open
 
-    files = _weight_files(folder, variant)
-    weights = [i for i in model.graph.input if i.name.startswith(prefix) and i.name[len(prefix):] in files]
+    files, tied = _weight_files(folder, variant), tied or {}
+    keys = {i.name: _stored_key(i.name[len(prefix):], tied, files) for i in model.graph.input
+            if i.name.startswith(prefix)}
+    weights = [i for i in model.graph.input if keys.get(i.name)]
     transposes = _weight_transposes(model, {w.name for w in weights})
     offset = 0
     with open(data_path, "wb") as data:
         for value in weights:
-            with safe_open(str(files[value.name[len(prefix):]]), "pt") as handle:
-                array = handle.get_tensor(value.name[len(prefix):]).to(torch.float32).numpy()
+            with safe_open(str(files[keys[value.name]]), "pt") as handle:
+                array = handle.get_tensor(keys[value.name]).to(torch.float32).numpy()
             name = value.name
             if name in transposes:  # folded here: stored as the Transpose's output, the node removed
                 node = transposes[name]
@@ -298,9 +310,10 @@ def export_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "weightless.onnx"
     traced = trace_weightless(model_dir, raw, component=component, opset=opset)
+    tied = traced.pop("tied")
     model = onnx.load(str(raw))
     data = out_dir / "model.onnx.data"
-    written = stream_weights(model, model_dir / sub, data, prefix=prefix, variant=variant)
+    written = stream_weights(model, model_dir / sub, data, prefix=prefix, variant=variant, tied=tied)
     leftover = [i.name for i in model.graph.input if i.name not in SPECS[component].input_names]
     if leftover:
         from ..runtime.errors import ModelSourceError
@@ -368,7 +381,7 @@ class streamed_fp32_weights:
     result is the fp32 model's; memory is the largest layer, not the model (8.6 B T5: 17 GB in fp16)."""
 
     def __init__(self, module: torch.nn.Module, folder: Path, variant: str | None = "auto"):
-        self.files, self.stored_names = _weight_files(folder, variant), _stored_names(module)
+        self.files, self.tied = _weight_files(folder, variant), _tied_names(module)
         owners = {}  # a module shared under two names gets one pair of hooks
         for name, m in module.named_modules(remove_duplicate=False):
             if any(p is not None for p in m._parameters.values()):
@@ -379,7 +392,13 @@ class streamed_fp32_weights:
     def _load(self, qualified: str) -> torch.nn.Parameter:
         from safetensors import safe_open
 
-        qualified = self.stored_names[qualified]
+        stored = _stored_key(qualified, self.tied, self.files)
+        if stored is None:
+            from ..runtime.errors import ModelSourceError
+
+            raise ModelSourceError(f"the weight {qualified!r} is not in the safetensors files",
+                                   fix="re-download the checkpoint, or re-write its weights")
+        qualified = stored
         with safe_open(str(self.files[qualified]), "pt") as handle:
             return torch.nn.Parameter(handle.get_tensor(qualified).float(), requires_grad=False)
 

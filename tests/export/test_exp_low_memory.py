@@ -126,6 +126,25 @@ def test_sharded_fp16_variant_is_streamed_from_the_fp16_files(mixed_model, tmp_p
     assert not _fp16_representable(m32.path(m32.onnx("text_encoder").graph.path))  # fp32 files, not the fp16 ones
 
 
+def test_tied_embedding_stored_under_its_other_name(tiny_model_dir, tiny_artifacts, tmp_path, capsys):
+    """transformers keeps T5's tied embedding as `shared.weight`; a checkpoint that kept `encoder.embed_tokens.weight`
+    instead is the same model, and the streamed export and its reference must find it there."""
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["encoder.embed_tokens.weight"] = tensors.pop("shared.weight")
+    save_file(tensors, weights, metadata={"format": "pt"})
+    assert main(low_memory(model, tmp_path / "ART", "--components", "text_encoder")) == 0, capsys.readouterr().err
+    manifest, regular = Manifest.load(tmp_path / "ART"), Manifest.load(tiny_artifacts)
+    assert all(c["ok"] for c in manifest.onnx("text_encoder").validation["cases"])
+    dims, info = SPECS["text_encoder"].validate[1], regular.onnx("text_encoder").extra["model_info"]
+    metrics = compare(ort_output(regular, "text_encoder", dims, info), ort_output(manifest, "text_encoder", dims, info))
+    assert metrics.within(rel_l2=1e-5), metrics  # the embedding was read, not left out
+
+
 def test_refusals_come_before_any_work(tiny_model_dir, tmp_path, capsys, monkeypatch):
     import k3trt.export.sources as sources
 
