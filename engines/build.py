@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -69,23 +70,32 @@ def _config(plan: ComponentPlan, flags, timing_cache: Path):
 def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_cache: Path, report: dict) -> bytes:
     """Parse, configure and build one engine; returns the serialized plan."""
     from polygraphy.backend.trt import EngineBytesFromNetwork
+    from polygraphy import util
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
     G_LOGGER.module_severity = G_LOGGER.WARNING
     trt_logger()
     onnx_file = manifest.path(plan.onnx_path)
-    timing_cache.parent.mkdir(parents=True, exist_ok=True)
     network = _network(onnx_file)
-    build = EngineBytesFromNetwork(network, config=_config(plan, flags, timing_cache),
-                                   save_timing_cache=str(timing_cache))
-    try:
-        return bytes(build())
-    except PolygraphyException as exc:  # parser errors, builder failures (often out of memory)
-        raise ArtifactError(f"TensorRT could not build {plan.name} from {plan.onnx_path}: {exc}",
-                            fix="run `k3trt check --artifacts ART` for parser problems; for out-of-memory "
-                                "builds try --workspace GB or a lower --builder-optimization-level; "
-                                "existing engines were left untouched") from exc
+    # Polygraphy writes a timing cache *path* in place (a killed build leaves it truncated) and leaves a
+    # `.lock` file beside it. Given an open file it does neither (it fsyncs it, so no BytesIO): an anonymous
+    # temporary file, gone even if the process is killed; the cache is replaced atomically after a good build.
+    with tempfile.TemporaryFile("w+b") as cache_out:
+        build = EngineBytesFromNetwork(network, config=_config(plan, flags, timing_cache),
+                                       save_timing_cache=cache_out)
+        try:
+            engine = bytes(build())
+        except PolygraphyException as exc:  # parser errors, builder failures (often out of memory)
+            raise ArtifactError(f"TensorRT could not build {plan.name} from {plan.onnx_path}: {exc}",
+                                fix="run `k3trt check --artifacts ART` for parser problems; for out-of-memory "
+                                    "builds try --workspace GB or a lower --builder-optimization-level; "
+                                    "existing engines and the timing cache were left untouched") from exc
+        timings = util.load_file(cache_out)  # Polygraphy's reader: from the start, whatever the cursor
+    if timings:
+        timing_cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(timing_cache, timings)
+    return engine
 
 
 def engine_entry(plan: BuildPlan, cp: ComponentPlan, file: FileRecord, env: DeviceEnv, seconds: float,
