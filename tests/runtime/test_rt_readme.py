@@ -122,5 +122,7 @@ def test_pip_and_pytest_commands_name_real_extras_and_markers():
             if "-m" in rest:
                 expression = rest[rest.index("-m") + 1]
                 assert set(re.findall(r"\w+", expression)) - {"not", "and", "or"} <= markers, command
+        elif words[0] == "python3" and words[1].endswith(".py"):  # a script of this repository
+            assert (ROOT / words[1]).is_file(), command
         else:
             assert words[0] in ("python3", "pip", "pytest"), f"unchecked README command: {command}"
