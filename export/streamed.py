@@ -9,8 +9,9 @@ in fp32 or at all.
    safetensors file into the external-data file, fp16 -> fp32, one tensor at a time.
 3. `streamed_reference_output`: the fp32 computation from the fp16 files with one layer's weights in memory.
 
-The graph is the TorchScript tracer's, as in `onnx_export.trace_to_onnx`, minus weight constant folding (ONNX
-Runtime and TensorRT fold the few Transposes of Linear weights when they load the model).
+The graph is the TorchScript tracer's, as in `onnx_export.trace_to_onnx`, cleaned the same way
+(`onnx_export.cleanup`) while the weights are still graph inputs; the Transposes of Linear weights are folded
+while the weights are streamed (`_weight_transposes`).
 """
 from __future__ import annotations
 
@@ -298,6 +299,17 @@ def check_free_disk(out_dir: Path, needed: int) -> None:
                                    fix="free space or choose another --out")
 
 
+def _cleaned(model, component: str):
+    """The regular export's cleanup (onnx_export.cleanup: constant folding, shape inference, dead nodes) on the
+    weightless graph: the weights are graph inputs, so only the shape arithmetic folds (on the small U-Net
+    9,385 -> 4,204 nodes, the regular export has 4,125) and nothing weight-sized is materialized."""
+    from .onnx_export import cleanup, name_output_axes
+
+    model = name_output_axes(cleanup(model), SPECS[component])
+    model.producer_name, model.doc_string = "k3trt", f"Kandinsky 3 {component}"
+    return model
+
+
 def export_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, component: str = "unet",
                     opset: int = DEFAULT_OPSET, variant: str | None = "auto") -> dict:
     """`out_dir/model.onnx` + `model.onnx.data` from a diffusers folder, in memory bounded by the graph plus
@@ -311,7 +323,7 @@ def export_streamed(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
     raw = out_dir / "weightless.onnx"
     traced = trace_weightless(model_dir, raw, component=component, opset=opset)
     tied = traced.pop("tied")
-    model = onnx.load(str(raw))
+    model = _cleaned(onnx.load(str(raw)), component)
     data = out_dir / "model.onnx.data"
     written = stream_weights(model, model_dir / sub, data, prefix=prefix, variant=variant, tied=tied)
     leftover = [i.name for i in model.graph.input if i.name not in SPECS[component].input_names]
