@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from k3trt.export.components import SPECS
+from k3trt.export.streamed import _config_json as streamed_config_json
 from k3trt.export.streamed import (export_streamed, export_unet_streamed, fp32_compute, load_fp16_unet,
                                    onnx_runtime_output, reference_output, streamed_reference_output,
                                    write_random_unet, write_random_weights)
@@ -155,3 +156,31 @@ def test_full_size_text_encoder_export_in_bounded_memory(tmp_path_factory):
           f"{rss_gb:.2f} GB, graph {result['graph_bytes'] / 1e6:.1f} MB, data {result['data_bytes'] / 1e9:.2f} GB")
     assert rss_gb < 4.0  # the fp32 weights alone are ~35 GB
     assert result["data_bytes"] > 8.5e9 * 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("component", ["unet", "text_encoder"])
+def test_full_size_weightless_trace_and_cleanup(component, tmp_path):
+    """The full-size graph alone (config only, no weights): the weightless trace and the regular export's cleanup
+    that `export_streamed` applies before streaming the weights. Run by hand:
+    pytest -m slow -k weightless_trace -s tests/export/test_exp_streamed.py"""
+    import onnx
+
+    from k3trt.export.presets import PRESETS
+    from k3trt.export.streamed import STREAMED, _cleaned, trace_weightless
+
+    full = PRESETS["full"]
+    config = dict(in_channels=4, **full.unet) if component == "unet" else dict(full.t5, vocab_size=full.vocab_size)
+    build, sub, _, _ = STREAMED[component]
+    (tmp_path / sub).mkdir()
+    (tmp_path / sub / "config.json").write_text(streamed_config_json(build(config), component))
+    start = time.perf_counter()
+    trace_weightless(tmp_path, tmp_path / "weightless.onnx", component=component)
+    traced = time.perf_counter()
+    raw = onnx.load(str(tmp_path / "weightless.onnx"))
+    before = len(raw.graph.node)
+    clean = _cleaned(raw, component)
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(f"full {component}: weightless trace {traced - start:.0f} s, cleanup {time.perf_counter() - traced:.0f} s, "
+          f"nodes {before} -> {len(clean.graph.node)}, graph {clean.ByteSize() / 1e6:.1f} MB, peak RSS {rss_gb:.2f} GB")
+    assert len(clean.graph.node) < before and rss_gb < 4.0
