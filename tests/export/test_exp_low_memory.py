@@ -77,6 +77,11 @@ def test_low_memory_export_is_an_ordinary_validated_artifact(tiny_model_dir, tin
     monkeypatch.undo()
     assert Manifest.load(art).data["onnx"] == manifest.data["onnx"]
     assert {n: manifest.path(manifest.onnx(n).graph.path).stat().st_mtime_ns for n in graphs} == graphs
+    assert main(low_memory(tiny_model_dir, art, "--components", "text_encoder", "--force")) == 0
+    assert "text_encoder: ok" in capsys.readouterr().err
+    forced = Manifest.load(art).onnx("text_encoder")  # deterministic and content-addressed: the same files
+    assert (forced.graph, forced.external_data) == (manifest.onnx("text_encoder").graph,
+                                                    manifest.onnx("text_encoder").external_data)
     assert main(["check", "--artifacts", str(art)]) == 0
     assert "0 error(s)" in capsys.readouterr().out
 
