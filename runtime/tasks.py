@@ -7,7 +7,7 @@ semantics and the sources they were read from are in docs/tasks.md.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .backends.base import check_shapes
 from .errors import ArtifactError, InvalidArgumentError
 from .images import check_strength, load_image, load_mask, outpaint_canvas, parse_margins
-from .official_sampler import FlashSampler, OfficialSampler
+from .official_sampler import FlashSampler, OfficialSampler, official_timesteps
 from .stages import (DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite, denoise,
                      prepare_latents)
 
@@ -59,30 +59,55 @@ def _check_encoder(pipe, pixels: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------- image to image
-def img2img(pipe, prompt: str, image, *, strength: float = 0.3, negative_prompt: str | None = None,
+IMG2IMG_STRENGTH = 0.3  # the default share of the schedule image to image runs
+
+
+@dataclasses.dataclass(frozen=True)
+class Img2ImgInputs:
+    """What image to image adds to a Request: the input picture and how much of the schedule runs."""
+    pixels: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    strength: float = IMG2IMG_STRENGTH
+    kind: str = dataclasses.field(default="img2img", init=False)
+
+
+def img2img_inputs(image, strength: float = IMG2IMG_STRENGTH) -> Img2ImgInputs:
+    """The checked inputs (a path, PIL image or (H, W, 3) array; strength in (0, 1])."""
+    pixels = load_image(image)
+    check_strength(strength, 1 << 30)  # the range only; the step count is checked against the request's steps
+    return Img2ImgInputs(pixels, float(strength))
+
+
+def task_generator(request) -> torch.Generator:
+    """The image tasks' generator: one per request, seeded as `Pipeline.img2img`/`inpaint` always were."""
+    return torch.Generator("cpu").manual_seed(request.seed)
+
+
+def img2img(pipe, prompt: str, image, *, strength: float = IMG2IMG_STRENGTH, negative_prompt: str | None = None,
             seed: int = 0, steps: int = 25, guidance: float = 3.0, num_images: int = 1,
             callback: StepCallback | None = None, recorder: list | None = None, decode: bool = True) -> np.ndarray:
     """diffusers.Kandinsky3Img2ImgPipeline step for step; float images (N, H, W, 3) in [0, 1] (`decode=False`:
     the final latents (N, 4, H/8, W/8), the MoVQ decoder not run)."""
-    from .pipeline import make_request
-
     prompt = single_prompt(prompt)
     pixels = load_image(image)
-    run = check_strength(strength, steps)
-    require_components(pipe, "img2img")
-    request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
-                           height=pixels.shape[-2], width=pixels.shape[-1], num_images=num_images)
-    pipe.check_request(request)
-    _check_encoder(pipe, pixels)
-    generator = torch.Generator("cpu").manual_seed(request.seed)
-    cond = pipe.encode(request)
+    check_strength(strength, steps)
+    inputs = Img2ImgInputs(pixels, float(strength))
+    request = task_request(inputs, prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                           num_images=num_images)
+    check_task(pipe, request, inputs)
+    generator = task_generator(request)
+    state = start_state(pipe, request, pipe.encode(request), generator, inputs)
+    return _decoded(pipe, pipe.denoise(state, callback, recorder), decode)
+
+
+def _start_img2img(pipe, request, cond, generator, inputs: Img2ImgInputs) -> DenoiseState:
+    """MoVQ-encode the image, noise it to the first of the last int(steps * strength) timesteps (get_timesteps)."""
+    run = check_strength(inputs.strength, request.steps)
     scheduler, schedule = pipe.new_scheduler(request.steps)
-    timesteps = schedule[request.steps - run:]  # get_timesteps: the last int(steps * strength) timesteps
-    latents = encode_image(pipe.backend, pixels).repeat_interleave(num_images, dim=0)
+    timesteps = schedule[request.steps - run:]
+    latents = encode_image(pipe.backend, inputs.pixels).repeat_interleave(request.latent_shape[0], dim=0)
     noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)  # prepare_latents' one draw
     latents = scheduler.add_noise(latents.cpu(), noise, timesteps[0])
-    state = pipe.start(request, cond, generator, latents=latents, timesteps=timesteps)
-    return _decoded(pipe, pipe.denoise(state, callback, recorder), decode)
+    return pipe.start(request, cond, generator, latents=latents, timesteps=timesteps)
 
 
 def _decoded(pipe, latents: torch.Tensor, decode: bool) -> np.ndarray:
@@ -108,11 +133,15 @@ class MaskedDenoiseState(DenoiseState):
 
 @dataclasses.dataclass(frozen=True)
 class InpaintInputs:
+    """What inpainting/outpainting adds to a Request: the canvas, the repaint mask, and the paste-back choice."""
     pixels: torch.Tensor  # (1, 3, H, W) in [-1, 1], on the (possibly extended) canvas
     user_mask: torch.Tensor  # (1, 1, H, W), 1 = repaint
+    preserve_unmasked: bool = True  # paste the input's pixels back outside the repaint region
+    kind: str = dataclasses.field(default="inpaint", init=False)
 
 
-def inpaint_inputs(image, mask=None, outpaint: str | dict | None = None) -> InpaintInputs:
+def inpaint_inputs(image, mask=None, outpaint: str | dict | None = None, *,
+                   preserve_unmasked: bool = True) -> InpaintInputs:
     pixels = load_image(image)
     if outpaint is not None:
         if mask is not None:
@@ -122,11 +151,11 @@ def inpaint_inputs(image, mask=None, outpaint: str | dict | None = None) -> Inpa
         margins = parse_margins(outpaint) if isinstance(outpaint, str) else parse_margins(
             ",".join(f"{k}={v}" for k, v in outpaint.items()))
         pixels, user = outpaint_canvas(pixels, margins)
-        return InpaintInputs(pixels, user)
+        return InpaintInputs(pixels, user, preserve_unmasked)
     if mask is None:
         raise InvalidArgumentError("inpainting needs a mask", accepted="a mask image (white = repaint)",
                                    fix="pass --mask MASK.png, or --outpaint left=128 to extend the image")
-    return InpaintInputs(pixels, load_mask(mask, tuple(pixels.shape[-2:])))
+    return InpaintInputs(pixels, load_mask(mask, tuple(pixels.shape[-2:])), preserve_unmasked)
 
 
 def inpaint(pipe, prompt: str, image, mask=None, *, outpaint: str | dict | None = None,
@@ -135,33 +164,38 @@ def inpaint(pipe, prompt: str, image, mask=None, *, outpaint: str | dict | None 
             recorder: list | None = None, decode: bool = True) -> np.ndarray:
     """The official inpainting pipeline (docs/tasks.md); float images (N, H, W, 3) in [0, 1] (`decode=False`:
     the final latents, nothing pasted)."""
-    from .pipeline import make_request
-
     prompt = single_prompt(prompt)
-    inputs = inpaint_inputs(image, mask, outpaint)
+    inputs = inpaint_inputs(image, mask, outpaint, preserve_unmasked=preserve_unmasked)
+    request = task_request(inputs, prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
+                           num_images=num_images)
+    check_task(pipe, request, inputs)
+    generator = task_generator(request)
+    state = start_state(pipe, request, pipe.encode(request), generator, inputs)
+    latents = denoise(pipe.backend, state, callback, recorder)
+    if not decode:
+        return _decoded(pipe, latents, decode)
+    return finish_images(inputs, pipe.decode(latents))
+
+
+def _start_inpaint(pipe, request, cond, generator, inputs: InpaintInputs) -> MaskedDenoiseState:
+    """MoVQ-encode the image with the hole set to 0; the keep-mask on the latent grid; noise; the official sampler."""
     sampler = OfficialSampler()
-    timesteps = sampler.set_timesteps(steps)  # validates steps
-    require_components(pipe, "inpaint")
-    h, w = inputs.pixels.shape[-2:]
-    request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance, height=h,
-                           width=w, num_images=num_images)
-    _check_inpaint_shapes(pipe, request, inputs.pixels)
+    timesteps = sampler.set_timesteps(request.steps)
     keep = 1.0 - inputs.user_mask  # the official pipeline's internal mask: 1 = keep
     masked_latents = encode_image(pipe.backend, inputs.pixels * keep)  # the hole set to 0 (mid grey)
     keep_latent = F.interpolate(keep, size=masked_latents.shape[-2:], mode="nearest").to(masked_latents.device)
     extra = torch.cat([keep_latent, masked_latents], dim=1).repeat(request.latent_shape[0], 1, 1, 1)
-    generator = torch.Generator("cpu").manual_seed(request.seed)
-    cond = pipe.encode(request)
     latents = prepare_latents(request.latent_shape, generator, device=pipe.backend.device)
-    state = MaskedDenoiseState(sampler, timesteps, latents, cond, request.guidance, generator, extra=extra)
-    latents = denoise(pipe.backend, state, callback, recorder)
-    if not decode:
-        return _decoded(pipe, latents, decode)
-    images = pipe.decode(latents)
-    if preserve_unmasked:  # k3trt's addition: the input's own pixels outside the repaint region
-        original = ((inputs.pixels + 1.0) / 2.0).permute(0, 2, 3, 1).cpu().numpy()
-        images = np.where(keep.permute(0, 2, 3, 1).cpu().numpy() > 0.5, original, images)
-    return images
+    return MaskedDenoiseState(sampler, timesteps, latents, cond, request.guidance, generator, extra=extra)
+
+
+def _finish_inpaint(inputs: InpaintInputs, images: np.ndarray) -> np.ndarray:
+    """k3trt's addition (preserve_unmasked): the input's own pixels outside the repaint region."""
+    if not inputs.preserve_unmasked:
+        return images
+    keep = (1.0 - inputs.user_mask).permute(0, 2, 3, 1).cpu().numpy() > 0.5
+    original = ((inputs.pixels + 1.0) / 2.0).permute(0, 2, 3, 1).cpu().numpy()
+    return np.where(keep, original, images)
 
 
 def _check_inpaint_shapes(pipe, request, pixels: torch.Tensor) -> None:
@@ -173,6 +207,55 @@ def _check_inpaint_shapes(pipe, request, pixels: torch.Tensor) -> None:
         "encoder_attention_mask": (rows, 1)})
     check_shapes(pipe.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
     _check_encoder(pipe, pixels)
+
+
+# ----------------------------------------------------------------------------------------- per task
+# One start and one finish per task, used by the functions above and by the batching engine alike, so a request
+# served by the engine computes what the library call computes (tests/runtime/test_rt_batching.py).
+TaskInputs = Union[Img2ImgInputs, InpaintInputs]
+ENGINE_TASKS = ("img2img", "inpaint")  # Flash (no guidance, its own U-Net and sampler) runs through Pipeline.flash
+
+
+def task_request(inputs: TaskInputs, prompt: str, negative_prompt: str | None = None, **kwargs):
+    """The Request of a task: its size is the input's (the canvas when outpainting)."""
+    from .pipeline import make_request
+
+    h, w = inputs.pixels.shape[-2:]
+    return make_request(single_prompt(prompt), negative_prompt, height=int(h), width=int(w), **kwargs)
+
+
+def check_task(pipe, request, inputs: TaskInputs) -> None:
+    """Everything that can be refused before a model runs: the task's components, steps, strength, shapes."""
+    kind = getattr(inputs, "kind", None)
+    if kind not in ENGINE_TASKS:
+        raise InvalidArgumentError(f"task inputs of type {type(inputs).__name__}", accepted=
+                                   "Img2ImgInputs or InpaintInputs (the batching engine does not run Flash: "
+                                   "no guidance, its own U-Net and sampler)",
+                                   fix="tasks.img2img_inputs / tasks.inpaint_inputs; Flash: Pipeline.flash")
+    if tuple(inputs.pixels.shape[-2:]) != (request.height, request.width):
+        raise InvalidArgumentError(f"a {request.width}x{request.height} request for a "
+                                   f"{inputs.pixels.shape[-1]}x{inputs.pixels.shape[-2]} image",
+                                   accepted="the image's size", fix="build the request with tasks.task_request")
+    if kind == "img2img":
+        check_strength(inputs.strength, request.steps)
+        require_components(pipe, "img2img")
+        pipe.check_request(request)
+        _check_encoder(pipe, inputs.pixels)
+    else:
+        official_timesteps(request.steps)
+        require_components(pipe, "inpaint")
+        _check_inpaint_shapes(pipe, request, inputs.pixels)
+
+
+def start_state(pipe, request, cond, generator: torch.Generator, inputs: TaskInputs) -> DenoiseState:
+    """The task's denoising state (runs the MoVQ encoder on the input image); `check_task` passed before."""
+    start = _start_img2img if inputs.kind == "img2img" else _start_inpaint
+    return start(pipe, request, cond, generator, inputs)
+
+
+def finish_images(inputs: TaskInputs, images: np.ndarray) -> np.ndarray:
+    """The task's last step after the MoVQ decoder (inpainting: paste-back of the unmasked pixels)."""
+    return _finish_inpaint(inputs, images) if inputs.kind == "inpaint" else images
 
 
 # ----------------------------------------------------------------------------------------- Flash

@@ -9,7 +9,14 @@ call, as LLM servers batch tokens of different sequences. One worker thread owns
    common length (see `stages.context_lengths_fit`: masked copies, exact; zero padding would not be), each
    request with its own timestep, guidance, scheduler state and generator;
 4. decodes the requests that finished, in one MoVQ call per latent size, and hands each its images at once.
-Each result equals the same request run alone through `Pipeline.generate` (tests/runtime/test_rt_batching.py).
+Image to image and inpainting/outpainting requests carry their task inputs (`tasks.Img2ImgInputs`,
+`tasks.InpaintInputs`): their MoVQ encoder call runs at admission (`tasks.start_state`, the function the library
+tasks use), img2img states run the base U-Net and share its calls with text-to-image requests of the same latent
+size, inpainting states run `unet_inpainting` in calls of their own (groups are per U-Net component and latent
+size), and inpainting's paste-back runs after the shared decode (`tasks.finish_images`). Flash (no guidance, its
+own sampler) is not served here: `Pipeline.flash`.
+Each result equals the same request run alone through `Pipeline.generate` / `img2img` / `inpaint`
+(tests/runtime/test_rt_batching.py).
 With `batching=False` the same loop runs one request at a time: the baseline the benchmark compares against.
 """
 from __future__ import annotations
@@ -28,7 +35,9 @@ import torch
 
 from ..cards import guided_batch
 from ..errors import InvalidArgumentError, K3TRTError
+from .. import tasks
 from ..pipeline import Pipeline, Request
+from ..seeding import make_generator
 from ..stages import (DenoiseState, GenerationCancelled, context_lengths_fit, decode_latents, encode_prompts,
                       run_unet)
 
@@ -78,8 +87,8 @@ class Job:
 
     _ids = itertools.count(1)
 
-    def __init__(self, request: Request, deadline: float | None):
-        self.id, self.request, self.deadline = next(Job._ids), request, deadline
+    def __init__(self, request: Request, deadline: float | None, task: "tasks.TaskInputs | None" = None):
+        self.id, self.request, self.deadline, self.task = next(Job._ids), request, deadline, task
         self.future: concurrent.futures.Future = concurrent.futures.Future()
         self.submitted = time.monotonic()
         self.started: float | None = None  # admitted to the batch
@@ -120,9 +129,8 @@ class BatchingEngine:
     def __init__(self, pipeline: Pipeline, config: EngineConfig = EngineConfig(),
                  observer: EngineObserver | None = None):
         self.pipeline, self.config, self.observer = pipeline, config, observer or EngineObserver()
-        unet = pipeline.backend.record("unet")
-        self.max_context = unet.axes.get("context", (1, 128))[1]
-        self.unet_rows = unet.axes.get("batch", (1, 1 << 30))[1]
+        self._unet_limits: dict[str, tuple[int, int]] = {}  # component -> (batch rows, context length) maxima
+        self.unet_rows, self.max_context = self.unet_limits("unet")
         self.encoder_rows = pipeline.backend.record("text_encoder").axes.get("batch", (1, 1 << 30))[1]
         self.decoder_rows = pipeline.backend.record("movq_decoder").axes.get("batch", (1, 1 << 30))[1]
         self._queue: collections.deque[Job] = collections.deque()
@@ -168,10 +176,23 @@ class BatchingEngine:
     def pending(self) -> int:
         return len(self._queue) + len(self._active)
 
-    def submit(self, request: Request, *, timeout_s: float | None = None) -> Job:
-        """Queue `request` (checked against the artifacts first); `timeout_s` sets its deadline."""
-        self.pipeline.check_request(request)
-        job = Job(request, None if timeout_s is None else time.monotonic() + timeout_s)
+    def unet_limits(self, component: str) -> tuple[int, int]:
+        """The most rows and the longest context one call of this U-Net component takes (its profile's axes)."""
+        if component not in self._unet_limits:
+            axes = self.pipeline.backend.record(component).axes
+            self._unet_limits[component] = (axes.get("batch", (1, 1 << 30))[1], axes.get("context", (1, 128))[1])
+        return self._unet_limits[component]
+
+    def submit(self, request: Request, *, timeout_s: float | None = None,
+               task: "tasks.TaskInputs | None" = None) -> Job:
+        """Queue `request` (checked against the artifacts first: shapes, and a task's components); `task`: the
+        inputs of image to image or inpainting (`tasks.img2img_inputs`, `tasks.inpaint_inputs`; the request from
+        `tasks.task_request`); `timeout_s` sets its deadline."""
+        if task is None:
+            self.pipeline.check_request(request)
+        else:
+            tasks.check_task(self.pipeline, request, task)
+        job = Job(request, None if timeout_s is None else time.monotonic() + timeout_s, task)
         with self._cond:
             if not self._accepting:
                 raise NotAcceptingError("the engine is not accepting requests (stopped or shutting down)",
@@ -190,6 +211,21 @@ class BatchingEngine:
         from ..pipeline import make_request
 
         return self.submit(make_request(prompt, negative_prompt, **kwargs), timeout_s=timeout_s).result()
+
+    def img2img(self, prompt: str, image, *, strength: float = tasks.IMG2IMG_STRENGTH,
+                negative_prompt: str | None = None, timeout_s: float | None = None, **kwargs) -> np.ndarray:
+        """`Pipeline.img2img`'s arguments (seed, steps, guidance, num_images) through the batching queue."""
+        inputs = tasks.img2img_inputs(image, strength)
+        request = tasks.task_request(inputs, prompt, negative_prompt, **kwargs)
+        return self.submit(request, timeout_s=timeout_s, task=inputs).result()
+
+    def inpaint(self, prompt: str, image, mask=None, *, outpaint=None, negative_prompt: str | None = None,
+                preserve_unmasked: bool = True, timeout_s: float | None = None, **kwargs) -> np.ndarray:
+        """`Pipeline.inpaint`'s arguments through the batching queue (its defaults: 50 steps, guidance 4)."""
+        inputs = tasks.inpaint_inputs(image, mask, outpaint, preserve_unmasked=preserve_unmasked)
+        kwargs = {"steps": 50, "guidance": 4.0, **kwargs}
+        request = tasks.task_request(inputs, prompt, negative_prompt, **kwargs)
+        return self.submit(request, timeout_s=timeout_s, task=inputs).result()
 
     # ------------------------------------------------------------------------------------- the loop
     def _loop(self) -> None:
@@ -271,22 +307,34 @@ class BatchingEngine:
                     job._finish(error=exc)
                 continue
             for job, cond in zip(chunk, conds):
-                generator = torch.Generator("cpu").manual_seed(job.request.seed)  # as Pipeline.generate
-                job.state = self.pipeline.start(job.request, cond, generator)
+                try:
+                    job.state = self._new_state(job, cond)
+                except K3TRTError as exc:
+                    job._finish(error=exc)
+                    continue
                 self._active.append(job)
 
+    def _new_state(self, job: Job, cond) -> DenoiseState:
+        """Text to image as `Pipeline.generate`; a task as the library's task (its MoVQ encoder call is here)."""
+        if job.task is None:
+            return self.pipeline.start(job.request, cond, make_generator(job.request.seed))
+        return self._timed("movq_encoder", tasks.start_state, self.pipeline, job.request, cond,
+                           tasks.task_generator(job.request), job.task)
+
     def _unet_groups(self, jobs: list[Job]) -> Iterable[list[Job]]:
-        """Jobs with the same latent size, split where the context lengths or the batch axis would not fit."""
-        by_size: dict[tuple, list[Job]] = collections.defaultdict(list)
+        """Jobs of the same U-Net component and latent size, split where the context lengths or the batch axis
+        would not fit."""
+        by_unet: dict[tuple, list[Job]] = collections.defaultdict(list)
         for job in jobs:
-            by_size[job.state.latent_size].append(job)
-        for group in by_size.values():
+            by_unet[(job.state.component, job.state.latent_size)].append(job)
+        for (component, _), group in by_unet.items():
+            max_rows, max_context = self.unet_limits(component)
             calls: list[list[Job]] = []
             for job in group:
                 for call in calls:
                     lengths = [j.state.cond.length for j in call] + [job.state.cond.length]
                     rows = sum(_rows(j) for j in call) + _rows(job)
-                    if rows <= self.unet_rows and context_lengths_fit(lengths, self.max_context):
+                    if rows <= max_rows and context_lengths_fit(lengths, max_context):
                         call.append(job)
                         break
                 else:
@@ -320,7 +368,8 @@ class BatchingEngine:
                     continue
                 offset = 0
                 for job in chunk:
-                    job._finish(images[offset:offset + job.images])
+                    mine = images[offset:offset + job.images]
+                    job._finish(mine if job.task is None else tasks.finish_images(job.task, mine))
                     offset += job.images
 
 

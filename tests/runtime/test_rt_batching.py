@@ -2,6 +2,7 @@
 import threading
 import time
 
+import numpy as np
 import pytest
 
 from k3trt.runtime import Pipeline
@@ -110,3 +111,94 @@ def test_full_queue_and_stopped_engine_refuse_with_typed_errors(pipe):
     assert first.result(60).shape == (1, 64, 64, 3)
     with pytest.raises(NotAcceptingError):
         engine.submit(make_request("a cat", steps=1, height=64, width=64))
+
+
+# ----------------------------------------------------------------------------------------- image tasks
+@pytest.fixture(scope="module")
+def picture():
+    from k3trt.export.task_demo import demo_image
+
+    return demo_image()  # 64 x 128
+
+
+IMG2IMG = dict(prompt="a fox in the snow", strength=0.6, steps=5, guidance=3.0, seed=11, num_images=2)
+INPAINT = dict(prompt="a fox in the snow", steps=4, guidance=4.0, seed=12)
+
+
+def test_image_tasks_through_the_engine_equal_the_library_calls(pipe, picture):
+    """One img2img, one inpainting and one outpainting job queued together with a text-to-image job of the
+    img2img's size: img2img shares the base U-Net's calls with text to image, inpainting runs its own U-Net."""
+    from k3trt.export.task_demo import demo_mask
+    from k3trt.runtime import tasks
+
+    t2i = dict(prompt="a fox in the snow", seed=6, height=64, width=128, steps=4)  # same context length
+    expected = [pipe.img2img(image=picture, output_type="np", **IMG2IMG),
+                pipe.inpaint(image=picture, mask=demo_mask(), output_type="np", **INPAINT),
+                pipe.inpaint(image=picture, outpaint="left=64", output_type="np", **INPAINT),
+                pipe.generate(**t2i, output_type="np")]
+    recorder = Recorder()
+    engine = BatchingEngine(pipe, EngineConfig(max_batch=8), recorder).start()
+    try:
+        img2img = tasks.img2img_inputs(picture, IMG2IMG["strength"])
+        inpaint = tasks.inpaint_inputs(picture, demo_mask())
+        outpaint = tasks.inpaint_inputs(picture, outpaint="left=64")
+        common = {k: v for k, v in IMG2IMG.items() if k not in ("prompt", "strength")}
+        with engine._cond:  # the worker admits all four in one round (the condition's lock is re-entrant)
+            jobs = [engine.submit(tasks.task_request(img2img, IMG2IMG["prompt"], **common), task=img2img),
+                    *(engine.submit(tasks.task_request(inputs, INPAINT["prompt"], steps=4, guidance=4.0, seed=12),
+                                    task=inputs) for inputs in (inpaint, outpaint)),
+                    engine.submit(make_request(**t2i))]
+        for job, want in zip(jobs, expected):
+            got = job.result(120)
+            assert got.shape == want.shape
+            db = psnr(want, got)
+            print(f"{job.task.kind if job.task else 'text2img'} through the engine vs alone: {db:.1f} dB")
+            assert db >= BATCHED_PSNR_DB
+    finally:
+        engine.stop()
+    # img2img runs int(5 * 0.6) = 3 steps of the base U-Net, the text-to-image job 4 at the same latent size:
+    # the first 3 are shared calls of 2 requests (3 images). Inpainting (64 x 128) and outpainting (64 x 192)
+    # run 4 steps each in calls of their own.
+    assert recorder.calls.count((3, 2)) == 3
+    assert len(recorder.calls) == 3 + 1 + 4 + 4
+
+
+def test_an_image_task_alone_in_the_engine_is_bit_exact(pipe, picture):
+    from k3trt.runtime import tasks
+
+    engine = BatchingEngine(pipe, EngineConfig(max_batch=4)).start()
+    try:
+        got = engine.img2img(image=picture, **IMG2IMG)
+        kept = engine.inpaint(image=picture, outpaint="top=64", **INPAINT)
+    finally:
+        engine.stop()
+    np.testing.assert_array_equal(got, pipe.img2img(image=picture, output_type="np", **IMG2IMG))
+    np.testing.assert_array_equal(kept, pipe.inpaint(image=picture, outpaint="top=64", output_type="np", **INPAINT))
+    np.testing.assert_allclose(kept[0, 64:], picture / 255.0, atol=1e-6)  # pasted back after the shared decode
+    assert tasks.ENGINE_TASKS == ("img2img", "inpaint")
+
+
+def test_a_task_the_artifacts_lack_is_refused_at_submit(artifacts_copy, picture):
+    import json
+
+    from k3trt.runtime import tasks
+    from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+
+    manifest = json.loads((artifacts_copy / "manifest.json").read_text())
+    del manifest["onnx"]["unet_inpainting"]
+    (artifacts_copy / "manifest.json").write_text(json.dumps(manifest))
+    engine = BatchingEngine(Pipeline.from_artifacts(artifacts_copy, "ort")).start()
+    try:
+        inputs = tasks.inpaint_inputs(picture, outpaint="left=64")
+        with pytest.raises(ArtifactError, match="not exported for inpaint: unet_inpainting missing"):
+            engine.submit(tasks.task_request(inputs, "a fox", steps=2), task=inputs)
+        img2img = tasks.img2img_inputs(picture, 0.5)
+        with pytest.raises(InvalidArgumentError, match="int\\(2 x 0.3\\) = 0 steps"):
+            engine.submit(tasks.task_request(img2img, "a fox", steps=2), task=tasks.img2img_inputs(picture, 0.3))
+        with pytest.raises(InvalidArgumentError, match="a 64x64 request for a 128x64 image"):
+            engine.submit(make_request("a fox", height=64, width=64), task=img2img)
+        with pytest.raises(InvalidArgumentError, match="does not run Flash"):
+            engine.submit(make_request("a fox", height=64, width=64), task="flash")
+        assert engine.queue_depth == 0 and engine.pending == 0  # nothing was queued
+    finally:
+        engine.stop()
