@@ -1,9 +1,11 @@
 """The HTTP service (FastAPI): translates the OpenAI Images API into the batching engine, and nothing more.
 
-POST /v1/images/generations, GET /healthz (alive), /readyz (loaded and warmed up), /metrics (Prometheus).
-Errors are JSON {"error": {"message", "type", "param"}}: 400/413/422 bad input, 429 + Retry-After queue full,
-503 not ready or shutting down, 504 past the deadline. A client that disconnects cancels its request at the
-next step boundary. Needs the `serve` extra (fastapi, uvicorn, prometheus-client).
+POST /v1/images/generations (text to image), POST /v1/images/edits (image to image, inpainting, outpainting; a
+JSON body with base64 images, see schema.py), GET /healthz (alive), /readyz (loaded and warmed up), /metrics
+(Prometheus). Errors are JSON {"error": {"message", "type", "param"}}: 400/413/422 bad input, 429 + Retry-After
+queue full, 501 a task the artifacts were not exported for, 503 not ready or shutting down, 504 past the
+deadline. A client that disconnects cancels its request at the next step boundary. Needs the `serve` extra
+(fastapi, uvicorn, prometheus-client).
 """
 from __future__ import annotations
 
@@ -21,10 +23,11 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ..errors import BackendBusyError, K3TRTError
+from ..errors import ArtifactError, BackendBusyError, K3TRTError
 from ..stages import GenerationCancelled
 from .engine import BatchingEngine, DeadlineExceededError, EngineConfig, NotAcceptingError, QueueFullError
-from .schema import BodyError, FieldError, Limits, parse_body, to_request
+from .schema import (MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, BodyError, FieldError, Limits, parse_body, to_edit,
+                     to_request)
 from .telemetry import ServiceMetrics
 
 log = logging.getLogger("k3trt")
@@ -159,15 +162,36 @@ def create_app(service: ImageService, *, load_in_background: bool = True):
                         "unavailable", headers={"Retry-After": "5"})
         return await _run(request, job_request, started)
 
-    async def _run(request, job_request, started: float):
+    @app.post("/v1/images/edits")
+    async def edits(request: Request):
+        """Image to image, or inpainting with `mask`, or outpainting with `outpaint`: schema.to_edit."""
+        started = time.monotonic()
         try:
-            job = service.engine.submit(job_request, timeout_s=service.settings.timeout_s)
+            raw = await _read_capped(request, MAX_EDIT_BODY_BYTES)
+            body = await asyncio.to_thread(parse_body, raw, MAX_EDIT_BODY_BYTES)
+            job_request, task = await asyncio.to_thread(to_edit, body, service.limits)  # decodes the images
+        except BodyError as exc:
+            return fail(exc.status, str(exc), "invalid_request_error")
+        except FieldError as exc:
+            return fail(422, str(exc), "invalid_request_error", exc.param)
+        except K3TRTError as exc:
+            return fail(422, str(exc), "invalid_request_error")
+        if not service.ready:
+            return fail(503, "the service is not ready (loading, failed to load, or shutting down)",
+                        "unavailable", headers={"Retry-After": "5"})
+        return await _run(request, job_request, started, task=task, param="image")
+
+    async def _run(request, job_request, started: float, *, task=None, param: str = "size"):
+        try:
+            job = service.engine.submit(job_request, timeout_s=service.settings.timeout_s, task=task)
         except QueueFullError as exc:
             return fail(429, str(exc), "rate_limit_error", headers={"Retry-After": _retry_after(service)})
         except NotAcceptingError as exc:
             return fail(503, str(exc), "unavailable", headers={"Retry-After": "5"})
+        except ArtifactError as exc:  # a task whose components this deployment's artifacts lack
+            return fail(501, str(exc), "not_implemented_error")
         except K3TRTError as exc:  # shape checks against the artifacts
-            return fail(422, str(exc), "invalid_request_error", "size")
+            return fail(422, str(exc), "invalid_request_error", param)
         future = asyncio.wrap_future(job.future)
         try:
             while not future.done():
@@ -208,19 +232,18 @@ def create_app(service: ImageService, *, load_in_background: bool = True):
     return app
 
 
-async def _read_capped(request) -> bytes:
-    """The body, read no further than one byte past the limit (a huge body is refused, not buffered)."""
-    from .schema import MAX_BODY_BYTES
+async def _read_capped(request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, read no further than one chunk past `limit` (a huge body is refused, not buffered)."""
+    from .schema import too_large
 
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise BodyError(f"the request body is {declared} bytes", status=413,
-                        accepted=f"at most {MAX_BODY_BYTES} bytes", fix="shorten the prompt")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         chunks.append(chunk)
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
+        if size > limit:
             break  # parse_body refuses it with 413
     return b"".join(chunks)
 

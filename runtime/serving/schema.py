@@ -4,20 +4,32 @@ By hand rather than a pydantic model because every rejection must name the field
 in this project's error shape, before any work starts; the rules are few and each is tested.
 Body: {"prompt", "n", "size": "WxH", "response_format": "b64_json"} plus this model's "negative_prompt",
 "seed", "steps", "guidance"; "model" and "user" (sent by OpenAI clients) are accepted and ignored.
+
+Edits (`to_edit`) take JSON too, with the image and mask as base64 strings, not OpenAI's multipart form: one body
+parser and one validation path for both routes, and no multipart dependency (python-multipart) in the server.
+The images are decoded here, before queueing, with their sides checked from the header before any pixel is
+decoded (no decompression bombs), so the worker only ever sees images the service accepts.
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import io
 import json
 import math
 import re
 import secrets
 
 from ..cards import PIXEL_MULTIPLE
+from .. import tasks
 from ..errors import InvalidArgumentError
+from ..images import check_strength, load_image
 from ..pipeline import Request, make_request
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_EDIT_BODY_BYTES = 16 * 1024 * 1024  # /v1/images/edits: the image and mask inline, base64 (4/3 of their bytes)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PROMPT_CHARS = 4000
 IGNORED_FIELDS = ("model", "user")
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
@@ -51,10 +63,14 @@ class Limits:
     default_guidance: float = 3.0
 
 
-def parse_body(raw: bytes) -> dict:
-    if len(raw) > MAX_BODY_BYTES:
-        raise BodyError(f"the request body is {len(raw)} bytes", status=413,
-                        accepted=f"at most {MAX_BODY_BYTES} bytes", fix="shorten the prompt")
+def too_large(size, limit: int) -> BodyError:
+    fix = "shorten the prompt" if limit == MAX_BODY_BYTES else "send a smaller image (PNG/JPEG/WebP, base64)"
+    return BodyError(f"the request body is {size} bytes", status=413, accepted=f"at most {limit} bytes", fix=fix)
+
+
+def parse_body(raw: bytes, limit: int = MAX_BODY_BYTES) -> dict:
+    if len(raw) > limit:
+        raise too_large(len(raw), limit)
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError) as exc:
@@ -71,10 +87,7 @@ FIELDS = ("prompt", "negative_prompt", "n", "size", "response_format", "seed", "
 
 def to_request(body: dict, limits: Limits) -> Request:
     """The validated runtime Request for `body`, or a FieldError naming the first bad field."""
-    unknown = sorted(set(body) - set(FIELDS) - set(IGNORED_FIELDS))
-    if unknown:
-        raise FieldError(unknown[0], f"unknown field {unknown[0]!r}", accepted=", ".join(FIELDS),
-                         fix=f"remove {unknown[0]!r}")
+    _no_unknown(body, FIELDS)
     prompt = _text(body, "prompt", required=True)
     negative = _text(body, "negative_prompt", required=False)
     n = _integer(body, "n", 1, 1, limits.max_n)
@@ -82,12 +95,139 @@ def to_request(body: dict, limits: Limits) -> Request:
     seed = _integer(body, "seed", None, 0, 2 ** 63 - 1)
     guidance = _guidance(body, limits.default_guidance)
     width, height = _size(body.get("size", limits.default_size), limits)
+    _response_format(body)
+    return make_request(prompt, negative, seed=secrets.randbelow(2 ** 31) if seed is None else seed,
+                        steps=steps, guidance=guidance, height=height, width=width, num_images=n)
+
+
+EDIT_FIELDS = ("prompt", "image", "mask", "outpaint", "strength", "negative_prompt", "n", "response_format", "seed",
+               "steps", "guidance")
+INPAINT_GUIDANCE = 4.0  # tasks.inpaint's default (the official inpainting pipeline's); image to image: 3.0
+
+
+def to_edit(body: dict, limits: Limits) -> tuple[Request, "tasks.TaskInputs"]:
+    """The Request and task inputs for an edits `body`: a `mask` -> inpainting, `outpaint` -> outpainting,
+    neither -> image to image with `strength`; or a FieldError naming the first bad field."""
+    _no_unknown(body, EDIT_FIELDS, note=" (the output size is the image's, or the outpainted canvas')")
+    prompt = _text(body, "prompt", required=True)
+    negative = _text(body, "negative_prompt", required=False)
+    n = _integer(body, "n", 1, 1, limits.max_n)
+    steps = _integer(body, "steps", limits.default_steps, 1, limits.max_steps)
+    seed = _integer(body, "seed", None, 0, 2 ** 63 - 1)
+    _response_format(body)
+    if body.get("mask") is not None and body.get("outpaint") is not None:
+        raise FieldError("outpaint", "both mask and outpaint were given",
+                         accepted="mask (inpainting) or outpaint (outpainting), or neither (image to image)",
+                         fix="drop outpaint to repaint the mask's white area, or drop mask to extend the image")
+    image = _picture(body, "image", limits)
+    if body.get("mask") is None and body.get("outpaint") is None:
+        strength = _strength(body, steps)
+        guidance = _guidance(body, limits.default_guidance)
+        inputs = tasks.Img2ImgInputs(_field("image", load_image, image), strength)
+    else:
+        if body.get("strength") is not None:
+            raise FieldError("strength", f"strength={_show(body['strength'])} with a mask or outpaint",
+                             accepted="strength for image to image only (no mask, no outpaint)",
+                             fix="drop strength: inpainting and outpainting run the whole schedule")
+        guidance = _guidance(body, INPAINT_GUIDANCE)
+        inputs = _inpaint_inputs(body, image, limits)
+    request = _field("prompt", tasks.task_request, inputs, prompt, negative,
+                     seed=secrets.randbelow(2 ** 31) if seed is None else seed, steps=steps, guidance=guidance,
+                     num_images=n)
+    return request, inputs
+
+
+def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
+    if body.get("mask") is not None:
+        mask = _picture(body, "mask", limits)
+        if mask.size != image.size:
+            raise FieldError("mask", f"mask is {mask.size[0]}x{mask.size[1]} px but the image is "
+                             f"{image.size[0]}x{image.size[1]}", accepted="a mask of the image's size",
+                             fix="resize the mask to the image (nearest neighbour keeps it binary)")
+        return _field("mask", tasks.inpaint_inputs, image, mask)
+    margins = body["outpaint"]
+    if not isinstance(margins, str):
+        raise FieldError("outpaint", f"outpaint={_show(margins)}", accepted='"SIDE=PIXELS,..." with SIDE in left, '
+                         "right, top, bottom", fix='e.g. "outpaint": "left=128,right=128"')
+    inputs = _field("outpaint", tasks.inpaint_inputs, image, outpaint=margins)
+    height, width = inputs.pixels.shape[-2:]
+    if max(height, width) > limits.max_side:
+        raise FieldError("outpaint", f"outpaint={_show(margins)} grows the image to {width}x{height} px",
+                         accepted=f"a canvas with sides up to {limits.max_side}", fix="use smaller margins")
+    return inputs
+
+
+def _picture(body: dict, name: str, limits: Limits):
+    """A base64 PNG/JPEG/WebP (optionally a data: URL) -> a decoded PIL image whose sides this service accepts.
+    The sides are read from the header and checked before any pixel is decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    value = body.get(name)
+    accepted = f"a base64 {'/'.join(IMAGE_FORMATS)} image (a data:image/...;base64, prefix is accepted)"
+    if not isinstance(value, str) or not value:
+        what = f"{name} is missing" if value is None else f"{name}={_show(value)}"
+        raise FieldError(name, what, accepted=accepted, fix=f'send "{name}": base64 of the file\'s bytes')
+    if value.startswith("data:"):
+        header, _, value = value.partition(",")
+        if not header.endswith(";base64"):
+            raise FieldError(name, f"{name} is a data URL without ;base64", accepted=accepted,
+                             fix="encode the file as base64: data:image/png;base64,...")
+    try:
+        raw = base64.b64decode(value, validate=True)
+        image = Image.open(io.BytesIO(raw))  # reads the header only
+    except Image.DecompressionBombError as exc:  # Pillow's own refusal, at twice its pixel limit
+        raise FieldError(name, f"{name} is far too large ({exc})", accepted=accepted,
+                         fix=f"send an image with sides up to {limits.max_side}") from None
+    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+        raise FieldError(name, f"{name} is not a base64 image ({type(exc).__name__})", accepted=accepted,
+                         fix=f"send the base64 of a PNG, JPEG or WebP file as {name}") from None
+    width, height = image.size
+    if image.format not in IMAGE_FORMATS:
+        raise FieldError(name, f"{name} is a {image.format} image", accepted=accepted, fix="convert it to PNG")
+    if name == "image" and not all(limits.min_side <= s <= limits.max_side and s % PIXEL_MULTIPLE == 0
+                                   for s in (width, height)):
+        raise FieldError(name, f"image is {width}x{height} px", accepted=f"sides multiples of {PIXEL_MULTIPLE} "
+                         f"in {limits.min_side}..{limits.max_side}", fix="resize or crop it, e.g. to 1024x1024")
+    if name == "mask" and width * height > limits.max_side ** 2:
+        raise FieldError(name, f"mask is {width}x{height} px", accepted="a mask of the image's size",
+                         fix="resize the mask to the image")
+    try:
+        image.load()  # within the side limits: a bounded decode
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise FieldError(name, f"{name} could not be decoded ({type(exc).__name__})", accepted=accepted,
+                         fix="re-save the file and send it again") from None
+    return image
+
+
+def _strength(body: dict, steps: int) -> float:
+    value = body.get("strength", tasks.IMG2IMG_STRENGTH)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise FieldError("strength", f"strength={_show(value)}", accepted="a number in (0, 1]",
+                         fix=f'e.g. "strength": {tasks.IMG2IMG_STRENGTH}')
+    _field("strength", check_strength, value, steps)
+    return float(value)
+
+
+def _field(param: str, fn, *args, **kwargs):
+    """`fn(...)`, with its InvalidArgumentError re-raised as a FieldError naming `param` (HTTP 422)."""
+    try:
+        return fn(*args, **kwargs)
+    except InvalidArgumentError as exc:
+        raise FieldError(param, exc.what, accepted=exc.accepted, fix=exc.fix) from None
+
+
+def _no_unknown(body: dict, fields: tuple[str, ...], note: str = "") -> None:
+    unknown = sorted(set(body) - set(fields) - set(IGNORED_FIELDS))
+    if unknown:
+        raise FieldError(unknown[0], f"unknown field {unknown[0]!r}{note}", accepted=", ".join(fields),
+                         fix=f"remove {unknown[0]!r}")
+
+
+def _response_format(body: dict) -> None:
     response_format = body.get("response_format", "b64_json")
     if response_format != "b64_json":
         raise FieldError("response_format", f"response_format={response_format!r}", accepted='"b64_json"',
                          fix="omit it or send \"b64_json\" (this server returns images inline, not URLs)")
-    return make_request(prompt, negative, seed=secrets.randbelow(2 ** 31) if seed is None else seed,
-                        steps=steps, guidance=guidance, height=height, width=width, num_images=n)
 
 
 def _text(body: dict, name: str, *, required: bool) -> str | None:

@@ -196,3 +196,173 @@ def test_not_ready_answers_503(pipe, tiny_artifacts):
         assert refused.status_code == 503 and refused.headers["retry-after"]
         gate.set()
         wait_ready(base)
+
+
+# ----------------------------------------------------------------------------------------- /v1/images/edits
+EDITS = "/v1/images/edits"
+
+
+def b64_image(array, fmt: str = "PNG") -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def png_claiming(width: int, height: int) -> str:
+    """A PNG whose header claims width x height pixels and holds none (what a decompression bomb looks like)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode()
+
+
+@pytest.fixture(scope="module")
+def picture():
+    from k3trt.export.task_demo import demo_image
+
+    return demo_image()  # 64 x 128
+
+
+@pytest.fixture(scope="module")
+def mask():
+    from k3trt.export.task_demo import demo_mask
+
+    return demo_mask()  # 64 x 128, 255 = repaint
+
+
+def test_edits_return_the_images_the_library_calls_give(server, pipe, picture, mask):
+    """Image to image, inpainting (data-URL image) and outpainting, sent at once, batched by the engine."""
+    base, _ = server
+    bodies = [{"prompt": "a fox", "image": b64_image(picture), "strength": 0.6, "steps": 4, "seed": 3, "n": 2},
+              {"prompt": "a fox", "image": "data:image/png;base64," + b64_image(picture), "mask": b64_image(mask),
+               "steps": 3, "seed": 4},
+              {"prompt": "a fox", "image": b64_image(picture), "outpaint": "left=64", "steps": 3, "seed": 5,
+               "guidance": 2.0, "negative_prompt": "blurry"}]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda b: httpx.post(f"{base}{EDITS}", json=b, timeout=120), bodies))
+    expected = [pipe.img2img("a fox", picture, strength=0.6, steps=4, seed=3, num_images=2),  # guidance 3
+                pipe.inpaint("a fox", picture, mask, steps=3, seed=4),  # guidance 4: the inpainting default
+                pipe.inpaint("a fox", picture, outpaint="left=64", steps=3, seed=5, guidance=2.0,
+                             negative_prompt="blurry")]
+    for answer, images in zip(answers, expected):
+        assert answer.status_code == 200, answer.text
+        data = answer.json()["data"]
+        assert len(data) == len(images)
+        for item, image in zip(data, images):
+            ours = decode_png(item)
+            assert ours.shape == np.asarray(image).shape
+            assert psnr(np.asarray(image, dtype=np.float32) / 255.0, ours) >= 60.0
+    outpainted = decode_png(answers[2].json()["data"][0])
+    np.testing.assert_array_equal(outpainted[:, 64:], picture / np.float32(255.0))  # the input, pasted back
+
+
+def _edit(picture, **fields):
+    return {"prompt": "x", "image": b64_image(picture), **fields}
+
+
+BAD_EDITS = [
+    (lambda p, m: {"prompt": "x"}, 422, "image", "image is missing"),
+    (lambda p, m: _edit(p, image="not base64!"), 422, "image", "not a base64 image"),
+    (lambda p, m: _edit(p, image=base64.b64encode(b"hello").decode()), 422, "image", "not a base64 image"),
+    (lambda p, m: _edit(p, image=b64_image(p, "GIF")), 422, "image", "a GIF image"),
+    (lambda p, m: _edit(p, image=b64_image(p[:60])), 422, "image", "multiples of 64"),
+    (lambda p, m: _edit(p, image=png_claiming(4096, 64)), 422, "image", "image is 4096x64 px"),
+    (lambda p, m: _edit(p, image=png_claiming(100_000, 100_000)), 422, "image", "far too large"),
+    (lambda p, m: _edit(p, image=png_claiming(8192, 8192)), 422, "image", "image is 8192x8192 px"),
+    (lambda p, m: _edit(p, mask=b64_image(m[:, :64])), 422, "mask", "mask is 64x64 px but the image is 128x64"),
+    (lambda p, m: _edit(p, mask=b64_image(np.full((64, 128), 128, np.uint8))), 422, "mask", "grey"),
+    (lambda p, m: _edit(p, mask="%%%"), 422, "mask", "not a base64 image"),
+    (lambda p, m: _edit(p, strength=1.5), 422, "strength", "(0, 1]"),
+    (lambda p, m: _edit(p, strength="high"), 422, "strength", "(0, 1]"),
+    (lambda p, m: _edit(p, strength=0.05, steps=4), 422, "strength", "= 0 steps"),
+    (lambda p, m: _edit(p, mask=b64_image(m), strength=0.5), 422, "strength", "image to image only"),
+    (lambda p, m: _edit(p, mask=b64_image(m), outpaint="left=64"), 422, "outpaint", "both mask and outpaint"),
+    (lambda p, m: _edit(p, outpaint="right=100"), 422, "outpaint", "not a multiple of 64"),
+    (lambda p, m: _edit(p, outpaint=128), 422, "outpaint", "SIDE=PIXELS"),
+    (lambda p, m: _edit(p, outpaint="left=4096"), 422, "outpaint", "grows the image to 4224x64"),
+    (lambda p, m: _edit(p, size="64x64"), 422, "size", "unknown field"),
+    (lambda p, m: _edit(p, n=9), 422, "n", "1..4"),
+    (lambda p, m: {"image": b64_image(p)}, 422, "prompt", "prompt is missing"),
+]
+
+
+@pytest.mark.parametrize("make, status, param, message", BAD_EDITS,
+                         ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD_EDITS)])
+def test_bad_edits_are_a_422_naming_the_field_before_any_work(server, picture, mask, make, status, param, message):
+    base, _ = server
+    calls = _metric(httpx.get(f"{base}/metrics").text, "k3trt_unet_batch_images_count")
+    answer = httpx.post(f"{base}{EDITS}", json=make(picture, mask), timeout=60)
+    assert answer.status_code == status, answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param and message in error["message"], error
+    assert "accepted" in error["message"] and "fix" in error["message"]
+    assert _metric(httpx.get(f"{base}/metrics").text, "k3trt_unet_batch_images_count") == calls  # nothing ran
+
+
+def test_the_edits_body_cap_is_enforced_while_streaming():
+    """`_read_capped` stops reading one chunk past the cap (no content-length to refuse on), and refuses a
+    declared length over it without reading at all; the edits cap is its own, larger constant."""
+    import asyncio
+
+    from k3trt.runtime.serving.http import _read_capped
+    from k3trt.runtime.serving.schema import MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, BodyError, parse_body
+
+    class Streamed:
+        def __init__(self, headers):
+            self.headers, self.read = headers, 0
+
+        async def stream(self):
+            for _ in range(64):  # 64 MiB offered
+                self.read += 1
+                yield b"x" * (1 << 20)
+
+    chunked = Streamed({})
+    raw = asyncio.run(_read_capped(chunked, MAX_EDIT_BODY_BYTES))
+    assert chunked.read == MAX_EDIT_BODY_BYTES // (1 << 20) + 1 and len(raw) == chunked.read << 20
+    with pytest.raises(BodyError, match=f"at most {MAX_EDIT_BODY_BYTES} bytes") as refused:
+        parse_body(raw, MAX_EDIT_BODY_BYTES)
+    assert refused.value.status == 413
+    declared = Streamed({"content-length": str(MAX_EDIT_BODY_BYTES + 1)})
+    with pytest.raises(BodyError, match="413|at most") as refused:
+        asyncio.run(_read_capped(declared, MAX_EDIT_BODY_BYTES))
+    assert refused.value.status == 413 and declared.read == 0
+    assert MAX_EDIT_BODY_BYTES == 16 * 1024 * 1024 > MAX_BODY_BYTES
+
+
+def test_an_edit_larger_than_the_generations_cap_is_served(server):
+    from k3trt.runtime.serving.schema import MAX_BODY_BYTES
+
+    base, _ = server
+    noise = np.random.default_rng(0).integers(0, 256, (128, 256, 3), dtype=np.uint8)  # barely compressible
+    body = {"prompt": "x", "image": b64_image(noise), "strength": 1.0, "steps": 1, "seed": 1}
+    assert len(str(body)) > MAX_BODY_BYTES
+    answer = httpx.post(f"{base}{EDITS}", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert decode_png(answer.json()["data"][0]).shape == (128, 256, 3)
+    too_big = httpx.post(f"{base}{URL}", content=b'{"prompt": "' + b"a" * (MAX_BODY_BYTES + 10) + b'"}',
+                         headers={"content-type": "application/json"})
+    assert too_big.status_code == 413 and f"at most {MAX_BODY_BYTES} bytes" in too_big.text
+
+
+def test_an_edit_the_artifacts_were_not_exported_for_is_a_501(artifacts_copy, picture, mask):
+    import json
+
+    manifest = json.loads((artifacts_copy / "manifest.json").read_text())
+    del manifest["onnx"]["unet_inpainting"]
+    (artifacts_copy / "manifest.json").write_text(json.dumps(manifest))
+    settings = ServeSettings(str(artifacts_copy), default_size="64x64", warmup=False)
+    with running(ImageService(settings, pipeline=Pipeline.from_artifacts(artifacts_copy, "ort"))) as base:
+        wait_ready(base)
+        answer = httpx.post(f"{base}{EDITS}", json=_edit(picture, mask=b64_image(mask)), timeout=60)
+        assert answer.status_code == 501, answer.text
+        assert "not exported for inpaint: unet_inpainting missing" in answer.json()["error"]["message"]
+        assert "--components unet_inpainting" in answer.json()["error"]["message"]
+        served = httpx.post(f"{base}{EDITS}", json=_edit(picture, steps=2, strength=0.5), timeout=60)
+        assert served.status_code == 200, served.text  # image to image needs only the base U-Net
