@@ -20,8 +20,16 @@ MAX_GREY_FRACTION = 0.05  # anti-aliased edges are fine; a photo or a soft matte
 SIDES = ("left", "right", "top", "bottom")
 
 
-def _open(value, what: str):
+def decode_errors() -> tuple[type[BaseException], ...]:
+    """What Pillow raises for a damaged or hostile file: OSError (truncated data), SyntaxError (a broken PNG
+    chunk), ValueError, EOFError, UnidentifiedImageError, DecompressionBombError (over twice its pixel limit)."""
     from PIL import Image, UnidentifiedImageError
+
+    return (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _open(value, what: str):
+    from PIL import Image
 
     if isinstance(value, Image.Image):
         return value
@@ -38,7 +46,7 @@ def _open(value, what: str):
         with Image.open(path) as image:
             image.load()
             return image.copy()
-    except (UnidentifiedImageError, OSError) as exc:
+    except decode_errors() as exc:
         raise InvalidArgumentError(f"{what} {str(path)!r} is not an image ({exc.__class__.__name__})",
                                    accepted="a file Pillow can read (PNG, JPEG, WebP, ...)",
                                    fix=f"pass a real image as the {what}") from None
@@ -128,6 +136,9 @@ def outpaint_canvas(image: torch.Tensor, margins: dict[str, int]) -> tuple[torch
     return canvas, mask
 
 
+MAX_SUGGESTED_STEPS = 1000  # a fix that needs more steps than this is no fix
+
+
 def check_strength(strength, steps: int) -> int:
     """diffusers' get_timesteps: int(steps * strength) steps run; 0 < strength <= 1 and at least one step."""
     if not isinstance(strength, (int, float)) or isinstance(strength, bool) or not 0.0 < float(strength) <= 1.0:
@@ -135,7 +146,9 @@ def check_strength(strength, steps: int) -> int:
                                    fix="e.g. --strength 0.6 (1.0 ignores the input image)")
     run = min(int(steps * strength), steps)
     if run < 1:
+        needed = 1 / strength  # inf for a subnormal strength: then only a larger strength helps
+        more_steps = f" or --steps {math.ceil(needed)}" if needed <= MAX_SUGGESTED_STEPS else ""
         raise InvalidArgumentError(f"strength={strength} with steps={steps} runs int({steps} x {strength}) = 0 steps",
                                    accepted=f"strength >= {1 / steps:.3g} for {steps} steps",
-                                   fix=f"raise --strength or --steps (e.g. --steps {math.ceil(1 / strength)})")
+                                   fix=f"raise --strength (e.g. --strength {max(1 / steps, 0.3):.3g}){more_steps}")
     return run

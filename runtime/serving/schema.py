@@ -24,7 +24,7 @@ import secrets
 from ..cards import PIXEL_MULTIPLE
 from .. import tasks
 from ..errors import InvalidArgumentError
-from ..images import check_strength, load_image
+from ..images import check_strength, decode_errors, load_image
 from ..pipeline import Request, make_request
 
 MAX_BODY_BYTES = 64 * 1024
@@ -193,7 +193,7 @@ def _picture(body: dict, name: str, limits: Limits):
                          fix="resize the mask to the image")
     try:
         image.load()  # within the side limits: a bounded decode
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except decode_errors() as exc:
         raise FieldError(name, f"{name} could not be decoded ({type(exc).__name__})", accepted=accepted,
                          fix="re-save the file and send it again") from None
     return image

@@ -1,9 +1,10 @@
 """Issue 11's fuzzing suite (Hypothesis): whatever a user or a damaged disk hands k3trt, the only outcomes are
 a result or one of the project's typed errors, within a time bound, with no file changed outside the output.
 
-Five targets: the API's request fields, the CLI's arguments (generate, export/preset, build/check), manifests
-mutated as JSON values and as bytes (wrong types, missing keys, traversal paths, truncation, bit flips), and
-ONNX files mutated the same way behind a matching hash. Each target runs `fast` examples in the default run
+Six targets: the API's request fields, the CLI's arguments (generate, export/preset, build/check), manifests
+mutated as JSON values and as bytes (wrong types, missing keys, traversal paths, truncation, bit flips),
+ONNX files mutated the same way behind a matching hash, and the HTTP routes' bodies (raw bytes; fields with
+real and damaged PNG/JPEG/WebP/GIF images). Each target runs `fast` examples in the default run
 and `long` ones under `-m slow` (profiles in fuzz_helpers.py; K3TRT_FUZZ_PROFILE picks another).
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from fuzz_helpers import FAST, LONG, ReachedWork, snapshot, watchdog
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from k3trt.runtime.artifacts import Manifest, sha256_file
@@ -393,3 +394,94 @@ def test_fuzz_onnx_files(fuzz_art, data):
 def test_fuzz_onnx_files_long(fuzz_art, data):
     original = _onnx_bytes(fuzz_art)
     onnx_property(fuzz_art, data.draw(mutated_bytes(original, hot=(0, 4096))))
+
+
+# ------------------------------------------------------------------------------------------- 5. HTTP bodies
+# Both routes' parsers (`POST /v1/images/generations` and `/v1/images/edits`) on raw bytes and on decoded
+# bodies whose image and mask fields hold real PNG/JPEG/WebP/GIF files, damaged like the files above.
+# Everything here runs before a request is queued, so the only outcomes are a request or a typed error.
+HTTP_LIMITS = None  # built lazily: importing the serving package needs the [serve] extra
+
+
+def _limits():
+    global HTTP_LIMITS
+    if HTTP_LIMITS is None:
+        from k3trt.runtime.serving.schema import Limits
+
+        HTTP_LIMITS = Limits(min_side=64, max_side=256, default_size="64x64", default_steps=2)
+    return HTTP_LIMITS
+
+
+JSON_VALUE = st.one_of(st.none(), st.booleans(), INTS, FLOATS, TEXT, st.lists(TEXT, max_size=3),
+                      st.dictionaries(TEXT, INTS, max_size=2))  # what json.loads can hand the parsers (NaN too)
+
+
+@st.composite
+def image_file(draw, sizes=((64, 64), (128, 64), (64, 192), (100, 64), (320, 64), (1, 1)), damaged=0.5) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    width, height = draw(st.sampled_from(sizes))
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = 255  # a half-white picture is also a valid binary mask
+    buffer = io.BytesIO()
+    image_format = draw(st.sampled_from(["PNG", "PNG", "JPEG", "WEBP", "GIF"]))
+    modes = ["RGB", "L"] if image_format == "JPEG" else ["RGB", "L", "RGBA"]  # JPEG has no alpha
+    Image.fromarray(pixels).convert(draw(st.sampled_from(modes))).save(buffer, format=image_format)
+    data = buffer.getvalue()
+    return draw(mutated_bytes(data, hot=(0, 64))) if draw(st.floats(0, 1)) < damaged else data
+
+
+@st.composite
+def image_field(draw):
+    import base64
+
+    kind = draw(st.sampled_from(["b64", "b64", "data-url", "bad-url", "other"]))
+    if kind == "other":
+        return draw(JSON_VALUE)
+    encoded = base64.b64encode(draw(image_file())).decode()
+    return {"b64": encoded, "data-url": "data:image/png;base64," + encoded,
+            "bad-url": "data:image/png," + encoded}[kind]
+
+
+HTTP_BODY = st.fixed_dictionaries({}, optional={
+    "prompt": st.one_of(TEXT, JSON_VALUE), "negative_prompt": JSON_VALUE, "image": image_field(),
+    "mask": image_field(), "n": st.one_of(INTS, JSON_VALUE), "steps": st.one_of(INTS, JSON_VALUE),
+    "seed": JSON_VALUE, "guidance": st.one_of(FLOATS, JSON_VALUE), "strength": st.one_of(FLOATS, JSON_VALUE),
+    "size": st.one_of(st.sampled_from(["64x64", "128x64", "64X192", " 64 x 64 ", "0x64", "64x65"]), JSON_VALUE),
+    "response_format": st.one_of(st.just("b64_json"), JSON_VALUE), "model": JSON_VALUE, "sed": JSON_VALUE,
+    "outpaint": st.one_of(st.sampled_from(["left=64", "left=64,right=128", "top=63", "bottom=-64", "left=100000",
+                                           "up=64", "left=64,left=64", ""]), JSON_VALUE)})
+
+GOOD_IMAGE = image_file(sizes=((64, 64), (128, 64)), damaged=0.2).map(lambda b: __import__("base64").b64encode(b).decode())
+NEAR_VALID_EDIT = st.fixed_dictionaries({"prompt": st.just("a fox"), "image": GOOD_IMAGE}, optional={
+    "mask": GOOD_IMAGE, "outpaint": st.sampled_from(["left=64", "top=64,bottom=64", "right=63", "left=512"]),
+    "strength": st.one_of(st.floats(0, 1), FLOATS), "steps": st.integers(1, 8), "n": st.integers(1, 2)})
+HTTP_BODIES = st.one_of(HTTP_BODY, NEAR_VALID_EDIT)  # the second reaches the decode and task code past the checks
+
+
+def http_body_property(body: dict, raw: bytes) -> None:
+    """Raw bytes through the body reader; the body as a client would send it through reader and both parsers."""
+    from k3trt.runtime.serving.schema import MAX_EDIT_BODY_BYTES, parse_body, to_edit, to_request
+
+    only_typed_errors(lambda: parse_body(raw, MAX_EDIT_BODY_BYTES))
+    decoded = parse_body(json.dumps(body).encode(), MAX_EDIT_BODY_BYTES)  # small images: within the cap
+    event(f"generations: {only_typed_errors(lambda: to_request(decoded, _limits()))}")
+    event(f"edits: {only_typed_errors(lambda: to_edit(decoded, _limits()))}")  # `ok`: a request and its images
+
+
+@FAST
+@given(HTTP_BODIES, st.binary(max_size=64))
+def test_fuzz_http_bodies(body, raw):
+    pytest.importorskip("fastapi", reason="the HTTP server needs the [serve] extra")
+    http_body_property(body, raw)
+
+
+@pytest.mark.slow
+@LONG
+@given(HTTP_BODIES, st.binary(max_size=64))
+def test_fuzz_http_bodies_long(body, raw):
+    pytest.importorskip("fastapi", reason="the HTTP server needs the [serve] extra")
+    http_body_property(body, raw)
