@@ -1,5 +1,5 @@
-"""Regression tests for what the long fuzzing run found (issue 11): each was an exception outside the
-project's error types before the fix."""
+"""Regression tests for what the long fuzzing runs found (issue 11; the HTTP-body target later): each was an
+exception outside the project's error types before the fix."""
 from __future__ import annotations
 
 import json
@@ -106,3 +106,41 @@ def test_manifest_paths_that_cannot_be_file_names(artifacts_copy, bad, capsys):
     assert "internal error" not in capsys.readouterr().err
     with pytest.raises(ArtifactError, match="not a usable file name"):
         Pipeline.from_artifacts(artifacts_copy)
+
+
+def test_a_subnormal_strength_is_refused_with_a_usable_fix():
+    # found by the HTTP-body target: {"strength": 2.2e-313} made the suggested --steps ceil(1 / strength) = ceil(inf),
+    # an OverflowError, on /v1/images/edits and in Pipeline.img2img alike
+    from k3trt.runtime.images import check_strength
+
+    with pytest.raises(InvalidArgumentError, match=r"= 0 steps.*raise --strength \(e.g. --strength 0.3\)$"):
+        check_strength(2.2250738585e-313, 25)
+    with pytest.raises(InvalidArgumentError, match=r"raise --strength .* or --steps 1000$"):
+        check_strength(0.001, 25)
+
+
+def test_a_broken_png_chunk_is_a_typed_error(tmp_path):
+    # found by the HTTP-body target: Pillow raises SyntaxError for a broken PNG chunk, past the error types caught
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from k3trt.runtime.images import load_image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.arange(64 * 64 * 3).reshape(64, 64, 3).astype(np.uint8)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    at = data.index(b"IDAT")  # IDAT claims 10 bytes, so the next chunk header lies inside the pixel data
+    broken = data[:at - 4] + (10).to_bytes(4, "big") + data[at:]
+    (tmp_path / "broken.png").write_bytes(broken)
+    with pytest.raises(InvalidArgumentError, match=r"is not an image \(SyntaxError\)"):  # --image on the CLI
+        load_image(tmp_path / "broken.png")
+    pytest.importorskip("fastapi", reason="the HTTP server needs the [serve] extra")
+    from k3trt.runtime.serving.schema import FieldError, Limits, to_edit
+
+    body = {"prompt": "a fox", "image": base64.b64encode(broken).decode()}
+    with pytest.raises(FieldError, match="image could not be decoded \\(SyntaxError\\)") as error:
+        to_edit(body, Limits(min_side=64, max_side=256))
+    assert error.value.param == "image"
