@@ -2,6 +2,7 @@
 pytest puts this folder on sys.path (rootdir-relative "prepend" import mode, no __init__.py)."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import shutil
 from pathlib import Path
@@ -27,3 +28,17 @@ def copy_model_without_weights(src: Path, dst: Path) -> Path:
     """A copy of a diffusers folder with configs and tokenizer but no *.safetensors files (cheap to make)."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors"))
     return dst
+
+
+def impossible_fp32_bound(monkeypatch, owner, name: str) -> None:
+    """Make `owner.name` (a validation function taking the component spec first) fail for real: the genuine
+    comparison against torch, with an fp32 bound no export can meet."""
+    from k3trt.runtime.cards import Tolerance
+
+    real = getattr(owner, name)
+
+    def strict(spec, *args, **kwargs):
+        parity = {**spec.card.parity, "fp32": Tolerance(1e-12, 1.0)}
+        return real(dataclasses.replace(spec, card=dataclasses.replace(spec.card, parity=parity)), *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, strict)

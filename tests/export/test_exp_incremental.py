@@ -1,7 +1,6 @@
 """Incremental re-export (item 4) and failed stages leaving the previous artifacts intact (item 5)."""
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -12,11 +11,10 @@ from k3trt.export.components import SPECS
 from k3trt.export.sources import open_model_dir
 from k3trt.export.writer import export_artifacts
 from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.cards import Tolerance
 from k3trt.runtime.cli import main
 from k3trt.runtime.errors import ValidationError
 
-from export_helpers import quiet, snapshot
+from export_helpers import impossible_fp32_bound, quiet, snapshot
 
 
 def onnx_records(root) -> dict:
@@ -90,13 +88,7 @@ def test_force_reexports_through_the_cli(artifacts_copy, tiny_model_dir, capsys)
 
 def strict_validation(monkeypatch):
     """Make validation fail for real: the genuine comparison against torch with an impossible bound."""
-    real = writer.validate_component
-
-    def validate(spec, *args, **kwargs):
-        strict = {**spec.card.parity, "fp32": Tolerance(1e-12, 1.0)}
-        return real(dataclasses.replace(spec, card=dataclasses.replace(spec.card, parity=strict)), *args, **kwargs)
-
-    monkeypatch.setattr(writer, "validate_component", validate)
+    impossible_fp32_bound(monkeypatch, writer, "validate_component")
 
 
 def test_failed_validation_leaves_artifacts_intact(artifacts_copy, tiny_source, monkeypatch):

@@ -3,7 +3,6 @@ validation, up-to-date detection, `k3trt check`), its refusals before any work, 
 artifacts intact."""
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import numpy as np
@@ -19,12 +18,11 @@ from k3trt.export.sources import open_model_dir
 from k3trt.export.writer import export_artifacts
 from k3trt.runtime.artifacts import Manifest
 from k3trt.runtime.backends.ort import cpu_session
-from k3trt.runtime.cards import Tolerance
 from k3trt.runtime.cli import main
 from k3trt.runtime.errors import InvalidArgumentError, ModelSourceError, ValidationError
 from k3trt.runtime.metrics import compare
 
-from export_helpers import quiet, snapshot
+from export_helpers import impossible_fp32_bound, quiet, snapshot
 
 STREAMED_PAIR = "text_encoder,unet"
 
@@ -220,13 +218,7 @@ def test_no_room_on_the_output_disk_is_refused_before_the_trace(tiny_model_dir, 
 
 def _strict_streamed_validation(monkeypatch):
     """The genuine comparison against the layer-streamed torch reference, with an impossible bound."""
-    real = validate.validate_streamed
-
-    def strict(spec, *args, **kwargs):
-        parity = {**spec.card.parity, "fp32": Tolerance(1e-12, 1.0)}
-        return real(dataclasses.replace(spec, card=dataclasses.replace(spec.card, parity=parity)), *args, **kwargs)
-
-    monkeypatch.setattr(validate, "validate_streamed", strict)
+    impossible_fp32_bound(monkeypatch, validate, "validate_streamed")
 
 
 def _fail_mid_stream(monkeypatch):
