@@ -145,40 +145,48 @@ def create_app(service: ImageService, *, load_in_background: bool = True):
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
+    async def _admitted(parse):
+        """(what `parse()` returned, None), or (None, the refusal): bad input (400/413/422) before readiness
+        (503), so a malformed request gets the same answer whether or not the service has finished loading."""
+        try:
+            parsed = await parse()
+        except BodyError as exc:
+            return None, fail(exc.status, str(exc), "invalid_request_error")
+        except FieldError as exc:
+            return None, fail(422, str(exc), "invalid_request_error", exc.param)
+        except K3TRTError as exc:
+            return None, fail(422, str(exc), "invalid_request_error")
+        if not service.ready:
+            return None, fail(503, "the service is not ready (loading, failed to load, or shutting down)",
+                              "unavailable", headers={"Retry-After": "5"})
+        return parsed, None
+
     @app.post("/v1/images/generations")
     async def generations(request: Request):
         started = time.monotonic()
-        try:
-            body = parse_body(await _read_capped(request))
-            job_request = to_request(body, service.limits)
-        except BodyError as exc:
-            return fail(exc.status, str(exc), "invalid_request_error")
-        except FieldError as exc:
-            return fail(422, str(exc), "invalid_request_error", exc.param)
-        except K3TRTError as exc:
-            return fail(422, str(exc), "invalid_request_error")
-        if not service.ready:
-            return fail(503, "the service is not ready (loading, failed to load, or shutting down)",
-                        "unavailable", headers={"Retry-After": "5"})
+
+        async def parse():
+            return to_request(parse_body(await _read_capped(request)), service.limits)
+
+        job_request, refusal = await _admitted(parse)
+        if refusal is not None:
+            return refusal
         return await _run(request, job_request, started)
 
     @app.post("/v1/images/edits")
     async def edits(request: Request):
         """Image to image, or inpainting with `mask`, or outpainting with `outpaint`: schema.to_edit."""
         started = time.monotonic()
-        try:
+
+        async def parse():
             raw = await _read_capped(request, MAX_EDIT_BODY_BYTES)
             body = await asyncio.to_thread(parse_body, raw, MAX_EDIT_BODY_BYTES)
-            job_request, task = await asyncio.to_thread(to_edit, body, service.limits)  # decodes the images
-        except BodyError as exc:
-            return fail(exc.status, str(exc), "invalid_request_error")
-        except FieldError as exc:
-            return fail(422, str(exc), "invalid_request_error", exc.param)
-        except K3TRTError as exc:
-            return fail(422, str(exc), "invalid_request_error")
-        if not service.ready:
-            return fail(503, "the service is not ready (loading, failed to load, or shutting down)",
-                        "unavailable", headers={"Retry-After": "5"})
+            return await asyncio.to_thread(to_edit, body, service.limits)  # decodes the images
+
+        parsed, refusal = await _admitted(parse)
+        if refusal is not None:
+            return refusal
+        job_request, task = parsed
         return await _run(request, job_request, started, task=task, param="image")
 
     async def _run(request, job_request, started: float, *, task=None, param: str = "size"):
