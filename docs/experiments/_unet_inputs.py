@@ -1,5 +1,8 @@
-"""What both experiments feed the U-Net: its fp32 graph from the manifest, and one guided step's inputs."""
+"""What both U-Net experiments share: their command line, the fp32 graph from the manifest, and one guided
+step's inputs."""
 from __future__ import annotations
+
+import argparse
 
 import numpy as np
 
@@ -24,3 +27,13 @@ def example_feeds(artifacts: str, resolution: str, *, batch: int = 2, tokens: in
             "timestep": np.full(batch, 500.0, np.float32),
             "encoder_hidden_states": rng.standard_normal((batch, tokens, text_width)).astype(np.float32),
             "encoder_attention_mask": np.ones((batch, tokens), np.float32)}
+
+
+def arguments(doc: str, *, repeats: int) -> argparse.Namespace:
+    """--artifacts, --resolution, --repeats, --threads; the description is the script docstring's first paragraph."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--artifacts", required=True)
+    parser.add_argument("--resolution", default="256x256", help="WxH in pixels (square latents only)")
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args()

@@ -13,7 +13,6 @@ rounded to bf16 before the fp32 Sin/Cos). `runtime_precisions` reads what each o
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import openvino as ov
 
-from _unet_inputs import example_feeds, unet_graph
+from _unet_inputs import arguments, example_feeds, unet_graph
 
 HEAVY = {"MatMul", "Convolution", "ConvolutionBackpropData", "GroupConvolution"}
 NEVER_MARKED = {"Parameter", "Result", "Const"}
@@ -105,12 +104,7 @@ def measure(artifacts: str, *, resolution: str = "256x256", repeats: int = 7, th
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", required=True)
-    parser.add_argument("--resolution", default="256x256", help="WxH in pixels (square latents only)")
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeats=7)
     result = measure(args.artifacts, resolution=args.resolution, repeats=args.repeats, threads=args.threads)
     print(f"U-Net at {args.resolution}, batch 2: fp32 {result['fp32_ms']:.1f} ms")
     for island, row in result["islands"].items():

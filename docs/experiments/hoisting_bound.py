@@ -11,7 +11,6 @@ that cost, so the real saving is smaller than the printed one.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -20,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from _unet_inputs import example_feeds, unet_graph
+from _unet_inputs import arguments, example_feeds, unet_graph
 
 
 def session(model: onnx.ModelProto | str, threads: int) -> ort.InferenceSession:
@@ -84,12 +83,7 @@ def measure(artifacts: str, *, resolution: str = "256x256", repeats: int = 15, t
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--artifacts", required=True)
-    parser.add_argument("--resolution", default="256x256", help="WxH in pixels (square latents only)")
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = arguments(__doc__, repeats=15)
     r = measure(args.artifacts, resolution=args.resolution, repeats=args.repeats, threads=args.threads)
     print(f"{r['gemms']} conditional-norm MLP Gemms ({r['weight_mb']:.1f} MB of fp32 weights); "
           f"nodes {r['nodes_before']} -> {r['nodes_after']}")
