@@ -160,7 +160,7 @@ def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
 def _picture(body: dict, name: str, limits: Limits):
     """A base64 PNG/JPEG/WebP (optionally a data: URL) -> a decoded PIL image whose sides this service accepts.
     The sides are read from the header and checked before any pixel is decoded."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     value = body.get(name)
     accepted = f"a base64 {'/'.join(IMAGE_FORMATS)} image (a data:image/...;base64, prefix is accepted)"
@@ -178,7 +178,7 @@ def _picture(body: dict, name: str, limits: Limits):
     except Image.DecompressionBombError as exc:  # Pillow's own refusal, at twice its pixel limit
         raise FieldError(name, f"{name} is far too large ({exc})", accepted=accepted,
                          fix=f"send an image with sides up to {limits.max_side}") from None
-    except (binascii.Error, ValueError, UnidentifiedImageError, OSError) as exc:
+    except (binascii.Error, *decode_errors()) as exc:  # the bomb error is caught above
         raise FieldError(name, f"{name} is not a base64 image ({type(exc).__name__})", accepted=accepted,
                          fix=f"send the base64 of a PNG, JPEG or WebP file as {name}") from None
     width, height = image.size

@@ -9,6 +9,7 @@ and `long` ones under `-m slow` (profiles in fuzz_helpers.py; K3TRT_FUZZ_PROFILE
 """
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -436,8 +437,6 @@ def image_file(draw, sizes=((64, 64), (128, 64), (64, 192), (100, 64), (320, 64)
 
 @st.composite
 def image_field(draw):
-    import base64
-
     kind = draw(st.sampled_from(["b64", "b64", "data-url", "bad-url", "other"]))
     if kind == "other":
         return draw(JSON_VALUE)
@@ -455,7 +454,7 @@ HTTP_BODY = st.fixed_dictionaries({}, optional={
     "outpaint": st.one_of(st.sampled_from(["left=64", "left=64,right=128", "top=63", "bottom=-64", "left=100000",
                                            "up=64", "left=64,left=64", ""]), JSON_VALUE)})
 
-GOOD_IMAGE = image_file(sizes=((64, 64), (128, 64)), damaged=0.2).map(lambda b: __import__("base64").b64encode(b).decode())
+GOOD_IMAGE = image_file(sizes=((64, 64), (128, 64)), damaged=0.2).map(lambda b: base64.b64encode(b).decode())
 SUBNORMAL = 2.2250738585e-313  # a constant: Hypothesis cannot draw subnormals once flush-to-zero is on (see FLOATS)
 NEAR_VALID_EDIT = st.fixed_dictionaries({"prompt": st.just("a fox"), "image": GOOD_IMAGE}, optional={
     "mask": GOOD_IMAGE, "outpaint": st.sampled_from(["left=64", "top=64,bottom=64", "right=63", "left=512"]),
