@@ -3,6 +3,7 @@ step's inputs."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import numpy as np
 
@@ -36,4 +37,7 @@ def arguments(doc: str, *, repeats: int) -> argparse.Namespace:
     parser.add_argument("--resolution", default="256x256", help="WxH in pixels (square latents only)")
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if not (Path(args.artifacts) / "manifest.json").is_file():  # before anything loads
+        parser.error(f"--artifacts {args.artifacts!r} holds no manifest.json: pass a folder `k3trt export` wrote")
+    return args

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,6 +34,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if not (Path(args.model) / "model_index.json").is_file():  # before diffusers tries the Hub
+        parser.error(f"--model {args.model!r} holds no model_index.json: pass a diffusers-layout folder")
     width, height = (int(v) for v in args.resolution.split("x"))
     if width != height:
         raise SystemExit(f"--resolution {args.resolution}: square resolutions only")
