@@ -123,7 +123,7 @@ def test_inpaint_task_runs_the_int8_unet(calibrated_inpainting, tmp_path):
 
 
 def test_engine_dry_run_plan_accepts_the_int8_inpainting_unet(calibrated_inpainting):
-    plan_mod = pytest.importorskip("k3trt.engines.plan")
+    import k3trt.engines.plan as plan_mod  # TensorRT-free: always importable, so no skip
     manifest = Manifest.load(calibrated_inpainting[0])
     plan = plan_mod.make_plan(manifest, precision="int8", components="unet_inpainting", resolutions=["64x64"])
     (unet,) = plan.components

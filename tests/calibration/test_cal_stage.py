@@ -100,7 +100,7 @@ def test_failed_calibration_leaves_artifacts_unchanged(calibrated_copy, monkeypa
 
 
 def test_engine_dry_run_plan_accepts_the_int8_variant(calibrated):
-    plan_mod = pytest.importorskip("k3trt.engines.plan")
+    import k3trt.engines.plan as plan_mod  # TensorRT-free: always importable, so no skip
     plan = plan_mod.make_plan(Manifest.load(calibrated[0]), precision="int8", components="unet",
                               resolutions=["64x64"])
     (unet,) = plan.components
