@@ -105,8 +105,8 @@ def test_models_list_names_the_served_model(client):
     (lambda c, p: c.images.generate(prompt="x", n=9), "n", "invalid_value"),
     (lambda c, p: c.images.generate(prompt="x", output_format="gif"), "output_format", "invalid_value"),
     (lambda c, p: c.images.generate(prompt="x", extra_body={"sed": 1}), "sed", "unknown_parameter"),
-    (lambda c, p: c.images.edit(image=("a.png", png(p), "image/png"), prompt="x", size="64x64"), "size",
-     "invalid_value"),
+    (lambda c, p: c.images.edit(image=("a.png", png(p), "image/png"), prompt="x", size="64x64",
+                                extra_body={"steps": 4}), "size", "invalid_value"),
     (lambda c, p: c.images.edit(image=("a.png", b"not an image", "image/png"), prompt="x"), "image",
      "invalid_value"),
 ], ids=["size", "n", "gif", "unknown", "edit-size", "edit-image"])
