@@ -216,6 +216,8 @@ def create_app(service: ImageService, *, load_in_background: bool = True):
                       openapi_extra=describe_routes["generations"], response_model=None)
     app.add_api_route("/v1/images/edits", images.edits, methods=["POST"], openapi_extra=describe_routes["edits"],
                       response_model=None)
+    app.add_api_route("/v1/images/variations", images.variations, methods=["POST"], response_model=None,
+                      openapi_extra=describe_routes["variations"])
     from .jobs_api import add_job_routes
 
     add_job_routes(app, images)
@@ -281,6 +283,10 @@ class ImageRoutes:
         """Image to image, or inpainting with `mask`, or outpainting with `outpaint`: schema.to_edit."""
         return await self._serve(request, "edits")
 
+    async def variations(self, request: Request):
+        """OpenAI's create_variation as image to image; this model needs a `prompt` (the SDK: extra_body)."""
+        return await self._serve(request, "variations")
+
     async def _serve(self, request: Request, route: str):
         from .streaming import event_stream
 
@@ -316,15 +322,17 @@ class ImageRoutes:
         from .forms import is_multipart, parse_form
 
         content_type = request.headers.get("content-type", "")
-        multipart = route == "edits" and is_multipart(content_type)
-        limit = MAX_EDIT_BODY_BYTES if route == "edits" else MAX_BODY_BYTES
+        with_images = route in ("edits", "variations")
+        limit = MAX_EDIT_BODY_BYTES if with_images else MAX_BODY_BYTES
         raw = await read_body(request, limit, self.service.settings.body_timeout_s)
-        if multipart:
+        if with_images and is_multipart(content_type):
             body = await parse_form(raw, request.headers)
         else:
-            body = await asyncio.to_thread(parse_body, raw, limit) if route == "edits" else parse_body(raw, limit)
+            body = await asyncio.to_thread(parse_body, raw, limit) if with_images else parse_body(raw, limit)
         options = output_options(body)
-        if route == "edits":  # decodes the images, off the event loop
+        if route == "variations":
+            check_variation(body)
+        if with_images:  # decodes the images, off the event loop
             job_request, task = await asyncio.to_thread(to_edit, body, self.service.limits)
             return job_request, task, options
         return to_request(body, self.service.limits), None, options
@@ -379,6 +387,21 @@ class ImageRoutes:
         if param and body["error"]["param"] is None and status == 400:
             body["error"]["param"] = param
         return JSONResponse(body, status_code=status, headers=headers)
+
+
+def check_variation(body: dict) -> None:
+    """A variation is image to image: no mask or outpaint; the prompt this model needs is named in the fix."""
+    from .schema import FieldError
+
+    for name in ("mask", "outpaint"):
+        if body.get(name) is not None:
+            raise FieldError(name, f"{name} on /v1/images/variations", accepted="image, prompt, n, size, strength, "
+                             "seed, steps", fix="send masks and margins to /v1/images/edits",
+                             code="unknown_parameter")
+    if body.get("prompt") is None:
+        raise FieldError("prompt", "prompt is missing (Kandinsky 3 draws a variation from a text prompt)",
+                         accepted="a non-empty string", fix='send it with the SDK as extra_body={"prompt": "..."}',
+                         code="missing_required_parameter")
 
 
 def _not_ready(service: ImageService) -> NotAcceptingError:

@@ -59,8 +59,8 @@ class JobStore:
         self.max_jobs, self.ttl_s, self.on_change = max_jobs, ttl_s, on_change
         self._jobs: dict[str, JobRecord] = {}
 
-    def submit(self, kind: str, work, result: Awaitable, finish: Callable[[Any], Awaitable[tuple[int, Any]]]):
-        """Hold `work` as a new job; `finish(result)` turns its awaited result into (HTTP status, body)."""
+    def submit(self, kind: str, work, finish: Callable[[], Awaitable[tuple[int, Any]]]):
+        """Hold `work` as a new job; `finish()` awaits its result as (HTTP status, body)."""
         self._expire()
         if len(self._jobs) >= self.max_jobs:
             work.cancel()
@@ -69,13 +69,13 @@ class JobStore:
                                 fix="fetch or cancel finished jobs (DELETE /v1/jobs/ID), or retry later")
         record = JobRecord(uuid.uuid4().hex, kind, work)
         self._jobs[record.id] = record
-        record.task = asyncio.get_running_loop().create_task(self._run(record, result, finish))
+        record.task = asyncio.get_running_loop().create_task(self._run(record, finish))
         self._count()
         return record
 
-    async def _run(self, record: JobRecord, result: Awaitable, finish) -> None:
+    async def _run(self, record: JobRecord, finish) -> None:
         try:
-            status, body = await finish(result)
+            status, body = await finish()
         except Exception as exc:  # noqa: BLE001 - a bug: the job fails with it instead of an unretrieved task error
             log.exception("job %s failed", record.id)
             status, body = 500, {"error": {"message": f"internal error ({type(exc).__name__})",

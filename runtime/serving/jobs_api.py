@@ -27,9 +27,9 @@ def add_job_routes(app, images) -> None:
             return images.fail(request, _field("stream", "stream=true on a job route", "omit stream: poll the job "
                                                "(GET /v1/jobs/ID) for its progress"))
 
-        async def finish(result):
+        async def finish():
             try:
-                items = await work.items(await result)
+                items = await work.items(await work.result())
             except K3TRTError as exc:
                 status, body, _ = images.fail_body(exc, {"state": {"request_id": request.scope["state"]
                                                                    ["request_id"]}})
@@ -38,7 +38,7 @@ def add_job_routes(app, images) -> None:
             return 200, work.body(items)
 
         try:
-            record = store.submit(route, work, work.result(), finish)
+            record = store.submit(route, work, finish)
         except K3TRTError as exc:
             return images.fail(request, exc)
         return JSONResponse(record.describe(), status_code=202, headers={"Location": f"/v1/jobs/{record.id}",

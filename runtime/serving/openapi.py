@@ -45,6 +45,12 @@ class EditBody(_Common):
     size: Optional[str] = Field(None, description='"auto" or the output\'s own size')
 
 
+class VariationBody(_Common):
+    image: str = Field(description="PNG/JPEG/WebP: a file part (multipart) or base64 (JSON)")
+    strength: Optional[float] = Field(None, gt=0, le=1, description="how much of the schedule runs (default 0.3)")
+    size: Optional[str] = Field(None, description='"auto" or the image\'s own size')
+
+
 class ImageItem(BaseModel):
     b64_json: str
     seed: int
@@ -91,4 +97,5 @@ def _describe(*bodies: tuple[str, type]) -> dict:
 
 
 describe_routes = {"generations": _describe(("application/json", GenerationBody)),
-                   "edits": _describe(("multipart/form-data", EditBody), ("application/json", EditBody))}
+                   "edits": _describe(("multipart/form-data", EditBody), ("application/json", EditBody)),
+                   "variations": _describe(("multipart/form-data", VariationBody), ("application/json", VariationBody))}

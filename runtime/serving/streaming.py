@@ -54,7 +54,7 @@ async def event_stream(work, route: str, fail_body):
             _, body, _ = fail_body(exc, {})
             yield sse("error", {"type": "error", **body})
             return
-        kind = "image_edit" if route == "edits" else "image_generation"
+        kind = "image_generation" if route == "generations" else "image_edit"
         for item in await work.items(images):
             yield sse(f"{kind}.completed", {"type": f"{kind}.completed", **item, "size": work.size,
                                             "quality": work.options.quality, "background": "opaque",

@@ -12,7 +12,8 @@ from __future__ import annotations
 from .engine import EngineObserver
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
-ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/models", "/v1/jobs")  # label values; else "other"
+ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models",
+          "/v1/jobs")  # the label values; any other path is "other"
 
 
 def route_label(path: str) -> str:

@@ -95,6 +95,16 @@ def test_edit_without_a_mask_is_image_to_image(client, pipe, picture):
     np.testing.assert_array_equal(pixels(answer.data[0].b64_json), np.asarray(expected))
 
 
+def test_create_variation_is_image_to_image_with_a_prompt(client, pipe, picture):
+    answer = client.images.create_variation(image=("fox.png", png(picture), "image/png"),
+                                            extra_body={"prompt": "a fox", "seed": 4, "steps": 4, "strength": 0.5})
+    [expected] = pipe.img2img("a fox", picture, strength=0.5, steps=4, seed=4)
+    np.testing.assert_array_equal(pixels(answer.data[0].b64_json), np.asarray(expected))
+    with pytest.raises(openai.BadRequestError, match="extra_body") as raised:
+        client.images.create_variation(image=("fox.png", png(picture), "image/png"))
+    assert raised.value.code == "missing_required_parameter"
+
+
 def test_models_list_names_the_served_model(client):
     assert [model.id for model in client.models.list()] == ["kandinsky-3"]
     assert client.models.retrieve("kandinsky-3").owned_by == "k3trt"
