@@ -245,3 +245,26 @@ def test_a_fatal_load_error_fails_liveness_and_refuses_without_retry_after(artif
         refused = httpx.post(f"{base}{URL}", json={"prompt": "x"})
         assert refused.status_code == 503 and "retry-after" not in refused.headers
         assert refused.json()["error"]["code"] == "load_failed"
+
+
+def test_retry_after_never_outlasts_the_keep_alive():
+    from k3trt.runtime.errors import InvalidArgumentError
+    from k3trt.runtime.serving.http import MAX_RETRY_AFTER_S
+
+    service = ImageService(settings("art"))  # nothing loads: only the settings and the latency average count
+    service.recent_latency_s = 10_000.0  # a very slow recent request
+    assert int(service.retry_after()) == MAX_RETRY_AFTER_S < service.settings.keep_alive_s
+    with pytest.raises(InvalidArgumentError, match="keep_alive_s=30"):
+        settings("art", keep_alive_s=30)
+    with pytest.raises(InvalidArgumentError, match="timeout_s=nan"):
+        settings("art", timeout_s=float("nan"))
+
+
+def test_json_logs_carry_the_access_fields():
+    from k3trt.runtime.serving.middleware import JsonFormatter
+
+    record = logging.LogRecord("k3trt.access", logging.INFO, __file__, 1, "POST %s", ("/x",), None)
+    record.fields = {"status": 200, "request_id": "abc", "queue_wait_s": 0.5}
+    line = json.loads(JsonFormatter().format(record))
+    assert line["message"] == "POST /x" and line["status"] == 200 and line["request_id"] == "abc"
+    assert line["level"] == "INFO" and line["logger"] == "k3trt.access"
