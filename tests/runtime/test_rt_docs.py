@@ -2,6 +2,7 @@
 the navigation, fails the default test set. The README stays a front door: short, and its links resolve."""
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -47,3 +48,38 @@ def test_the_readme_is_a_front_door_whose_links_resolve():
     assert targets, "the README links to no page"
     missing = [t for t in targets if not t.startswith("http") and not (ROOT / t).exists()]
     assert not missing, missing
+
+
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+TOP_FOLDERS = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".")}
+
+
+def resolves(dotted: str) -> bool:
+    """A `k3trt.` name: the longest importable module prefix, then attributes (`k3trt.contract.cards.card`)."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[cut:]:
+            if not hasattr(target, name):
+                return False
+            target = getattr(target, name)
+        return True
+    return False
+
+
+def test_module_names_and_repository_paths_in_the_docs_exist():
+    """Code spans that name a `k3trt.` module or a file of this repository (`export/official_keys.py`) point at
+    something real, so a module move cannot leave the docs behind. Paths of other projects are not checked."""
+    stale = []
+    for page in PAGES:
+        for span in re.findall(r"`([^`\n]+)`", page.read_text()):
+            name = re.sub(r"[:(].*$", "", span).strip()
+            if re.fullmatch(r"k3trt(\.\w+)+", name) and not resolves(name):
+                stale.append((page.name, span))
+            elif (re.fullmatch(r"[\w.-]+(/[\w.-]+)+", name) and name.split("/")[0] in TOP_FOLDERS
+                  and not (ROOT / name).exists()):
+                stale.append((page.name, span))
+    assert not stale, stale
