@@ -10,8 +10,7 @@ from pathlib import Path
 
 import onnx
 import torch
-
-from .components import ComponentSpec
+from k3trt.export.components import ComponentSpec
 
 PROTOBUF_LIMIT = 2 * 1024**3
 FOLD_SIZE_LIMIT = 16 * 1024**2  # never materialize a folded constant past 16 MB (e.g. a broadcast weight)
