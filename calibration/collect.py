@@ -29,7 +29,8 @@ from k3trt.calibration.prompts import PromptSet
 from k3trt.calibration.targets import TEXT_TO_IMAGE, Target
 from k3trt.contract.cards import COMPONENTS
 from k3trt.contract.errors import ArtifactError
-from k3trt.contract.manifest import Manifest, atomic_write, sha256_json
+from k3trt.contract.manifest import Manifest, sha256_json
+from k3trt.writing.atomic import atomic_write
 
 CACHE_DIR = Path("calibration") / "cache"  # relative to the artifact directory
 TASK_INPUTS = ("input_image", "user_mask")  # what an inpainting trajectory starts from, stored with it

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from k3trt.contract.manifest import atomic_write_bytes, atomic_write_json
+from k3trt.writing.atomic import atomic_write_bytes, atomic_write_json
 from k3trt.writing.ownership import claim_output_dir
 
 NOT_QUANTIZED = {

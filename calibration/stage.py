@@ -15,7 +15,12 @@ import tempfile
 from pathlib import Path
 
 from k3trt.calibration import collect, quality, quantize
-from k3trt.calibration.config import CALIBRATION_VERSION, DEFAULT_EXCLUSIONS, QuantConfig, TrajectoryConfig
+from k3trt.calibration.config import (
+    CALIBRATION_VERSION,
+    DEFAULT_EXCLUSIONS,
+    QuantConfig,
+    TrajectoryConfig,
+)
 from k3trt.calibration.prompts import calibration_prompts, heldout_prompts
 from k3trt.calibration.report import unet_label
 from k3trt.calibration.sensitivity import SensitivityConfig

@@ -6,10 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
-from k3trt.contract.arguments import available_cores, check_input_dir, check_threads, parse_resolution
+from k3trt.contract.arguments import (
+    available_cores,
+    check_input_dir,
+    check_threads,
+    parse_resolution,
+)
 from k3trt.contract.limits import check_image_request, default_size
 from k3trt.contract.manifest import Manifest
-from k3trt.writing.ownership import check_output_dir, check_output_image, check_output_json
+from k3trt.writing.ownership import (
+    check_output_dir,
+    check_output_image,
+    check_output_json,
+)
 
 
 def log(message: str) -> None:
@@ -115,7 +124,9 @@ def open_pipeline(args, model_dir: str | None = None):
     elif args.backend == "openvino":
         options = {"threads": args.threads}
     elif args.backend == "torch":
-        from k3trt.verify.torch_reference import register_torch_backend  # diffusers: only for this backend
+        from k3trt.verify.torch_reference import (
+            register_torch_backend,  # diffusers: only for this backend
+        )
 
         register_torch_backend()
         options = {"model_dir": model_dir or getattr(args, "model", None)}

@@ -14,6 +14,7 @@ from k3trt.contract.arguments import (
     check_threads,
     parse_resolution,
 )
+from k3trt.contract.cards import quantizable_components
 from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.manifest import Manifest
 from k3trt.writing.locking import artifact_lock
@@ -92,11 +93,9 @@ def check_calibrate_args(args) -> None:
 
 
 def register(sub) -> None:
-    from k3trt.calibration.targets import quantizable
-
     p = sub.add_parser("calibrate", help="INT8 Q/DQ U-Net from real denoising trajectories, with quality report")
     p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
-    p.add_argument("--component", choices=quantizable(), default="unet",
+    p.add_argument("--component", choices=quantizable_components(), default="unet",
                    help="which U-Net: unet (text-to-image trajectories, the default), unet_inpainting (inpainting "
                         "trajectories on box, stroke and outpaint masks), unet_flash (Flash trajectories)")
     p.add_argument("--out", metavar="ART", help="write into a copy of ART here (default: ART itself)")

@@ -5,7 +5,13 @@ import json
 import sys
 from pathlib import Path
 
-from k3trt.contract.arguments import check_float, check_int, check_path, parse_list, writable_ancestor
+from k3trt.contract.arguments import (
+    check_float,
+    check_int,
+    check_path,
+    parse_list,
+    writable_ancestor,
+)
 from k3trt.contract.cards import COMPONENTS
 from k3trt.contract.errors import OutputPathError
 from k3trt.contract.manifest import Manifest
@@ -81,7 +87,12 @@ def cmd_build(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from k3trt.engines.check import check_artifacts, check_onnx_file, format_results, parse_trt_version
+    from k3trt.engines.check import (
+        check_artifacts,
+        check_onnx_file,
+        format_results,
+        parse_trt_version,
+    )
 
     version = parse_trt_version(args.trt_version)
     results = (check_artifacts(args.artifacts, trt_version=version) if args.artifacts is not None

@@ -5,7 +5,9 @@ import json
 import sys
 
 from k3trt.contract.arguments import check_float, check_seed
+from k3trt.contract.cards import COMPONENTS
 from k3trt.contract.errors import InvalidArgumentError
+from k3trt.export.onnx_settings import DEFAULT_OPSET
 
 
 def log(message: str) -> None:
@@ -82,15 +84,12 @@ def cmd_preset(args) -> int:
 
 
 def register(sub) -> None:
-    from k3trt.export.components import SPECS
-    from k3trt.export.onnx_export import DEFAULT_OPSET
-
     p = sub.add_parser("export", help="export Kandinsky 3 components to validated ONNX + manifest")
     add_source_args(p)
     p.add_argument("--out", required=True, metavar="ART",
                    help="artifact directory: new, empty, or artifacts k3trt wrote (updated in place); never the "
                         "model folder")
-    p.add_argument("--components", default=None, help=f"comma list of {', '.join(SPECS)} (default: every "
+    p.add_argument("--components", default=None, help=f"comma list of {', '.join(COMPONENTS)} (default: every "
                    "component whose weights the model has)")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, 17..20")
     p.add_argument("--external-data-threshold-mb", type=float, default=None,

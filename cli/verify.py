@@ -49,7 +49,12 @@ def cmd_parity(args) -> int:
 
 def cmd_bench(args) -> int:
     import torch
-    from k3trt.verify.bench import format_bench, run_benchmark, runtime_runner, unet_int8_vs_fp32
+    from k3trt.verify.bench import (
+        format_bench,
+        run_benchmark,
+        runtime_runner,
+        unet_int8_vs_fp32,
+    )
     from k3trt.verify.torch_reference import load_reference
 
     check_int("--repeats", args.repeats, 1, MAX_REPEATS, "e.g. --repeats 3 (medians need a few)")

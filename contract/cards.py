@@ -303,3 +303,8 @@ def card(name: str) -> ComponentCard:
         raise InvalidArgumentError(f"unknown component {name!r}", accepted=", ".join(CARDS),
                                    fix="e.g. --components " + ",".join(CARDS))
     return CARDS[name]
+
+
+def quantizable_components(precision: str = "int8") -> tuple[str, ...]:
+    """Components whose card allows a `precision` Q/DQ variant (`k3trt calibrate`), in card order."""
+    return tuple(name for name, c in CARDS.items() if precision in c.precision.quantized)

@@ -172,7 +172,12 @@ def model_info(source, spec: ComponentSpec) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- task components
-from k3trt.export.task_components import MoVQEncoderOnnx, movq_encoder_inputs, variant_unet_inputs, variant_unet_wrapper  # noqa: E402
+from k3trt.export.task_components import (  # noqa: E402
+    MoVQEncoderOnnx,
+    movq_encoder_inputs,
+    variant_unet_inputs,
+    variant_unet_wrapper,
+)
 
 SPECS["movq_encoder"] = ComponentSpec(
     CARDS["movq_encoder"], "movq", MoVQEncoderOnnx, make_inputs=movq_encoder_inputs,

@@ -22,7 +22,12 @@ from pathlib import Path
 
 from k3trt.contract.errors import InvalidArgumentError, ModelSourceError
 from k3trt.export.components import component_spec, default_components
-from k3trt.export.low_memory_trace import STREAMED, check_free_disk, export_streamed, fp32_data_bytes
+from k3trt.export.low_memory_trace import (
+    STREAMED,
+    check_free_disk,
+    export_streamed,
+    fp32_data_bytes,
+)
 
 # Components without a streamed path that the regular path exports in bounded memory: the MoVQ's weights are
 # 0.27 B parameters at full size (`k3trt preset full --describe`), ~1.1 GB in fp32.

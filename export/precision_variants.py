@@ -28,8 +28,19 @@ import numpy as np
 import onnx
 import torch
 from k3trt.contract.cards import card
-from k3trt.contract.errors import ArtifactError, BackendUnavailableError, InvalidArgumentError, ValidationError
-from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, sha256_file, sha256_json
+from k3trt.contract.errors import (
+    ArtifactError,
+    BackendUnavailableError,
+    InvalidArgumentError,
+    ValidationError,
+)
+from k3trt.contract.manifest import (
+    FileRecord,
+    Manifest,
+    OnnxRecord,
+    sha256_file,
+    sha256_json,
+)
 from k3trt.contract.tensor_metrics import compare
 from k3trt.export.fp32_islands import fp32_nodes
 from k3trt.export.onnx_export import PROTOBUF_LIMIT, save_onnx

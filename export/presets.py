@@ -120,7 +120,10 @@ def _randomize_time_conditioning(unet, std: float = 0.02) -> None:
 def damp_residual_branches(unet, factor: float = DAMPING) -> int:
     """Scale the last layer of each residual branch by `factor`; returns how many layers were scaled."""
     import torch
-    from diffusers.models.unets.unet_kandinsky3 import Kandinsky3AttentionBlock, Kandinsky3ResNetBlock
+    from diffusers.models.unets.unet_kandinsky3 import (
+        Kandinsky3AttentionBlock,
+        Kandinsky3ResNetBlock,
+    )
 
     last_layers = []
     for module in unet.modules():

@@ -21,9 +21,25 @@ from pathlib import Path
 import torch
 from k3trt.contract.arguments import check_int, parse_list
 from k3trt.contract.cards import LATENT_FACTOR, MAX_TEXT_LENGTH
-from k3trt.contract.errors import InvalidArgumentError, K3TRTError, ModelSourceError, ValidationError
-from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, sha256_file, sha256_json
-from k3trt.export.components import SPECS, component_spec, default_components, model_info
+from k3trt.contract.errors import (
+    InvalidArgumentError,
+    K3TRTError,
+    ModelSourceError,
+    ValidationError,
+)
+from k3trt.contract.manifest import (
+    FileRecord,
+    Manifest,
+    OnnxRecord,
+    sha256_file,
+    sha256_json,
+)
+from k3trt.export.components import (
+    SPECS,
+    component_spec,
+    default_components,
+    model_info,
+)
 from k3trt.export.low_memory import (
     check_disk_for_streamed,
     check_low_memory_precisions,
@@ -32,7 +48,13 @@ from k3trt.export.low_memory import (
     low_memory_components,
 )
 from k3trt.export.low_memory_trace import STREAMED
-from k3trt.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
+from k3trt.export.onnx_export import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    PROTOBUF_LIMIT,
+    export_onnx,
+)
 from k3trt.export.sources import ModelSource
 from k3trt.export.validate import validate_component
 from k3trt.writing.atomic import atomic_write_bytes, save_manifest

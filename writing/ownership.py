@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from k3trt.contract.arguments import check_output_file, check_path, writable_ancestor
 from k3trt.contract.errors import OutputPathError
-from k3trt.contract.manifest import atomic_write, atomic_write_bytes, atomic_write_json
+from k3trt.writing.atomic import atomic_write, atomic_write_bytes, atomic_write_json
 
 MARKER = ".k3trt-output.json"
 LEGACY_STAMPS = {"artifacts": "manifest.json", "preset": "k3trt_preset.json"}
