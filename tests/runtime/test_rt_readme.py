@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from k3trt.runtime.cli import build_parser, main
+from k3trt.cli.main import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
