@@ -8,7 +8,7 @@ refused by the field's own check, naming it. The SDK sends a list of images as `
 """
 from __future__ import annotations
 
-from .schema import MAX_INT_DIGITS, BodyError, FieldError
+from k3trt.runtime.serving.schema import MAX_INT_DIGITS, BodyError, FieldError
 
 INTEGER_FIELDS = ("n", "seed", "steps", "output_compression", "partial_images")
 NUMBER_FIELDS = ("guidance", "strength")

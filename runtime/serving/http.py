@@ -12,24 +12,36 @@ at the next step boundary (status 499 in the logs and metrics). Needs the `serve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
 import socket
 import threading
 import time
+from importlib import metadata
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from ..errors import InvalidArgumentError, K3TRTError
-from .engine import BatchingEngine, EngineConfig, NotAcceptingError
-from .image_work import ImageWork, answer_for
-from .middleware import RequestMiddleware, error_payload, note
-from .openai_options import IGNORED_HEADER, output_options
-from .schema import MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, BodyError, Limits, parse_body, to_edit, to_request
-from .telemetry import ServiceMetrics
+from k3trt.contract.errors import InvalidArgumentError, K3TRTError
+from k3trt.runtime.serving.engine import BatchingEngine, EngineConfig, NotAcceptingError
+from k3trt.runtime.serving.image_work import ImageWork, answer_for
+from k3trt.runtime.serving.middleware import RequestMiddleware, error_payload, note
+from k3trt.runtime.serving.openai_options import IGNORED_HEADER, output_options
+from k3trt.contract.manifest import MANIFEST_NAME
+from k3trt.runtime.pipeline import Pipeline
+from k3trt.runtime.serving.forms import is_multipart, parse_form
+from k3trt.runtime.serving.jobs import JobStore
+from k3trt.runtime.serving.jobs_api import add_job_routes
+from k3trt.runtime.serving.openapi import describe_routes
+from k3trt.runtime.serving.schema import (MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, BodyError, FieldError, Limits, _size,
+                                          parse_body, to_edit, to_request, too_large)
+from k3trt.runtime.serving.streaming import event_stream
+from k3trt.runtime.serving.telemetry import ServiceMetrics
 
 log = logging.getLogger("k3trt")
 DISCONNECT_POLL_S = 0.25
@@ -95,8 +107,6 @@ class ImageService:
     def load(self) -> None:
         """Open the artifacts, start the engine, warm up at the smallest size; errors are kept for the probes."""
         try:
-            from ..pipeline import Pipeline
-
             s = self.settings
             if self.pipeline is None:
                 precision = s.precision or ("default" if s.backend == "trt" else "fp32")
@@ -116,10 +126,6 @@ class ImageService:
             log.error("k3trt serve: loading failed: %s", self.load_error)
 
     def _describe_build(self) -> None:
-        import hashlib
-        from importlib import metadata
-
-        from ..artifacts import MANIFEST_NAME
 
         manifest = self.pipeline.manifest
         try:
@@ -173,8 +179,6 @@ def limits_for(unet_axes: dict, limits: Limits) -> Limits:
 def check_defaults(limits: Limits) -> None:
     """The server's defaults must be requests it accepts (else every default request would be refused as the
     client's fault): raised at start-up, naming the option."""
-    from .schema import FieldError, _size
-
     if not 1 <= limits.default_steps <= limits.max_steps:
         raise InvalidArgumentError(f"--default-steps {limits.default_steps}", accepted=f"1..{limits.max_steps} "
                                    "(what a request may ask for)", fix="--default-steps 25")
@@ -187,10 +191,6 @@ def check_defaults(limits: Limits) -> None:
 
 def create_app(service: ImageService, *, load_in_background: bool = True):
     """The FastAPI application around `service` (which it loads at start-up unless already loaded)."""
-    import contextlib
-
-    from .jobs import JobStore
-    from .openapi import describe_routes
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -218,13 +218,9 @@ def create_app(service: ImageService, *, load_in_background: bool = True):
                       response_model=None)
     app.add_api_route("/v1/images/variations", images.variations, methods=["POST"], response_model=None,
                       openapi_extra=describe_routes["variations"])
-    from .jobs_api import add_job_routes
-
     add_job_routes(app, images)
     app.add_middleware(RequestMiddleware, metrics=service.metrics, api_key=service.settings.api_key)
     if service.settings.cors_allow_origins:  # outermost: a preflight is answered before the API key is asked for
-        from fastapi.middleware.cors import CORSMiddleware
-
         app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_allow_origins),
                            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
                            allow_headers=["authorization", "content-type", "x-request-id"],
@@ -288,15 +284,11 @@ class ImageRoutes:
         return await self._serve(request, "variations")
 
     async def _serve(self, request: Request, route: str):
-        from .streaming import event_stream
-
         started = time.monotonic()
         work = await self.admit(request, route)
         if isinstance(work, Response):
             return work
         if work.options.stream:
-            from fastapi.responses import StreamingResponse
-
             return StreamingResponse(event_stream(work, route, self.fail_body), media_type="text/event-stream",
                                      headers=self.headers(work))
         return await self.answer(request, work, started)
@@ -319,8 +311,6 @@ class ImageRoutes:
         return work
 
     async def parse(self, request: Request, route: str):
-        from .forms import is_multipart, parse_form
-
         content_type = request.headers.get("content-type", "")
         with_images = route in ("edits", "variations")
         limit = MAX_EDIT_BODY_BYTES if with_images else MAX_BODY_BYTES
@@ -391,8 +381,6 @@ class ImageRoutes:
 
 def check_variation(body: dict) -> None:
     """A variation is image to image: no mask or outpaint; the prompt this model needs is named in the fix."""
-    from .schema import FieldError
-
     for name in ("mask", "outpaint"):
         if body.get(name) is not None:
             raise FieldError(name, f"{name} on /v1/images/variations", accepted="image, prompt, n, size, strength, "
@@ -415,8 +403,6 @@ def _not_ready(service: ImageService) -> NotAcceptingError:
 async def read_body(request, limit: int = MAX_BODY_BYTES, timeout_s: float | None = None) -> bytes:
     """The body, read no further than one chunk past `limit` (a huge body is refused, not buffered), within
     `timeout_s` (a client that stalls mid-body gets 408 and its connection back; nothing waits forever)."""
-    from .schema import too_large
-
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(declared, limit)
@@ -429,8 +415,6 @@ async def read_body(request, limit: int = MAX_BODY_BYTES, timeout_s: float | Non
 
 
 async def _read_capped(request, limit: int = MAX_BODY_BYTES) -> bytes:
-    from .schema import too_large
-
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large(declared, limit)

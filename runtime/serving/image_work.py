@@ -12,12 +12,13 @@ import base64
 import dataclasses
 import time
 
-from ..errors import ArtifactError, BackendBusyError, K3TRTError
-from ..stages import GenerationCancelled
-from .engine import DeadlineExceededError, NotAcceptingError, QueueFullError
-from .jobs import JobLimitError
-from .openai_options import OutputOptions, encode_image
-from .schema import FieldError
+from k3trt.contract.errors import ArtifactError, BackendBusyError, K3TRTError
+from k3trt.runtime.denoise_loop import GenerationCancelled
+from k3trt.runtime.pipeline import to_pil
+from k3trt.runtime.serving.engine import DeadlineExceededError, NotAcceptingError, QueueFullError
+from k3trt.runtime.serving.jobs import JobLimitError
+from k3trt.runtime.serving.openai_options import OutputOptions, encode_image
+from k3trt.runtime.serving.schema import FieldError
 
 SEED_SPACE = 2 ** 64
 
@@ -116,8 +117,6 @@ class ImageWork:
 
 
 def _encode_items(images, seeds: list[int], options: OutputOptions) -> list[dict]:
-    from ..pipeline import to_pil
-
     return [{"b64_json": base64.b64encode(encode_image(image, options)).decode(), "seed": seed,
              "revised_prompt": None} for image, seed in zip(to_pil(images), seeds)]
 

@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Any, Awaitable, Callable, Protocol
 
-from ..errors import K3TRTError
+from k3trt.contract.errors import K3TRTError
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 log = logging.getLogger("k3trt")

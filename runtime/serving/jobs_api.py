@@ -11,8 +11,9 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..errors import K3TRTError
-from .middleware import error_payload
+from k3trt.contract.errors import K3TRTError
+from k3trt.runtime.serving.middleware import error_payload
+from k3trt.runtime.serving.schema import FieldError
 
 
 def add_job_routes(app, images) -> None:
@@ -91,6 +92,4 @@ def _missing(job_id: str, request: Request):
 
 
 def _field(param: str, what: str, fix: str):
-    from .schema import FieldError
-
     return FieldError(param, what, accepted="a request without stream", fix=fix)

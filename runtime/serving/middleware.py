@@ -20,7 +20,7 @@ import re
 import time
 import uuid
 
-from .telemetry import route_label
+from k3trt.runtime.serving.telemetry import route_label
 
 access_log = logging.getLogger("k3trt.access")
 log = logging.getLogger("k3trt")

@@ -15,8 +15,8 @@ from __future__ import annotations
 import dataclasses
 import io
 
-from .schema import OPENAI_IGNORED as IGNORED
-from .schema import QUALITY_STEPS, FieldError, _choice, _show
+from k3trt.runtime.serving.schema import OPENAI_IGNORED as IGNORED
+from k3trt.runtime.serving.schema import QUALITY_STEPS, FieldError, _choice, _show
 
 OUTPUT_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}

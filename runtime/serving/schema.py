@@ -23,11 +23,12 @@ import math
 import re
 import secrets
 
-from ..cards import PIXEL_MULTIPLE
-from .. import tasks
-from ..errors import InvalidArgumentError
-from ..images import check_strength, decode_errors, load_image
-from ..pipeline import Request, make_request
+import numpy as np
+from k3trt.contract.cards import PIXEL_MULTIPLE
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.runtime import tasks
+from k3trt.runtime.images import check_strength, decode_errors, load_image
+from k3trt.runtime.pipeline import Request, make_request
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_EDIT_BODY_BYTES = 16 * 1024 * 1024  # /v1/images/edits: the image and mask inline, base64 (4/3 of their bytes)
@@ -83,8 +84,6 @@ _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escape
 def json_depth(raw: bytes) -> int:
     """The deepest nesting of [ and { outside strings, found without recursion (a recursive parser fed 60 KB of
     '[' overflows the stack before it can refuse): strings removed by one regex, then a running sum."""
-    import numpy as np
-
     bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
     steps = np.zeros(bare.shape, np.int32)
     steps[(bare == ord("[")) | (bare == ord("{"))] = 1
@@ -238,7 +237,6 @@ def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
 def edit_mask(mask):
     """The mask in this project's convention (white = edit). A mask whose alpha channel is not fully opaque follows
     OpenAI's: the transparent pixels (alpha < 128) are the area to edit; without alpha, or fully opaque, white is."""
-    import numpy as np
     from PIL import Image
 
     has_alpha = mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info)

@@ -16,7 +16,7 @@ import asyncio
 import json
 import time
 
-from ..errors import K3TRTError
+from k3trt.contract.errors import K3TRTError
 
 USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0,
          "total_tokens": 0}  # OpenAI counts tokens; this service does not bill: zeros keep the SDK's type whole

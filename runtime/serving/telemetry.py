@@ -9,7 +9,7 @@ Under Ray Serve each replica keeps its own registry: docs/serving.md says how to
 """
 from __future__ import annotations
 
-from .engine import EngineObserver
+from k3trt.runtime.serving.engine import EngineObserver
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 ROUTES = ("/v1/images/generations", "/v1/images/edits", "/v1/images/variations", "/v1/models",

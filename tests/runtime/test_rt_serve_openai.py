@@ -14,7 +14,7 @@ pytest.importorskip("fastapi", reason="the HTTP service needs the `serve` extra 
 from PIL import Image  # noqa: E402
 
 from k3trt.runtime import Pipeline  # noqa: E402
-from k3trt.runtime.metrics import psnr  # noqa: E402
+from k3trt.contract.tensor_metrics import psnr  # noqa: E402
 from k3trt.runtime.serving.http import ImageService, ServeSettings  # noqa: E402
 
 
@@ -38,14 +38,14 @@ def client(base):
 
 @pytest.fixture(scope="module")
 def picture():
-    from k3trt.export.task_demo import demo_image
+    from k3trt.verify.task_demo import demo_image
 
     return demo_image()  # 64 x 128 RGB
 
 
 @pytest.fixture(scope="module")
 def white_mask():
-    from k3trt.export.task_demo import demo_mask
+    from k3trt.verify.task_demo import demo_mask
 
     return demo_mask()  # 64 x 128, 255 = repaint
 

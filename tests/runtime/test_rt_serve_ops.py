@@ -248,7 +248,7 @@ def test_a_fatal_load_error_fails_liveness_and_refuses_without_retry_after(artif
 
 
 def test_retry_after_never_outlasts_the_keep_alive():
-    from k3trt.runtime.errors import InvalidArgumentError
+    from k3trt.contract.errors import InvalidArgumentError
     from k3trt.runtime.serving.http import MAX_RETRY_AFTER_S
 
     service = ImageService(settings("art"))  # nothing loads: only the settings and the latency average count
