@@ -133,7 +133,7 @@ class PrecisionPolicy:
 
 # Parity of a component run from its ONNX variant on the runtime's backend, against torch fp32 (what
 # `k3trt parity` and the variant verification enforce). fp32 and the converted variants are measured on the CPU
-# (README, "Precision"); int8/fp8 are engineering targets.
+# (docs/precision.md); int8/fp8 are engineering targets.
 PARITY = MappingProxyType({
     "fp32": Tolerance(1e-4, 0.99999), "tf32": Tolerance(5e-3, 0.9999), "fp16": Tolerance(2e-2, 0.9998),
     "bf16": Tolerance(5e-2, 0.998), "int8": Tolerance(0.2, 0.97), "fp8": Tolerance(0.25, 0.97)})

@@ -46,8 +46,8 @@ def validate_streamed(spec: ComponentSpec, model_dir: Path, onnx_path, info: dic
     (`streamed_reference_output`); ONNX Runtime runs without graph optimizations or pre-packing, so the weights
     stay in the memory-mapped external data. The two sides run one after the other, never holding both.
     The card's validation shapes are used unchanged: at full size they are still small (latents up to
-    3 x 24 x 40, up to 128 tokens); the cost is reading every weight once per case (README: ~3-4 min per side
-    for the full U-Net at a small latent), not the arithmetic."""
+    3 x 24 x 40, up to 128 tokens); the cost is reading every weight once per case (~3-4 min per side for the
+    full U-Net at a small latent on a shared 2-core CPU), not the arithmetic."""
     from k3trt.export.low_memory_trace import bounded_session, streamed_reference_output
 
     gen = torch.Generator().manual_seed(seed)

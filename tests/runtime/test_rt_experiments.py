@@ -1,4 +1,4 @@
-"""The performance experiments the README quotes (verify/experiments/) run, and what they claim holds on the tiny
+"""The performance experiments docs/performance.md quotes (verify/experiments/) run, and what they claim holds on the tiny
 preset: hoisting the conditional-norm MLPs is exact, and OpenVINO keeps IR operations marked `precise` in fp32."""
 from __future__ import annotations
 
