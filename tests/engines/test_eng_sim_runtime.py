@@ -42,12 +42,11 @@ def build(trt, path, *, flags=(), profile=((1, 4), (2, 4), (4, 4)), logger=None)
     return builder.build_serialized_network(network, config)
 
 
-def aligned(shape, dtype=torch.float32, alignment=256):
-    """A host tensor at an address with `alignment` (cudaMalloc gives 256-byte aligned device memory)."""
-    count = int(np.prod(shape))
-    raw = torch.zeros(count + alignment, dtype=dtype)
-    skip = (-raw.data_ptr() % alignment) // raw.element_size()
-    return raw[skip:skip + count].view(shape)
+def aligned(shape, dtype=torch.float32):
+    """A host tensor at a 256-byte aligned address (cudaMalloc gives 256-byte aligned device memory)."""
+    from tensorrt import _sim
+
+    return _sim.host_buffer(shape, dtype)
 
 
 def bound_context(trt, plan, batch=2, logger=None):
