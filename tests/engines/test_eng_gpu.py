@@ -50,7 +50,7 @@ def built(gpu, request, tmp_path_factory):
     components these tests compare. The session's tiny export is requested only after the GPU check."""
     from k3trt.engines.build import build_engines
     from k3trt.engines.plan import BuildFlags, make_plan
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     root = tmp_path_factory.mktemp("gpu") / "art"
     shutil.copytree(request.getfixturevalue("tiny_artifacts"), root)
@@ -85,7 +85,7 @@ def _run_engine(gpu, manifest, name, feeds):
 
 def test_build_records_engines(built, gpu):
     from k3trt.engines.build import timing_cache_path
-    from k3trt.runtime.artifacts import FileRecord, Manifest
+    from k3trt.contract.manifest import FileRecord, Manifest
 
     root, plan = built
     env = gpu[1]
@@ -103,17 +103,17 @@ def test_build_records_engines(built, gpu):
 
 def test_rebuild_is_skipped_when_up_to_date(built):
     from k3trt.engines.build import build_engines
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     root, plan = built
     assert build_engines(plan, Manifest.load(root), log=print)["up_to_date"] == [c.name for c in plan.components]
 
 
 def test_engines_match_onnx_runtime(built, gpu):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.ort import OrtBackend
-    from k3trt.runtime.cards import card
-    from k3trt.runtime.metrics import compare
+    from k3trt.contract.cards import card
+    from k3trt.contract.tensor_metrics import compare
 
     root, plan = built
     manifest = Manifest.load(root)
@@ -129,7 +129,7 @@ def test_engines_match_onnx_runtime(built, gpu):
 
 
 def test_trt_backend_records_gpu_time(built, gpu):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
 
     needs_real_device(gpu)
@@ -140,9 +140,9 @@ def test_trt_backend_records_gpu_time(built, gpu):
 
 
 def test_feeds_outside_the_profile_are_refused(built, gpu):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
-    from k3trt.runtime.errors import ShapeError
+    from k3trt.contract.errors import ShapeError
 
     needs_real_device(gpu)
     with TrtBackend(Manifest.load(built[0])) as trt:
@@ -153,7 +153,7 @@ def test_feeds_outside_the_profile_are_refused(built, gpu):
 
 
 def test_cuda_graph_replay_matches_direct_runs(built, gpu):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
 
     needs_real_device(gpu)
@@ -172,8 +172,8 @@ def test_refit_to_another_seed(built, gpu, tmp_path):
     from k3trt.export.components import SPECS
     from k3trt.export.presets import write_preset
     from k3trt.export.sources import open_model_dir
-    from k3trt.runtime.artifacts import Manifest
-    from k3trt.runtime.metrics import compare
+    from k3trt.contract.manifest import Manifest
+    from k3trt.contract.tensor_metrics import compare
 
     root = tmp_path / "art"
     shutil.copytree(built[0], root)  # module fixtures stay as built for the other tests
@@ -192,16 +192,17 @@ def test_refit_to_another_seed(built, gpu, tmp_path):
 
 
 def test_engine_from_another_tensorrt_is_refused(built, gpu, tmp_path):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
-    from k3trt.runtime.errors import EngineCompatibilityError
+    from k3trt.contract.errors import EngineCompatibilityError
+    from k3trt.writing.atomic import save_manifest
 
     needs_real_device(gpu)
     root = tmp_path / "art"
     shutil.copytree(built[0], root)
     manifest = Manifest.load(root)
     manifest.data["engines"]["unet-fp16"]["tensorrt"] = "9.9.9"
-    manifest.save()
+    save_manifest(manifest)
     with TrtBackend(Manifest.load(root)) as trt, pytest.raises(EngineCompatibilityError, match="9.9.9"):
         trt.run("unet", _feeds("unet"))
 
@@ -220,7 +221,7 @@ def test_int8_qdq_unet_builds_and_runs(gpu, request, tmp_path):
     from k3trt.calibration.stage import CalibrationRequest, calibrate
     from k3trt.engines.build import build_engines
     from k3trt.engines.plan import make_plan
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
 
     needs_real_device(gpu)
