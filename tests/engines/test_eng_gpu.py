@@ -1,6 +1,6 @@
 """Build, run, refit, CUDA graphs and parity with TensorRT engines on the tiny preset, twice over:
 
-- `stand-in` (marker trt_sim, the default run): the same tests against the TensorRT stand-in (tests/trt_sim),
+- `stand-in` (markers trt_sim and slow: `pytest -m trt_sim`): the same tests against the TensorRT stand-in,
   for everything that needs no real kernels: builds through Polygraphy, manifest records, refit, numerics of
   the built engines (the stand-in runs their ONNX on ONNX Runtime);
 - `gpu` (marker gpu, `pytest -m gpu`): real TensorRT on an NVIDIA GPU; skips with the reason elsewhere.
@@ -17,7 +17,10 @@ import torch
 from k3trt.engines.selftest import SHAPES
 
 COMPARED = tuple(SHAPES)  # the components these tests feed and compare (the tiny preset exports more)
-KINDS = [pytest.param("stand-in", marks=pytest.mark.trt_sim), pytest.param("gpu", marks=pytest.mark.gpu)]
+# The stand-in run converts the tiny U-Net to fp16 (1-2 min on 2 cores), so it is `slow` too: the default run
+# covers the same build, refit and numerics paths on the smaller graphs (test_eng_sim_build.py, int8 in
+# tests/calibration/test_cal_trt_sim.py); `pytest -m trt_sim` runs this one as well.
+KINDS = [pytest.param("stand-in", marks=[pytest.mark.trt_sim, pytest.mark.slow]), pytest.param("gpu", marks=pytest.mark.gpu)]
 
 
 @pytest.fixture(scope="module", params=KINDS)
