@@ -49,7 +49,7 @@ def test_require_cuda_explains_the_cpu_build():
 
 @no_trt
 def test_trt_backend_construction_fails_typed(tiny_artifacts):
-    with pytest.raises(BackendUnavailableError, match="kandinsky3-trt\\[gpu\\]"):
+    with pytest.raises(BackendUnavailableError, match="kandinsky3-trt\\[gpu-cu13\\]"):
         make_backend("trt", Manifest.load(tiny_artifacts), "fp16")
 
 
