@@ -9,7 +9,7 @@ from .boundary import run_guarded
 from .outputs import package_version
 
 STAGE_CLIS = ("k3trt.export.cli", "k3trt.calibration.cli", "k3trt.engines.cli", "k3trt.runtime.commands",
-              "k3trt.runtime.serving.cli")
+              "k3trt.runtime.animate_cli", "k3trt.runtime.serving.cli")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
