@@ -109,10 +109,22 @@ class FrameStore:
 
 
 def write_video(store: FrameStore, count: int, path: Path, fps: int) -> Path:
-    """Encode the store's frames into `path` atomically (a failure leaves any earlier file as it was)."""
-    from .artifacts import atomic_write
+    """Encode the store's frames into `path` atomically: into a hidden file beside it, then renamed over it (a
+    failure leaves any earlier file as it was and removes the partial one)."""
+    import os
+    import tempfile
+
     from .video import encode, video_format
 
-    atomic_write(path, lambda handle: encode(video_format(path), store.frames(count), handle, fps,
-                                            comment=writer_tag()))
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".part{path.suffix}")
+    os.close(fd)
+    partial = Path(name)
+    try:
+        encode(video_format(path), store.frames(count), partial, fps, comment=writer_tag())
+        with open(partial, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path

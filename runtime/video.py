@@ -1,21 +1,26 @@
-"""Frames to video files: MP4 (H.264 through PyAV, which ships FFmpeg's libraries), animated WebP and GIF (Pillow).
+"""Frames to video files: MP4 (H.264 by the FFmpeg that imageio-ffmpeg ships), animated WebP and GIF (Pillow).
 
-Each encoder writes into an open binary file (the caller decides where and how atomically) and takes its settings
-from here, fixed: the same frames give the same bytes with the same PyAV/Pillow builds (x264 runs one thread, since
-its output depends on the thread count; the MP4 muxer writes no version or time stamps). PyAV is imported only when
-an MP4 is asked for (the `video` extra).
+Each encoder takes its settings from here, fixed, so the same frames give the same bytes with the same
+imageio-ffmpeg/Pillow builds. FFmpeg runs as its own process (imageio-ffmpeg pipes the frames to it), which is
+also why the bytes hold: x264 in this process (PyAV, tried first) gave different files for the same frames once
+an ONNX Runtime call had changed the thread's floating-point mode. x264 runs one thread (its output depends on the
+thread count) and the MP4 carries no version or time stamps. imageio-ffmpeg is imported only when an MP4 is asked
+for (the `video` extra).
 """
 from __future__ import annotations
 
 import importlib.util
-from typing import BinaryIO, Iterable, Sequence
+import subprocess
+from pathlib import Path
+from typing import Iterable, Sequence
 
 from .errors import BackendUnavailableError, InvalidArgumentError
 
 VIDEO_FORMATS = {".mp4": "MP4", ".webp": "WEBP", ".gif": "GIF"}
 MAX_FPS = 240
-H264_CRF = "18"  # visually lossless for most content (x264's scale: 0 lossless .. 51 worst, 23 its default)
-H264_PRESET = "medium"
+H264_OPTIONS = ["-crf", "18",  # visually lossless for most content (x264's scale: 0 lossless .. 51, 23 its default)
+                "-preset", "medium", "-threads", "1", "-flags:v", "+bitexact", "-fflags", "+bitexact",
+                "-map_metadata", "-1", "-f", "mp4"]
 WEBP_QUALITY = 90
 EXIF_SOFTWARE = 0x0131
 
@@ -32,11 +37,11 @@ def video_format(path) -> str:
 
 def check_encoder(fmt: str) -> None:
     """Fail before any work when the format's encoder is not installed."""
-    if fmt == "MP4" and importlib.util.find_spec("av") is None:
-        raise BackendUnavailableError("MP4 output needs PyAV (H.264 through the FFmpeg libraries it ships), which "
-                                      "is not installed", accepted="animated WebP and GIF without it",
-                                      fix="pip install 'kandinsky3-trt[video]' (or pip install av), or write "
-                                          "--out animation.webp")
+    if fmt == "MP4" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        raise BackendUnavailableError("MP4 output needs imageio-ffmpeg (it ships an FFmpeg with x264), which is not "
+                                      "installed", accepted="animated WebP and GIF without it",
+                                      fix="pip install 'kandinsky3-trt[video]' (or pip install imageio-ffmpeg), or "
+                                          "write --out animation.webp")
 
 
 def check_fps(fps) -> int:
@@ -45,49 +50,36 @@ def check_fps(fps) -> int:
     return check_int("fps", fps, 1, MAX_FPS, "e.g. --fps 12")
 
 
-def encode(fmt: str, frames: Iterable, handle: BinaryIO, fps: int, *, comment: str = "") -> None:
-    """Write `frames` (RGB PIL images of one size, in order) as `fmt` ("MP4", "WEBP", "GIF") into `handle`."""
+def encode(fmt: str, frames: Iterable, path: Path, fps: int, *, comment: str = "") -> None:
+    """Write `frames` (RGB PIL images of one size, in order) as `fmt` ("MP4", "WEBP", "GIF") to `path`."""
     if fmt == "MP4":
-        encode_mp4(frames, handle, fps, comment=comment)
+        encode_mp4(frames, path, fps, comment=comment)
     else:
-        encode_animated(frames, handle, fps, fmt, comment=comment)
+        encode_animated(frames, path, fps, fmt, comment=comment)
 
 
-def encode_mp4(frames: Iterable, handle: BinaryIO, fps: int, *, comment: str = "") -> None:
-    """H.264 (yuv420p, CRF 18) in MP4; frames are read one at a time (bounded memory)."""
+def encode_mp4(frames: Iterable, path: Path, fps: int, *, comment: str = "") -> None:
+    """H.264 (yuv420p, CRF 18) in MP4; frames go to FFmpeg one at a time (bounded memory)."""
     check_encoder("MP4")
-    import av
+    import imageio_ffmpeg
 
-    with av.open(handle, mode="w", format="mp4", options={"fflags": "+bitexact"}) as container:
-        if comment:
-            container.metadata["comment"] = comment
-        stream = None
+    writer = None
+    try:
         for image in frames:
-            if stream is None:
-                stream = _h264_stream(container, image.size, fps)
-            for packet in stream.encode(av.VideoFrame.from_image(image.convert("RGB"))):
-                container.mux(packet)
-        if stream is None:
-            raise InvalidArgumentError("no frames to encode", fix="make at least one frame")
-        for packet in stream.encode():
-            container.mux(packet)
+            if writer is None:
+                writer = imageio_ffmpeg.write_frames(
+                    str(path), image.size, fps=fps, codec="libx264", quality=None, macro_block_size=1,
+                    output_params=[*H264_OPTIONS, *(["-metadata", f"comment={comment}"] if comment else [])])
+                writer.send(None)  # starts FFmpeg
+            writer.send(image.convert("RGB").tobytes())
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        raise InvalidArgumentError("no frames to encode", fix="make at least one frame")
 
 
-def _h264_stream(container, size: tuple[int, int], fps: int):
-    from fractions import Fraction
-
-    import av
-
-    stream = container.add_stream("libx264", rate=Fraction(fps, 1))
-    stream.width, stream.height = size
-    stream.pix_fmt = "yuv420p"
-    stream.options = {"crf": H264_CRF, "preset": H264_PRESET}
-    stream.codec_context.thread_count = 1
-    stream.codec_context.flags |= av.codec.context.Flags.bitexact
-    return stream
-
-
-def encode_animated(frames: Iterable, handle: BinaryIO, fps: int, fmt: str, *, comment: str = "") -> None:
+def encode_animated(frames: Iterable, path: Path, fps: int, fmt: str, *, comment: str = "") -> None:
     """Animated WebP (lossy, quality 90) or GIF (256 colours per frame), looping; Pillow needs all frames at once,
     and stores a run of identical frames as one longer frame."""
     frames: Sequence = list(frames)
@@ -101,7 +93,7 @@ def encode_animated(frames: Iterable, handle: BinaryIO, fps: int, fmt: str, *, c
             options.update(exif=_software_exif(comment))
     elif comment:
         options.update(comment=comment.encode())
-    frames[0].save(handle, format=fmt, **options)
+    frames[0].save(path, format=fmt, **options)
 
 
 def _software_exif(text: str):
@@ -117,15 +109,7 @@ def video_comment(path) -> str:
     without one or that does not decode (a damaged or foreign file is simply not ours)."""
     fmt = video_format(path)
     if fmt == "MP4":
-        if importlib.util.find_spec("av") is None:
-            return ""
-        import av
-
-        try:
-            with av.open(str(path)) as container:
-                return str(container.metadata.get("comment", ""))
-        except (av.FFmpegError, OSError, ValueError):
-            return ""
+        return _mp4_comment(Path(path))
     from PIL import Image
 
     from .images import decode_errors
@@ -137,3 +121,15 @@ def video_comment(path) -> str:
             return str(image.getexif().get(EXIF_SOFTWARE, ""))
     except decode_errors():
         return ""
+
+
+def _mp4_comment(path: Path) -> str:
+    """FFmpeg's metadata dump of the file (`-f ffmetadata`), its comment line."""
+    if importlib.util.find_spec("imageio_ffmpeg") is None:
+        return ""
+    import imageio_ffmpeg
+
+    result = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-i", str(path), "-f", "ffmetadata",
+                             "-"], capture_output=True, timeout=60, check=False)
+    lines = result.stdout.decode(errors="replace").splitlines() if result.returncode == 0 else []
+    return next((line[len("comment="):] for line in lines if line.startswith("comment=")), "")
