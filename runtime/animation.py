@@ -16,19 +16,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterator
 
-from .errors import InvalidArgumentError
-from .frame_motion import COLOR_COHERENCE, match_colors, shrink, warp_2d, zoom_between
-from .images import check_size, check_strength
-from .schedules import Schedule, parse_numbers, parse_prompts, parse_seeds, seed_at
-from .validate import check_choice, check_float, check_int, check_options
-
-MODES = ("deforum", "zoom-out", "zoom-in")
-MAX_FRAMES = 10_000
-MAX_FRAMES_PER_KEY = 240
-DEFAULT_FRAMES, DEFAULT_FPS, DEFAULT_FRAMES_PER_KEY = 48, 12, 8
-ZOOM_RANGE = (0.1, 10.0)  # Deforum zoom per frame; 1 = still
-ANGLE_RANGE = (-360.0, 360.0)  # degrees per frame
-DEFORUM_STRENGTH = 0.3  # share of the schedule each frame re-runs (diffusers' image-to-image default)
+import torch
+from k3trt.contract.arguments import check_choice, check_int, check_options
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.contract.limits import default_size
+from k3trt.runtime.animation_spec import (ANGLE_RANGE, COLOR_COHERENCE, DEFAULT_FRAMES, DEFAULT_FRAMES_PER_KEY,
+                                          DEFORUM_STRENGTH, MAX_FRAMES, MAX_FRAMES_PER_KEY, MODES, ZOOM_RANGE)
+from k3trt.runtime.frame_motion import match_colors, shrink, warp_2d, zoom_between
+from k3trt.runtime.images import check_size, check_strength, parse_margins
+from k3trt.runtime.request import make_request
+from k3trt.runtime.schedules import Schedule, parse_numbers, parse_prompts, parse_seeds, seed_at
+from k3trt.runtime.tasks import Img2ImgInputs, check_task, inpaint_inputs, require_components, task_request
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +107,6 @@ def plan_animation(pipe, prompt, *, mode: str = "deforum", frames: int = DEFAULT
     """Check every option against the artifacts, before any model runs (typed errors naming value and fix).
     Deforum options: strength, zoom, angle, translate_x, translate_y (numbers or schedules), color_coherence.
     Zoom options: frames_per_key, zoom_margin (pixels per side, a multiple of 64, or (x, y))."""
-    from .limits import default_size
-    from .pipeline import make_request
-
     check_choice("mode", mode, MODES, "deforum, zoom-out or zoom-in")
     check_options(f"Pipeline.animate(mode={mode!r})", mode_options, _MODE_OPTIONS[mode])
     check_int("frames", frames, 1, MAX_FRAMES, f"e.g. --frames {DEFAULT_FRAMES}")
@@ -161,8 +156,6 @@ def _zoom_plan(common: dict, options: dict) -> AnimationPlan:
 def zoom_margins(value, width: int, height: int) -> tuple[int, int]:
     """The outpainted border per side: given (an int, 'N' or 'XxY' pixels, multiples of 64), else a quarter of
     each side rounded down to 64 (at least 64): 1024 px frames shrink to 512 px, a zoom of 2 per keyframe."""
-    from .images import parse_margins
-
     if value is None:
         return tuple(max(64, side // 4 // 64 * 64) for side in (width, height))
     if isinstance(value, int) and not isinstance(value, bool):
@@ -185,11 +178,6 @@ def zoom_margins(value, width: int, height: int) -> tuple[int, int]:
 
 def check_plan(pipe, plan: AnimationPlan, request) -> None:
     """The components and shapes every call of the plan needs, checked on the artifacts before any call."""
-    import torch
-
-    from .pipeline import make_request
-    from .tasks import Img2ImgInputs, check_task, require_components, task_request, inpaint_inputs
-
     require_components(pipe, "text2img")
     pipe.check_request(make_request(plan.prompt.at(0), plan.negative_prompt, steps=plan.steps,
                                     guidance=plan.guidance, height=plan.height, width=plan.width))

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-COLOR_COHERENCE = ("none", "rgb", "hsv", "lab")  # Deforum's 'Match Frame 0 RGB/HSV/LAB'
 EDGE_TOLERANCE_PX = 1e-6  # float slack when deciding which whole pixels lie inside a zoomed box
 
 

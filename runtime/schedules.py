@@ -13,8 +13,8 @@ import math
 import re
 from typing import Any, Mapping
 
-from .errors import InvalidArgumentError
-from .validate import MAX_SEED, check_seed, check_text
+from k3trt.contract.arguments import MAX_SEED, check_seed, check_text
+from k3trt.contract.errors import InvalidArgumentError
 
 _KEY = re.compile(r"\s*(\d+)\s*:\s*(.*?)\s*", re.S)
 _STARTS_WITH_KEY = re.compile(r"\s*\d+\s*:")

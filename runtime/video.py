@@ -14,7 +14,8 @@ import subprocess
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from .errors import BackendUnavailableError, InvalidArgumentError
+from k3trt.contract.arguments import check_int
+from k3trt.contract.errors import BackendUnavailableError, InvalidArgumentError
 
 VIDEO_FORMATS = {".mp4": "MP4", ".webp": "WEBP", ".gif": "GIF"}
 MAX_FPS = 240
@@ -26,8 +27,6 @@ EXIF_SOFTWARE = 0x0131
 
 
 def video_format(path) -> str:
-    from pathlib import Path
-
     suffix = Path(path).suffix.lower()
     if suffix not in VIDEO_FORMATS:
         raise InvalidArgumentError(f"video file {str(path)!r} has the extension {suffix or '(none)'!r}",
@@ -45,8 +44,6 @@ def check_encoder(fmt: str) -> None:
 
 
 def check_fps(fps) -> int:
-    from .validate import check_int
-
     return check_int("fps", fps, 1, MAX_FPS, "e.g. --fps 12")
 
 
@@ -112,7 +109,7 @@ def video_comment(path) -> str:
         return _mp4_comment(Path(path))
     from PIL import Image
 
-    from .images import decode_errors
+    from k3trt.runtime.images import decode_errors  # imports torch: only when a file is checked
 
     try:
         with Image.open(path) as image:

@@ -11,7 +11,7 @@ from PIL import Image
 from animation_helpers import decode_mp4
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.cli import main
+from k3trt.cli.main import main
 from k3trt.runtime.frame_motion import match_colors, shrink, warp_2d
 
 PROMPT = "a lighthouse on a cliff, watercolor"

@@ -7,9 +7,9 @@ from PIL import Image
 
 from animation_helpers import decode_mp4
 
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 from k3trt.runtime.frame_motion import camera_matrix, match_colors, match_histogram, shrink, warp_2d, zoom_between
-from k3trt.runtime.metrics import psnr
+from k3trt.contract.tensor_metrics import psnr
 from k3trt.runtime.schedules import parse_numbers, parse_prompts, parse_seeds, seed_at
 
 ZOOM_CROP_PSNR_DB = 35.0  # Lanczos crops of a smooth scene against the scene rendered at that zoom
