@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sys
 
-from k3trt.cli.animation_store import FrameStore, check_video_out, default_frames_dir, manifest_digest, write_video
+from k3trt.cli.animation_store import (FrameStore, check_video_out, default_frames_dir, manifest_digest,
+                                      write_contact_sheet, write_video)
 from k3trt.cli.arguments import add_backend_args, add_size_args, log, open_pipeline, resolved_precision
 from k3trt.contract.arguments import check_threads, parse_resolution
 from k3trt.contract.errors import InvalidArgumentError
+from k3trt.writing.ownership import check_output_image
 from k3trt.runtime.animation_spec import (COLOR_COHERENCE, DEFAULT_FPS, DEFAULT_FRAMES, DEFAULT_FRAMES_PER_KEY,
                                           DEFORUM_STRENGTH, MODES)
 from k3trt.runtime.schedules import SEED_BEHAVIORS
@@ -30,6 +32,8 @@ def register(sub) -> None:
                    "inpainting U-Net, crops in between; deforum: each frame image to image of the moved previous one")
     p.add_argument("--prompt", required=True, help="the text, or a schedule by frame: '0: a forest; 24: a city'")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (all frames)")
+    p.add_argument("--init-image", metavar="IN.png", help="the first frame (of the video's size) instead of text to "
+                   "image")
     p.add_argument("--seed", default="0", help="0..2^64-1, or a schedule '0: 5; 24: 100'")
     p.add_argument("--seed-behavior", choices=SEED_BEHAVIORS, default="iter",
                    help="iter: frame f gets its key's seed + (f - key), a new noise each frame (Deforum's default); "
@@ -41,6 +45,8 @@ def register(sub) -> None:
     p.add_argument("--fps", type=int, default=DEFAULT_FPS, help="frames per second of the video files")
     p.add_argument("--out", action="append", required=True, metavar="PATH",
                    help=".mp4 (H.264), .webp or .gif; repeat for several; a file is replaced only if k3trt wrote it")
+    p.add_argument("--contact-sheet", metavar="PATH.png", help="also write a grid of frames spread over the "
+                   "animation (up to 12, 128 px wide)")
     p.add_argument("--frames-dir", metavar="DIR", help="where the PNG frames and animation.json go (default: next to "
                    "the first --out, NAME-frames); a run with the same arguments resumes from the frames there")
     deforum = p.add_argument_group("deforum: numbers or schedules '0: 1.02; 24: 1.0' (linear in between)")
@@ -77,7 +83,7 @@ def animation_options(args) -> dict:
     width, height = parse_resolution(args.resolution) if args.resolution else (None, None)
     return dict(mode=args.mode, frames=args.frames, seed=args.seed, seed_behavior=args.seed_behavior,
                 steps=args.steps, guidance=args.guidance, negative_prompt=args.negative_prompt,
-                width=width, height=height, **mode_options(args))
+                width=width, height=height, init_image=args.init_image, **mode_options(args))
 
 
 def cmd_animate(args) -> int:
@@ -86,6 +92,7 @@ def cmd_animate(args) -> int:
     check_threads(args.threads, "--threads")
     fps = check_fps(args.fps)
     outs = [check_video_out(value) for value in args.out]
+    sheet = check_output_image(args.contact_sheet, "--contact-sheet") if args.contact_sheet else None
     options = animation_options(args)
     pipe = open_pipeline(args)
     plan = plan_animation(pipe, args.prompt, **options)
@@ -100,6 +107,8 @@ def cmd_animate(args) -> int:
     for path in outs:
         write_video(store, plan.frames, path, fps)
         print(path)
+    if sheet:
+        print(write_contact_sheet(store, plan.frames, sheet))
     print(store.folder)
     return 0
 

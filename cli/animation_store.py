@@ -14,9 +14,11 @@ from typing import Iterator
 from k3trt.contract.arguments import check_output_file
 from k3trt.contract.errors import InvalidArgumentError, OutputPathError
 from k3trt.runtime.video import VIDEO_FORMATS, check_encoder, encode, video_comment, video_format
-from k3trt.writing.ownership import check_output_dir, claim_output_dir, is_own_json, save_image, save_json, writer_tag
+from k3trt.writing.ownership import (check_output_dir, check_output_image, claim_output_dir, is_own_json, save_image,
+                                     save_json, writer_tag)
 
 KIND = "animation-frames"
+SHEET_FRAMES, SHEET_COLUMNS, SHEET_THUMB_PX = 12, 4, 128  # a contact sheet: up to 12 frames, 128 px wide each
 SETTINGS_FILE = "animation.json"
 
 
@@ -121,3 +123,27 @@ def write_video(store: FrameStore, count: int, path: Path, fps: int) -> Path:
         partial.unlink(missing_ok=True)
         raise
     return path
+
+
+def sheet_indices(count: int, wanted: int = SHEET_FRAMES) -> list[int]:
+    """Up to `wanted` frames spread evenly from the first to the last."""
+    if count <= wanted:
+        return list(range(count))
+    return sorted({round(i * (count - 1) / (wanted - 1)) for i in range(wanted)})
+
+
+def write_contact_sheet(store: FrameStore, count: int, path: Path) -> Path:
+    """A grid of thumbnails of frames spread over the animation, left to right, top to bottom."""
+    from PIL import Image
+
+    indices = sheet_indices(count)
+    first = store.load_frame(0)
+    width = min(SHEET_THUMB_PX, first.width)
+    height = round(first.height * width / first.width)
+    columns = min(SHEET_COLUMNS, len(indices))
+    rows = -(-len(indices) // columns)
+    sheet = Image.new("RGB", (columns * width, rows * height), "white")
+    for slot, index in enumerate(indices):
+        thumb = store.load_frame(index).resize((width, height), Image.Resampling.LANCZOS)
+        sheet.paste(thumb, (slot % columns * width, slot // columns * height))
+    return save_image(sheet, path)

@@ -14,6 +14,7 @@ they are made (bounded memory: at most two keyframes and frame 0 are held) and r
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Callable, Iterator
 
 import torch
@@ -23,7 +24,7 @@ from k3trt.contract.limits import default_size
 from k3trt.runtime.animation_spec import (ANGLE_RANGE, COLOR_COHERENCE, DEFAULT_FRAMES, DEFAULT_FRAMES_PER_KEY,
                                           DEFORUM_STRENGTH, MAX_FRAMES, MAX_FRAMES_PER_KEY, MODES, ZOOM_RANGE)
 from k3trt.runtime.frame_motion import match_colors, shrink, warp_2d, zoom_between
-from k3trt.runtime.images import check_size, check_strength, parse_margins
+from k3trt.runtime.images import check_size, check_strength, load_image, parse_margins
 from k3trt.runtime.request import make_request
 from k3trt.runtime.schedules import Schedule, parse_numbers, parse_prompts, parse_seeds, seed_at
 from k3trt.runtime.tasks import Img2ImgInputs, check_task, inpaint_inputs, require_components, task_request
@@ -54,6 +55,7 @@ class AnimationPlan:
     color_coherence: str = "none"
     frames_per_key: int = 1  # zoom: frames from one keyframe to the next
     margins: tuple[int, int] = (0, 0)  # zoom: outpainted border, left/right and top/bottom, pixels
+    init_image: object = None  # keyframe 0 given (PIL RGB of the frame's size) instead of text to image
 
     @property
     def keys(self) -> int:
@@ -96,6 +98,7 @@ class AnimationPlan:
             data[name] = getattr(self, name).to_json() if getattr(self, name) else None
         data["motion"] = {s.name: s.to_json() for s in self.motion}
         data["margins"] = list(self.margins)
+        data["init_image"] = None if self.init_image is None else hashlib.sha256(self.init_image.tobytes()).hexdigest()
         return data
 
 
@@ -103,10 +106,11 @@ class AnimationPlan:
 def plan_animation(pipe, prompt, *, mode: str = "deforum", frames: int = DEFAULT_FRAMES, seed=0,
                    seed_behavior: str = "iter", steps: int = 25, guidance: float = 3.0,
                    negative_prompt: str | None = None, width: int | None = None, height: int | None = None,
-                   **mode_options) -> AnimationPlan:
+                   init_image=None, **mode_options) -> AnimationPlan:
     """Check every option against the artifacts, before any model runs (typed errors naming value and fix).
     Deforum options: strength, zoom, angle, translate_x, translate_y (numbers or schedules), color_coherence.
-    Zoom options: frames_per_key, zoom_margin (pixels per side, a multiple of 64, or (x, y))."""
+    Zoom options: frames_per_key, zoom_margin (pixels per side, a multiple of 64, or (x, y)). `init_image` (a path,
+    PIL image or array of the frame's size) is keyframe 0 instead of text to image."""
     check_choice("mode", mode, MODES, "deforum, zoom-out or zoom-in")
     check_options(f"Pipeline.animate(mode={mode!r})", mode_options, _MODE_OPTIONS[mode])
     check_int("frames", frames, 1, MAX_FRAMES, f"e.g. --frames {DEFAULT_FRAMES}")
@@ -116,7 +120,8 @@ def plan_animation(pipe, prompt, *, mode: str = "deforum", frames: int = DEFAULT
     common = dict(mode=mode, frames=frames, width=request.width, height=request.height, steps=steps,
                   guidance=float(guidance), negative_prompt=negative_prompt,
                   prompt=parse_prompts("prompt", prompt, frames), seed=parse_seeds("seed", seed, frames, seed_behavior),
-                  seed_behavior=seed_behavior)
+                  seed_behavior=seed_behavior,
+                  init_image=None if init_image is None else init_frame(init_image, request.width, request.height))
     plan = (_deforum_plan if mode == "deforum" else _zoom_plan)(common, mode_options)
     check_plan(pipe, plan, request)
     return plan
@@ -178,9 +183,10 @@ def zoom_margins(value, width: int, height: int) -> tuple[int, int]:
 
 def check_plan(pipe, plan: AnimationPlan, request) -> None:
     """The components and shapes every call of the plan needs, checked on the artifacts before any call."""
-    require_components(pipe, "text2img")
-    pipe.check_request(make_request(plan.prompt.at(0), plan.negative_prompt, steps=plan.steps,
-                                    guidance=plan.guidance, height=plan.height, width=plan.width))
+    if plan.init_image is None:  # keyframe 0 is text to image
+        require_components(pipe, "text2img")
+        pipe.check_request(make_request(plan.prompt.at(0), plan.negative_prompt, steps=plan.steps,
+                                        guidance=plan.guidance, height=plan.height, width=plan.width))
     if plan.frames == 1:
         return
     blank = torch.zeros(1, 3, plan.height, plan.width)  # shapes only; no model runs
@@ -192,6 +198,20 @@ def check_plan(pipe, plan: AnimationPlan, request) -> None:
         inputs = inpaint_inputs(inner, outpaint=f"left={mx},right={mx},top={my},bottom={my}")
     check_task(pipe, task_request(inputs, plan.prompt.at(0), plan.negative_prompt, steps=plan.steps,
                                   guidance=plan.guidance), inputs)
+
+
+def init_frame(value, width: int, height: int):
+    """The given first frame as 8-bit RGB, refused unless it is an image of the animation's size."""
+    from PIL import Image
+
+    pixels = load_image(value)  # typed errors: no such file, not an image, sides not multiples of 64
+    h, w = pixels.shape[-2:]
+    if (h, w) != (height, width):
+        raise InvalidArgumentError(f"the init image is {w}x{h} px but the animation is {width}x{height}",
+                                   accepted="an image of the animation's size",
+                                   fix=f"resize it to {width}x{height}, or pass --resolution {w}x{h}")
+    array = ((pixels[0].permute(1, 2, 0) + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).numpy()
+    return Image.fromarray(array, "RGB")
 
 
 # ----------------------------------------------------------------------------------------- making frames
@@ -209,7 +229,9 @@ def render_frames(pipe, plan: AnimationPlan, *, keys_done: int = 0, load_frame: 
 
 
 def first_frame(pipe, plan: AnimationPlan, callback=None):
-    """Keyframe 0: text to image with frame 0's prompt and seed."""
+    """Keyframe 0: the init image, else text to image with its frame's prompt and seed."""
+    if plan.init_image is not None:
+        return plan.init_image.copy()
     return pipe.generate(**plan.call_options(plan.key_index(0)), height=plan.height, width=plan.width,
                          callback=callback)[0]
 

@@ -2,10 +2,10 @@
 
 Each encoder takes its settings from here, fixed, so the same frames give the same bytes with the same
 imageio-ffmpeg/Pillow builds. FFmpeg runs as its own process (imageio-ffmpeg pipes the frames to it), which is
-also why the bytes hold: x264 in this process (PyAV, tried first) gave different files for the same frames once
-an ONNX Runtime call had changed the thread's floating-point mode. x264 runs one thread (its output depends on the
-thread count) and the MP4 carries no version or time stamps. imageio-ffmpeg is imported only when an MP4 is asked
-for (the `video` extra).
+also why the bytes hold: x264 in this process (PyAV, tried first) gave different files for the same frames after
+ONNX Runtime had run in it (which leaves flush-to-zero on; toggling that mode changed x264's output too). x264
+runs one thread (its output depends on the thread count) and the MP4 carries no version or time stamps.
+imageio-ffmpeg is imported only when an MP4 is asked for (the `video` extra).
 """
 from __future__ import annotations
 

@@ -47,7 +47,8 @@ def _sha(path) -> str:
 @pytest.fixture(scope="module")
 def zoom_run(tiny_artifacts, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zoom")
-    assert _animate(tiny_artifacts, tmp, "zoom", [*ZOOM, "--prompt", PROMPT], "zoom.mp4", "zoom.gif") == 0
+    args = [*ZOOM, "--prompt", PROMPT, "--contact-sheet", str(tmp / "sheet.png")]
+    assert _animate(tiny_artifacts, tmp, "zoom", args, "zoom.mp4", "zoom.gif") == 0
     return tmp
 
 
@@ -66,9 +67,13 @@ def test_zoom_out_writes_the_video_and_its_keyframes_are_the_library_calls(zoom_
         assert np.array_equal(_frame(folder, frame), np.asarray(expected)), f"keyframe {key}"
     settings = json.loads((folder / "animation.json").read_text())["settings"]
     assert settings["mode"] == "zoom-out" and settings["margins"] == [64, 64]
+    sheet = np.asarray(Image.open(zoom_run / "sheet.png"))  # 5 frames: 4 columns, 2 rows of 128 px thumbnails
+    assert sheet.shape == (256, 512, 3)
+    assert np.array_equal(sheet[:128, 128:256], np.asarray(Image.fromarray(_frame(folder, 1)).resize(
+        (128, 128), Image.Resampling.LANCZOS)))
 
 
-def test_same_seeds_same_file_and_resume(zoom_run, tiny_artifacts, tmp_path):
+def test_same_seeds_same_file_and_resume(zoom_run, tiny_artifacts, tmp_path, capsys):
     args = [*ZOOM, "--prompt", PROMPT, "--frames-dir", str(tmp_path / "frames")]
     assert _animate(tiny_artifacts, tmp_path, "again", args) == 0
     assert _sha(tmp_path / "again.mp4") == _sha(zoom_run / "zoom.mp4")
@@ -80,6 +85,7 @@ def test_same_seeds_same_file_and_resume(zoom_run, tiny_artifacts, tmp_path):
     assert _sha(tmp_path / "resumed.mp4") == _sha(zoom_run / "zoom.mp4")
     changed = [*args, "--steps", "3"]  # the last --steps counts
     assert _animate(tiny_artifacts, tmp_path, "other", changed) == 2
+    assert "holds frames made with other arguments (steps: 2 then, 3 now)" in capsys.readouterr().err
     assert not (tmp_path / "other.mp4").exists()
 
 
@@ -93,12 +99,25 @@ def test_zoom_in_is_zoom_out_backwards(zoom_run, pipe):
     assert all(np.array_equal(np.asarray(f), g) for f, g in zip(frames, reversed(forward)))
 
 
-def test_deforum_writes_the_video_and_each_frame_is_img2img_of_the_moved_last(pipe, tiny_artifacts, tmp_path):
-    assert _animate(tiny_artifacts, tmp_path, "deforum", DEFORUM, "deforum.mp4", "deforum.webp") == 0
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """A 64 x 64 start picture, and a 128 x 128 one (the wrong size for a 64 x 64 animation)."""
+    folder = tmp_path_factory.mktemp("pictures")
+    y, x = np.mgrid[0:128, 0:128]
+    art = np.stack([x * 2, y * 2, (x + y) % 256], axis=-1).astype(np.uint8)
+    Image.fromarray(art[:64, :64]).save(folder / "start.png")
+    Image.fromarray(art).save(folder / "big.png")
+    return folder
+
+
+def test_deforum_writes_the_video_and_each_frame_is_img2img_of_the_moved_last(pipe, tiny_artifacts, tmp_path,
+                                                                              pictures):
+    args = [*DEFORUM, "--init-image", str(pictures / "start.png")]
+    assert _animate(tiny_artifacts, tmp_path, "deforum", args, "deforum.mp4", "deforum.webp") == 0
     frames = _decode(tmp_path / "deforum.mp4")
     assert len(frames) == 4 and frames[0].shape == (64, 64, 3)
     folder = tmp_path / "deforum-frames"
-    first = pipe.generate("a red fox", seed=7, steps=4, height=64, width=64)[0]
+    first = Image.open(pictures / "start.png").convert("RGB")  # frame 0: the init image itself
     assert np.array_equal(_frame(folder, 0), np.asarray(first))
     for frame, (prompt, seed, zoom) in {1: ("a red fox", 8, 1.1 - 0.1 / 3), 2: ("a snowy forest", 40, 1.1 - 0.2 / 3),
                                         3: ("a snowy forest", 41, 1.0)}.items():
@@ -115,9 +134,11 @@ def test_deforum_writes_the_video_and_each_frame_is_img2img_of_the_moved_last(pi
     (["--frames-per-key", "2"], "--frames-per-key with --mode deforum"),
     (["--resolution", "64x64", "--mode", "zoom-out"], "shrunken frame"),
     (["--fps", "0"], "fps=0"),
+    (["--init-image", "{big}"], "the init image is 128x128 px but the animation is 64x64"),
 ])
-def test_bad_input_fails_before_any_work(args, match, tiny_artifacts, tmp_path, capsys):
-    base = ["--mode", "deforum", "--frames", "4", "--steps", "4", "--prompt", "a fox"]
+def test_bad_input_fails_before_any_work(args, match, tiny_artifacts, tmp_path, capsys, pictures):
+    base = ["--mode", "deforum", "--frames", "4", "--steps", "4", "--prompt", "a fox", "--resolution", "64x64"]
+    args = [a.replace("{big}", str(pictures / "big.png")) for a in args]
     assert _animate(tiny_artifacts, tmp_path, "bad", [*base, *args]) == 2
     assert match in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # no frames folder, no video
