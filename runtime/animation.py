@@ -93,7 +93,7 @@ class AnimationPlan:
                     seed=seed_at(self.seed, frame, self.seed_behavior), steps=self.steps, guidance=self.guidance)
 
     def settings(self) -> dict:
-        data = dataclasses.asdict(self)
+        data = {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}  # no deep copies
         for name in ("prompt", "seed", "strength"):
             data[name] = getattr(self, name).to_json() if getattr(self, name) else None
         data["motion"] = {s.name: s.to_json() for s in self.motion}
