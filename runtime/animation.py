@@ -114,7 +114,7 @@ def plan_animation(pipe, prompt, *, mode: str = "deforum", frames: int = DEFAULT
     check_choice("mode", mode, MODES, "deforum, zoom-out or zoom-in")
     check_options(f"Pipeline.animate(mode={mode!r})", mode_options, _MODE_OPTIONS[mode])
     check_int("frames", frames, 1, MAX_FRAMES, f"e.g. --frames {DEFAULT_FRAMES}")
-    size = default_size(pipe.manifest)
+    size = default_size(pipe.manifest)  # sizes, steps, guidance and negative prompt: checked as `generate` does
     request = make_request("-", negative_prompt, seed=0, steps=steps, guidance=guidance,
                            height=size if height is None else height, width=size if width is None else width)
     common = dict(mode=mode, frames=frames, width=request.width, height=request.height, steps=steps,
@@ -174,7 +174,14 @@ def zoom_margins(value, width: int, height: int) -> tuple[int, int]:
     if not isinstance(value, tuple) or len(value) != 2:
         raise InvalidArgumentError(f"zoom_margin {value!r}", accepted="an int or (x, y) pixels per side",
                                    fix="e.g. zoom_margin=128")
-    margins = parse_margins(f"left={value[0]},top={value[1]}")  # multiples of 64, at least one > 0
+    if any(not isinstance(v, int) or isinstance(v, bool) or v < 0 for v in value):
+        raise InvalidArgumentError(f"zoom_margin {value!r}", accepted="whole pixels per side, multiples of 64",
+                                   fix="e.g. --zoom-margin 128")
+    try:
+        margins = parse_margins(f"left={value[0]},top={value[1]}")  # multiples of 64, at least one > 0
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"zoom_margin {value[0]}x{value[1]}: {exc.what}", accepted=exc.accepted,
+                                   fix=f"e.g. --zoom-margin {max(64, -(-max(value) // 64) * 64)}") from None
     if not margins["left"] or not margins["top"]:
         raise InvalidArgumentError(f"zoom_margin {value!r} leaves one axis still",
                                    accepted="a margin > 0 on both axes", fix="e.g. --zoom-margin 64")

@@ -126,3 +126,15 @@ def test_encoding_is_deterministic_and_decodes_to_the_frames(fmt, tmp_path):
     from k3trt.runtime.video import video_comment
 
     assert video_comment(paths[0]) == "k3trt test"
+
+
+def test_zoom_margins():
+    from k3trt.runtime.animation import zoom_margins
+
+    assert zoom_margins(None, 1024, 1024) == (256, 256)  # a quarter of the side: zoom 2 per keyframe
+    assert zoom_margins(None, 192, 256) == (64, 64)
+    assert zoom_margins("128x64", 512, 512) == (128, 64) and zoom_margins(128, 512, 512) == (128, 128)
+    for bad, match in (("100", "not a multiple of 64"), ((0, 64), "leaves one axis still"), ("ax", "N or XxY"),
+                       (-64, "whole pixels")):
+        with pytest.raises(InvalidArgumentError, match=match):
+            zoom_margins(bad, 512, 512)
