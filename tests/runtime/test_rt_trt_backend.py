@@ -118,6 +118,23 @@ def test_a_shape_tensorrt_refuses_is_a_typed_error(built, monkeypatch):
         backend.run("unet", unet_feeds(batch=1))
 
 
+class _MisalignedDevice(HostDevice):
+    """An allocator that hands out memory 64 bytes off TensorRT's 256-byte alignment."""
+
+    def empty(self, numel, dtype):
+        size = torch.empty((), dtype=dtype).element_size()
+        return super().empty(int(numel) + 64 // size, dtype)[64 // size:]
+
+
+def test_an_address_tensorrt_refuses_is_a_typed_error(built):
+    from k3trt.runtime.errors import BackendRuntimeError
+
+    backend = _backend(built, device_api=_MisalignedDevice(0))
+    with pytest.raises(BackendRuntimeError, match=r"refused the address 0x[0-9a-f]+ of tensor 'sample' "
+                                                  r"\(2, 4, 8, 8\) for engine 'unet-fp32'"):
+        backend.run("unet", unet_feeds())
+
+
 def test_unaligned_feeds_are_copied_to_aligned_buffers(built):
     backend = _backend(built)
     feeds = unet_feeds()
@@ -130,9 +147,14 @@ def test_unaligned_feeds_are_copied_to_aligned_buffers(built):
 
 
 # ----------------------------------------------------------------------------------------- memory
-def test_one_activation_block_per_lane_shared_by_all_engines(built):
-    backend = _backend(built, max_contexts=1)
+def test_one_activation_block_per_lane_shared_by_all_engines(built, sim, monkeypatch):
     from k3trt.runtime.pipeline import Pipeline
+
+    strategies = []
+    original = sim.ICudaEngine.create_execution_context
+    monkeypatch.setattr(sim.ICudaEngine, "create_execution_context",
+                        lambda self, *args: strategies.append(args) or original(self, *args))
+    backend = _backend(built, max_contexts=1)
 
     Pipeline(Manifest.load(built), backend).generate(PROMPTS[0], steps=1, output_type="np")
     (lane,) = backend._lanes.drain()
@@ -140,6 +162,7 @@ def test_one_activation_block_per_lane_shared_by_all_engines(built):
     assert len(needs) == 3 and sum(needs.values()) > max(needs.values())
     assert lane.memory.numel() == max(needs.values())
     assert {c.device_memory for c in lane.contexts.values()} == {lane.memory.data_ptr()}
+    assert strategies == [(sim.ExecutionContextAllocationStrategy.USER_MANAGED,)] * 3  # no memory of their own
 
 
 def test_tensorrt_10_0_names(sim, tiny_artifacts, tmp_path):
