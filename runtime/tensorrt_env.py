@@ -13,9 +13,9 @@ import importlib.metadata as md
 import re
 from pathlib import Path
 
-from k3trt.runtime.errors import BackendUnavailableError, TensorRTVersionError
-
-from .engine_compat import DeviceEnv
+from k3trt.contract.engine_compat import DeviceEnv
+from k3trt.contract.errors import BackendUnavailableError, TensorRTVersionError
+from k3trt.runtime.backends.device import TorchCuda
 
 DISTRIBUTION = "kandinsky3-trt"
 INSTALL_HINT = ("pip install 'kandinsky3-trt[gpu-cu13]' (NVIDIA driver R580+) or 'kandinsky3-trt[gpu-cu12]' "
@@ -116,8 +116,6 @@ def device_api(index: int = 0):
     if _DEVICE_FACTORY is not None:
         return _DEVICE_FACTORY(index)
     require_cuda()
-    from .backends.device import TorchCuda
-
     return TorchCuda(index)
 
 

@@ -31,10 +31,17 @@ from typing import Mapping
 
 import torch
 
-from ..errors import ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError, ShapeError
-from .base import Backend, StageTimings, check_feeds
-from .device import CAPTURE_MODE
-from .pool import ResourcePool
+from k3trt.contract.cards import COMPONENTS
+from k3trt.contract.engine_compat import (check_engine_compatible, check_feeds_in_profile, engine_axes,
+                                          select_engine)
+from k3trt.contract.errors import (ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError,
+                                   ShapeError)
+from k3trt.contract.manifest import FileRecord
+from k3trt.runtime.backends.base import Backend, StageTimings, check_feeds
+from k3trt.runtime.backends.device import CAPTURE_MODE
+from k3trt.runtime.backends.pool import ResourcePool
+from k3trt.runtime.tensorrt_env import current_env, require_tensorrt, torch_dtype, trt_logger
+from k3trt.runtime.tensorrt_env import device_api as default_device_api
 
 MAX_GRAPHS = 16  # captured graphs kept per engine and lane (each holds a context and its I/O buffers)
 ALIGNMENT = 256  # bytes; TensorRT's I/O and activation-memory addresses must be aligned
@@ -78,8 +85,6 @@ class _Engine:
     """A deserialized engine and what the backend reads from it once."""
 
     def __init__(self, trt, name: str, entry: Mapping, engine):
-        from ..tensorrt_env import torch_dtype
-
         self.name, self.entry, self.engine = name, entry, engine
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         self.inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -117,8 +122,6 @@ class TrtBackend(Backend):
         forever). `weight_streaming`: component -> bytes of its weights kept on the device (engines built with
         weight streaming; the text encoder is the one that may not fit). `device_api`: the device seam
         (default: torch.cuda on GPU `device`; tests pass a host-simulated one)."""
-        from ..tensorrt_env import current_env, device_api as default_device_api, require_tensorrt
-
         self._trt = require_tensorrt()
         self._device_api = device_api if device_api is not None else default_device_api(device)
         super().__init__(manifest, precision)
@@ -143,13 +146,9 @@ class TrtBackend(Backend):
     def axes(self, component: str) -> dict[str, tuple[int, int]]:
         """The ONNX axes narrowed to the built engine's optimization profile (its manifest entry), so callers
         size requests and batches by what the engine takes, not by what the ONNX could."""
-        from ..engine_compat import engine_axes
-
         return engine_axes(self.record(component).axes, self._entry(component))
 
     def _entry(self, component: str) -> tuple[str, Mapping]:
-        from ..engine_compat import select_engine
-
         return select_engine(self.manifest.data.get("engines", {}), component,
                              self.resolve(component).precision.value, str(self.manifest.root))
 
@@ -161,10 +160,6 @@ class TrtBackend(Backend):
             return self._engines[component]
 
     def _load(self, component: str) -> _Engine:
-        from ..artifacts import FileRecord
-        from ..engine_compat import check_engine_compatible
-        from ..tensorrt_env import trt_logger
-
         name, entry = self._entry(component)
         record = self.manifest.onnx(component, entry.get("variant", self.resolve(component).variant))
         self.warnings += check_engine_compatible(name, entry, self.env, onnx_sha256=record.graph.sha256,
@@ -207,8 +202,6 @@ class TrtBackend(Backend):
         return out
 
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from ..engine_compat import check_feeds_in_profile
-
         eng = self.engine(component)
         check_feeds_in_profile(eng.name, eng.profile, {k: tuple(v.shape) for k, v in feeds.items()})
         with self._lanes.slot() as lane:
@@ -331,8 +324,6 @@ class TrtBackend(Backend):
 
 
 def _check_weight_streaming(value) -> dict[str, int]:
-    from ..cards import COMPONENTS
-
     if value is None:
         return {}
     if not isinstance(value, Mapping) or not all(

@@ -9,8 +9,8 @@ import torch
 from k3trt.export.components import SPECS, model_info
 from k3trt.export.fp32_islands import fp32_nodes, t5_position_bucket_nodes
 from k3trt.export.onnx_export import export_onnx
-from k3trt.export.variants import convert
-from k3trt.runtime.cards import card
+from k3trt.export.precision_variants import convert
+from k3trt.contract.cards import card
 
 
 @pytest.fixture(scope="module")

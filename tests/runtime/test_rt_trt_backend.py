@@ -7,8 +7,8 @@ import threading
 import pytest
 import torch
 
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.errors import InvalidArgumentError, ShapeError
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.errors import InvalidArgumentError, ShapeError
 
 from host_device import CaptureViolation, HostDevice, host_devices
 from trt_helpers import PROMPTS, build_tiny_engines, unet_feeds
@@ -109,9 +109,9 @@ def test_engines_and_contexts_are_made_on_the_configured_device(built, sim, monk
 
 def test_a_shape_tensorrt_refuses_is_a_typed_error(built, monkeypatch):
     """The engine's profile is checked first; if TensorRT still refuses a shape, the error names it."""
-    import k3trt.runtime.engine_compat as compat
+    import k3trt.runtime.backends.trt as trt_backend
 
-    monkeypatch.setattr(compat, "check_feeds_in_profile", lambda *args: None)  # as if the pre-check missed it
+    monkeypatch.setattr(trt_backend, "check_feeds_in_profile", lambda *args: None)  # as if the pre-check missed it
     backend = _backend(built)
     with pytest.raises(ShapeError, match=r"refused shape \(1, 4, 8, 8\) for input 'sample' of engine 'unet-fp32'"
                                          r".*profile: static \(2, 4, 8, 8\)"):
@@ -127,7 +127,7 @@ class _MisalignedDevice(HostDevice):
 
 
 def test_an_address_tensorrt_refuses_is_a_typed_error(built):
-    from k3trt.runtime.errors import BackendRuntimeError
+    from k3trt.contract.errors import BackendRuntimeError
 
     backend = _backend(built, device_api=_MisalignedDevice(0))
     with pytest.raises(BackendRuntimeError, match=r"refused the address 0x[0-9a-f]+ of tensor 'sample' "

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.errors import InvalidArgumentError, ShapeError
-from k3trt.runtime.metrics import compare, psnr
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.errors import InvalidArgumentError, ShapeError
+from k3trt.contract.tensor_metrics import compare, psnr
 from k3trt.runtime.pipeline import Pipeline
 
 from host_device import host_devices
@@ -97,7 +97,7 @@ def test_trt_pipeline_matches_onnx_runtime(built):
 
 
 def test_generate_command_with_the_trt_backend(built, tmp_path):
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     images = {}
     for backend in ("ort", "trt"):

@@ -16,7 +16,7 @@ def build_tiny_engines(source: Path, root: Path, *, precision: str = "fp32", bat
     """A copy of the tiny artifacts with engines built by the stand-in (the caller installs it)."""
     from k3trt.engines.build import build_engines
     from k3trt.engines.plan import make_plan
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     shutil.copytree(source, root)
     manifest = Manifest.load(root)
