@@ -111,7 +111,6 @@ def timing_cache_path(root: Path, env: DeviceEnv) -> Path:
 def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_cache: Path, report: dict):
     """Parse, configure and build one engine; returns the serialized plan as TensorRT's host memory (a buffer:
     written out as it is, never copied into `bytes`, which would double host RAM for a ~17 GB plan)."""
-    from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy import util
     from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy.exception import PolygraphyException

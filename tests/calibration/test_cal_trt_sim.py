@@ -16,10 +16,10 @@ def test_int8_qdq_unet_builds_strongly_typed_and_matches_fp32(calibrated, tmp_pa
     from k3trt.engines.plan import make_plan
     from k3trt.engines.selftest import SHAPES
     from k3trt.export.components import SPECS
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.ort import OrtBackend
-    from k3trt.runtime.cards import card
-    from k3trt.runtime.metrics import compare
+    from k3trt.contract.cards import card
+    from k3trt.contract.tensor_metrics import compare
 
     root = tmp_path / "art"
     shutil.copytree(calibrated[0], root)

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper
 
 from k3trt.engines import parser_support
 from k3trt.engines.check import check_onnx_file, lint_model
-from k3trt.export.variants import FP32_ONLY_OPS
+from k3trt.export.precision_variants import FP32_ONLY_OPS
 
 
 def resize_model(data_type: int, *, cast_around: bool = False) -> onnx.ModelProto:
@@ -64,3 +64,13 @@ def test_the_export_keeps_fp32_exactly_the_ops_the_table_has_no_kernel_for():
     for precision, name in (("fp16", "FP16"), ("bf16", "BF16")):
         table = sorted(op for op, type_name in parser_support.BUILDER_HAS_NO_KERNEL if type_name == name)
         assert sorted(FP32_ONLY_OPS[precision]) == table
+
+
+def test_k3trt_check_exits_1_on_a_bf16_resize(tmp_path, capsys):
+    from k3trt.cli.main import main
+
+    path = tmp_path / "model.onnx"
+    onnx.save(resize_model(TensorProto.BFLOAT16), path)
+    assert main(["check", "--onnx", str(path), "--trt-version", "11.4"]) == 1
+    out = capsys.readouterr().out
+    assert "[unsupported-type-for-op] Resize '/decoder/up.0/upsample/Resize'" in out and "1 error(s)" in out

@@ -23,7 +23,7 @@ def art(tiny_artifacts, tmp_path_factory):
 def build(root, log=None, **request):
     from k3trt.engines.build import build_engines
     from k3trt.engines.plan import make_plan
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     manifest = Manifest.load(root)
     plan = make_plan(manifest, resolutions=["64x64"], batch="1", create_variants=True, log=lambda *_: None,
@@ -48,7 +48,7 @@ def feeds(component):
 
 
 def run_engine(trt, root, name, inputs):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     manifest = Manifest.load(root)
     plan = manifest.path(manifest.data["engines"][name]["file"]["path"]).read_bytes()
@@ -58,10 +58,10 @@ def run_engine(trt, root, name, inputs):
 
 
 def assert_matches_onnx_runtime(trt, root, component, precision):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.ort import OrtBackend
-    from k3trt.runtime.cards import card
-    from k3trt.runtime.metrics import compare
+    from k3trt.contract.cards import card
+    from k3trt.contract.tensor_metrics import compare
 
     inputs = feeds(component)
     got = run_engine(trt, root, f"{component}-{precision}", inputs)
@@ -74,7 +74,7 @@ def assert_matches_onnx_runtime(trt, root, component, precision):
 
 
 def test_default_build_runs_polygraphy_strongly_typed_and_computes_like_onnx_runtime(default_build, art, trt_sim):
-    from k3trt.runtime.artifacts import FileRecord, Manifest
+    from k3trt.contract.manifest import FileRecord, Manifest
 
     plan, summary, builds, _ = default_build
     assert summary["built"] == [cp.name for cp in plan.components] == ["text_encoder-bf16", "movq_decoder-fp16"]
@@ -124,7 +124,7 @@ def test_bf16_build_keeps_resize_fp32_and_passes_check(art, trt_sim):
     from k3trt.engines.check import check_artifacts, tensor_types
     import onnx
 
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     plan, summary = build(art, components="movq_decoder", precision="bf16")
     assert summary["built"] == ["movq_decoder-bf16"]
@@ -159,7 +159,7 @@ def test_the_stand_in_fails_a_bf16_resize_build_as_tensorrt_does(trt_sim, tmp_pa
 
 def test_a_null_builder_is_a_typed_error_naming_the_driver(art, trt_sim):
     """Issue 18: a driver older than the TensorRT wheel's CUDA gives a null Builder (a bare pybind11 TypeError)."""
-    from k3trt.runtime.errors import BackendUnavailableError
+    from k3trt.contract.errors import BackendUnavailableError
 
     trt_sim._sim.set_driver_ok(False)
     with pytest.raises(BackendUnavailableError, match="driver") as caught:
@@ -189,9 +189,9 @@ def test_refit_replaces_weights_by_name(art, trt_sim, tmp_path):
     from k3trt.export.components import SPECS
     from k3trt.export.presets import write_preset
     from k3trt.export.sources import open_model_dir
-    from k3trt.runtime.artifacts import Manifest
-    from k3trt.runtime.cards import card
-    from k3trt.runtime.metrics import compare
+    from k3trt.contract.manifest import Manifest
+    from k3trt.contract.cards import card
+    from k3trt.contract.tensor_metrics import compare
 
     build(art, components="text_encoder", precision="fp32", flags=_flags(refittable=True))
     inputs = feeds("text_encoder")

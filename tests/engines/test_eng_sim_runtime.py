@@ -169,3 +169,31 @@ def test_a_graph_replayed_after_its_context_changed_shape_is_garbage(trt_sim, ma
     assert context.set_tensor_address("y", y3.data_ptr()) and context.execute_async_v3(0)
     graph.replay()
     assert torch.isnan(y).all()
+
+
+def test_polygraphy_loaders_round_trip_an_engine_through_a_file(trt_sim, matmul_onnx, tmp_path):
+    """Polygraphy's own loaders, unchanged, against the stand-in: build, save, load from the path, run."""
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, EngineFromBytes, EngineFromPath,
+                                        NetworkFromOnnxPath, Profile, SaveEngine)
+
+    profile = Profile().add("x", min=(1, 4), opt=(2, 4), max=(4, 4))
+    built = EngineFromBytes(EngineBytesFromNetwork(NetworkFromOnnxPath(str(matmul_onnx), strongly_typed=True),
+                                                   config=CreateConfig(profiles=[profile], tf32=True)))
+    SaveEngine(built, str(tmp_path / "mm.plan"))()
+    engine = EngineFromPath(str(tmp_path / "mm.plan"))()
+    x = torch.randn(3, 4)
+    y = trt_sim._sim.run(engine, {"x": x})["y"]
+    assert torch.allclose(y, x @ torch.from_numpy(WEIGHT), atol=1e-6)
+    assert "TF32" in trt_sim._sim.state().builds[-1]["flags"]
+
+
+def test_polygraphy_refuses_weak_typing_flags_on_tensorrt_11(trt_sim, matmul_onnx):
+    """TensorRT 11 removed BuilderFlag.FP16: Polygraphy's CreateConfig(fp16=True) fails there, not silently."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    network = NetworkFromOnnxPath(str(matmul_onnx))
+    with pytest.raises(PolygraphyException, match="fp16"):
+        EngineBytesFromNetwork(network, config=CreateConfig(fp16=True))()
+    trt_sim._sim.impersonate("10.0.1")
+    assert EngineBytesFromNetwork(network, config=CreateConfig(fp16=True))() is not None
