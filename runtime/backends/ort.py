@@ -24,6 +24,17 @@ def default_threads() -> int:
     return available_cores()
 
 
+def onnxruntime():
+    """ONNX Runtime, or a typed error naming the extra that installs it (one of cpu / gpu-cu12 / gpu-cu13)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("ONNX Runtime is not installed",
+                                      fix="pip install 'kandinsky3-trt[cpu]' (or [gpu-cu12] / [gpu-cu13] on a machine "
+                                          "with an NVIDIA GPU: onnxruntime-gpu)") from None
+    return ort
+
+
 def session_options(*, threads: int | None = None, optimize: bool = True, flush_denormals: bool = True,
                     disable_quant_qdq: bool = False, arena: bool = True):
     """The one place ONNX Runtime CPU session options are made (runtime, export validation, calibration).
@@ -31,7 +42,7 @@ def session_options(*, threads: int | None = None, optimize: bool = True, flush_
     `arena=False` returns freed activations to the OS instead of keeping each session's peak: calibration's
     sessions run once per large shape, where a kept arena only adds to the process's peak (measured at
     1024 x 1024 on the small preset, one 2-step generation: 4714 MB with the arena, 3607 MB without)."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = arena
@@ -50,7 +61,7 @@ def session_options(*, threads: int | None = None, optimize: bool = True, flush_
 
 def cpu_session(model, **options):
     """A CPU session for an ONNX path or serialized bytes; keyword options as `session_options`."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, session_options(**options), providers=["CPUExecutionProvider"])
@@ -76,7 +87,7 @@ class OrtBackend(Backend):
         """`disable_quant_qdq` keeps Q/DQ pairs as fake-quant float ops: on some CPUs (AVX2 without VNNI) the fused
         int8 kernels saturate, so accuracy is measured with it on."""
         super().__init__(manifest, precision)
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         threads = check_threads(threads)  # 1..cores: more only oversubscribes (100000 threads hung)
         if not isinstance(provider, str) or provider not in PROVIDERS:
@@ -107,7 +118,7 @@ class OrtBackend(Backend):
         return session
 
     def _open(self, component: str):
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         record = self.record(component)
         if self.verify:
