@@ -19,6 +19,7 @@ import numpy as np
 
 from ..runtime.artifacts import sha256_json
 from ..runtime.errors import InvalidArgumentError
+from ..runtime.outputs import mark_part
 from .collect import CACHE_DIR, TrajectorySet
 from .config import CALIBRATION_VERSION, Calibrator, QuantConfig
 
@@ -133,6 +134,7 @@ def compute_ranges(fp32_path: Path, trajectories: TrajectorySet, config: QuantCo
     if config.calibrator is Calibrator.PERCENTILE:
         options["percentile"] = float(config.percentile)
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".calib-") as tmp:
+        mark_part(Path(tmp))  # the next writer may remove it if this process dies
         calibrator = create_calibrator(fp32_path, list(config.op_types), str(Path(tmp) / "augmented.onnx"),
                                        _calibrate_method(config), use_external_data_format=external,
                                        extra_options=options)

@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Mapping
 
 from k3trt.runtime.artifacts import FileRecord, Manifest, atomic_write_bytes, sha256_json
 from k3trt.runtime.errors import ArtifactError
+from k3trt.runtime.outputs import mark_part
 
 SHOW = 12  # names listed in an error before "... and N more"
 
@@ -222,6 +223,7 @@ def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str]
     source = open_model_dir(model_dir, variant=variant)
     done = []
     with tempfile.TemporaryDirectory(dir=manifest.root, prefix=".refit-") as tmp:
+        mark_part(Path(tmp))  # the next writer may remove it if this process dies
         for component, variant in dict.fromkeys((e["component"], e.get("variant", "fp32")) for _, e in targets):
             record = manifest.onnx(component, variant)
             log(f"  {component}: exporting {model_dir} to {variant} ONNX (opset {record.opset}) for its weights ...")

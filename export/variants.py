@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,6 +28,8 @@ import onnx
 import torch
 
 from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, sha256_file, sha256_json
+from ..runtime.locking import staging_dir
+from ..runtime.outputs import mark_part
 from ..runtime.cards import card
 from ..runtime.errors import ArtifactError, BackendUnavailableError, InvalidArgumentError, ValidationError
 from ..runtime.metrics import compare
@@ -235,7 +236,7 @@ def _content_folder(root: Path, component: str, precision: str, staging: Path, g
     digest = sha256_json([sha256_file(graph), sha256_file(external) if external else None])[:12]
     final = root / component / f"{precision}-{digest}"
     if not final.exists():
-        os.replace(staging, final)
+        os.replace(mark_part(staging), final)
     return final
 
 
@@ -258,7 +259,7 @@ def make_variant(manifest: Manifest, component: str, precision: str, info: dict,
     if failures:
         raise ValidationError(failures, fix="the manifest and earlier variants were left as they were; keep "
                                             "more nodes fp32 on the component's card, or use another precision")
-    staging = Path(tempfile.mkdtemp(dir=manifest.root, prefix=f".staging-{component}-{precision}-"))
+    staging = staging_dir(manifest.root, f"{component}-{precision}")
     try:
         graph, external = _save(model, staging, fp32)
         del model

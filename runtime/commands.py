@@ -14,17 +14,21 @@ from .validate import (MAX_REPEATS, available_cores, check_input_dir, check_int,
                        parse_resolution)
 
 
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 3.0
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def add_generation_args(p, *, steps: int = 25) -> None:
+def add_generation_args(p, *, steps: int = DEFAULT_STEPS) -> None:
     p.add_argument("--prompt", action="append", required=True, help="the text; repeat for several prompts")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (one for all prompts)")
     p.add_argument("--seed", type=int, default=0, help="0..2^64-1; each seed gives its own noise, and seeds below "
                    "2^32 give diffusers' noise for the same seed")
-    p.add_argument("--steps", type=int, default=steps, help="denoising steps, 1..1000")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 or less: none)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps, 1..1000 (default {steps})")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale, 1 or less: none (default {DEFAULT_GUIDANCE})")
     add_size_args(p, "default: the size the artifacts were made for (64 for the tiny preset, 256 for small, "
                      "else 1024)")
     p.add_argument("--batch", dest="num_images", type=int, default=1, metavar="N",
@@ -97,6 +101,10 @@ def checked_request(args):
     from .pipeline import make_request
 
     check_threads(getattr(args, "threads", None), "--threads")
+    if args.steps is None:  # `generate` leaves them unset so --flash can tell a given value from a default
+        args.steps = DEFAULT_STEPS
+    if args.guidance is None:
+        args.guidance = DEFAULT_GUIDANCE
     manifest = Manifest.load(args.artifacts)
     resolve_size(args, default_size(manifest))
     kwargs = generation_kwargs(args)
@@ -154,8 +162,11 @@ def cmd_generate(args) -> int:
     from .pipeline import to_pil
     from .task_commands import run_task, task_of, task_steps
 
+    from .task_commands import check_task_inputs
+
     task = task_of(args)  # contradictory task flags fail before anything loads
     request = checked_request(args)
+    check_task_inputs(task, args)  # the input image, mask and margins, against the artifacts' sizes
     paths = output_paths(args.out, request.latent_shape[0])
     pipe = open_pipeline(args)
     kwargs = generation_kwargs(args)
@@ -258,7 +269,7 @@ def cmd_demo(args) -> int:
     from ..export.sources import open_model_dir
     from ..export.writer import export_artifacts
 
-    check_text("--prompt", args.prompt, allow_empty=False)
+    check_text("--prompt", args.prompt)  # the empty prompt is a prompt, as in diffusers (docs/reliability.md)
     out = claim_output_dir(args.out, "demo")  # new, empty, or an earlier demo: nothing else is written into
     seed = getattr(args, "model_seed", 0)
     model = out / ("model" if seed == 0 else f"model-seed{seed}")
@@ -289,6 +300,7 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images from an artifact directory")
     p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     add_generation_args(p)
+    p.set_defaults(steps=None, guidance=None)  # unset until checked_request: --flash refuses a given value
     add_backend_args(p)
     p.add_argument("--model", metavar="DIR", help="model folder (only for --backend torch)")
     p.add_argument("--out", required=True, metavar="PATH.png", help="image file (.png, .jpg, .webp); with several "

@@ -66,16 +66,17 @@ def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25
             raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts",
                                        accepted="one negative prompt, or one per prompt",
                                        fix="pass one negative prompt as a str, or a list as long as the prompts")
-    check_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 25")
-    check_int("num_images", num_images, 1, MAX_IMAGES, "e.g. num_images=1 (--batch 1 on the command line)")
-    check_float("guidance", guidance, 0.0, 1e4, "e.g. --guidance 3.0 (the default); 1 or less: no CFG")
-    check_seed(seed)
+    steps = check_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 25")
+    num_images = check_int("num_images", num_images, 1, MAX_IMAGES,
+                           "e.g. num_images=1 (--batch 1 on the command line)")
+    guidance = check_float("guidance", guidance, 0.0, 1e4, "e.g. --guidance 3.0 (the default); 1 or less: no CFG")
+    seed = check_seed(seed)
     if len(prompts) * num_images > MAX_IMAGES:
         raise InvalidArgumentError(f"{len(prompts)} prompts x {num_images} images", accepted=f"at most {MAX_IMAGES}"
                                    " images per request", fix="split the work into several requests")
     size = []
     for name, value in (("height", height), ("width", width)):
-        check_int(name, value, 1, 1 << 16, "an image side in pixels, e.g. 1024")
+        value = check_int(name, value, 1, 1 << 16, "an image side in pixels, e.g. 1024")
         rounded = round_pixels(value)  # diffusers' downscale_height_and_width
         if rounded != value:
             log.warning("%s %d is not a multiple of %d: the image will be %d px (diffusers rounds up)",
@@ -145,7 +146,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------- API
     def check_request(self, request: Request) -> None:
-        """Fail before any work if the request's shapes fall outside what the artifacts allow."""
+        """Fail before any work if the request's shapes fall outside what the artifacts allow, or a component it
+        needs is damaged or foreign (hashes and I/O signatures, `Backend.ready`)."""
         check_image_request(self.manifest, height=request.height, width=request.width,
                             images=request.latent_shape[0], guided=request.guided)
         b, c, h, w = request.latent_shape
@@ -155,6 +157,7 @@ class Pipeline:
             "encoder_hidden_states": (unet_batch, 1, self.manifest.data["pipeline"]["context_dim"]),
             "encoder_attention_mask": (unet_batch, 1)})
         check_shapes(self.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
+        self.backend.ready(("text_encoder", "unet", "movq_decoder"))
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int | None = None,

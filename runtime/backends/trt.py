@@ -131,6 +131,9 @@ class TrtBackend(Backend):
         self.log(f"loaded {name} ({file.bytes / 2**20:.1f} MiB)")
         return _Engine(name, entry, engine, self.max_contexts, self._device, self.context_timeout)
 
+    def _ready(self, component: str) -> None:
+        self.engine(component)  # deserialized now: the engine file's hash and compatibility checked before step 1
+
     # --- running
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feeds(self.record(component), feeds)
