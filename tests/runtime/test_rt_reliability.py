@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.artifacts import Manifest, atomic_write_bytes, current_umask, make_temp_dir, sha256_file
+from k3trt.runtime.artifacts import Manifest, atomic_write_bytes, sha256_file
 from k3trt.runtime.cli import main
-from k3trt.runtime.errors import ArtifactError, DiskFullError, InvalidArgumentError
+from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
 
 PROMPT = "a red fox"
 REFUSAL_PEAK_BYTES = 500 * 2**20  # issue 19: every refusal under 500 MB of peak memory
@@ -44,6 +44,7 @@ def mode(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------- 1. permissions
 def test_every_writer_gives_the_modes_open_would(tmp_path, umask_022):
+    from k3trt.runtime.artifacts import current_umask, make_temp_dir
     from k3trt.runtime.locking import staging_dir
     from k3trt.runtime.outputs import claim_output_dir, save_image, save_json, staging_sibling
 
@@ -65,13 +66,14 @@ def test_every_writer_gives_the_modes_open_would(tmp_path, umask_022):
 
 # ------------------------------------------------------------------------------------------- full disk
 def test_a_full_disk_is_a_typed_error_naming_the_path_and_space(tmp_path):
+    from k3trt.runtime.artifacts import atomic_write
+    from k3trt.runtime.errors import DiskFullError
+
     def fill(handle):
         handle.write(b"x" * 1000)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     with pytest.raises(DiskFullError) as err:
-        from k3trt.runtime.artifacts import atomic_write
-
         atomic_write(tmp_path / "engine.plan", fill)
     text = str(err.value)
     assert "engine.plan" in text and "disk full" in text and "MB free" in text and "0.0 MB" in text
