@@ -12,10 +12,9 @@ import re
 
 import numpy as np
 import torch
-
-from .cards import PIXEL_MULTIPLE, card
-from .errors import InvalidArgumentError
-from .validate import check_path
+from k3trt.contract.arguments import check_path
+from k3trt.contract.cards import PIXEL_MULTIPLE, card
+from k3trt.contract.errors import InvalidArgumentError
 
 GREY_BAND = (0.1, 0.9)  # mask values strictly inside this band are "grey"
 MAX_GREY_FRACTION = 0.05  # anti-aliased edges are fine; a photo or a soft matte is not a mask

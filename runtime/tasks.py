@@ -12,17 +12,24 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from .backends.base import check_shapes
-from .errors import ArtifactError, InvalidArgumentError
-from .validate import check_options
-from .images import (MAX_IMAGE_SIDE, check_strength, load_image, load_mask, margins_text, outpaint_canvas,
-                     parse_margins)
-from .limits import image_limits
-from .official_sampler import FlashSampler, OfficialSampler, official_timesteps
-from .seeding import make_generator
-from .stages import (DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite, denoise,
-                     prepare_latents)
+from k3trt.contract.arguments import check_options
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.limits import image_limits
+from k3trt.runtime.backends.base import check_shapes
+from k3trt.runtime.denoise_loop import (
+    DenoiseState,
+    GenerationCancelled,
+    StepCallback,
+    StepInfo,
+    check_finite,
+    denoise,
+    prepare_latents,
+)
+from k3trt.runtime.images import (MAX_IMAGE_SIDE, check_strength, load_image, load_mask, margins_text,
+                                  outpaint_canvas, parse_margins)
+from k3trt.runtime.official_sampler import FlashSampler, OfficialSampler, official_timesteps
+from k3trt.runtime.request import make_request
+from k3trt.runtime.seeding import make_generator
 
 TASK_COMPONENTS = {  # what each task runs beside the text encoder and the MoVQ decoder
     "text2img": ("unet",),
@@ -234,8 +241,6 @@ ENGINE_TASKS = ("img2img", "inpaint")  # Flash (no guidance, its own U-Net and s
 
 def task_request(inputs: TaskInputs, prompt: str, negative_prompt: str | None = None, **kwargs):
     """The Request of a task: its size is the input's (the canvas when outpainting)."""
-    from .pipeline import make_request
-
     h, w = inputs.pixels.shape[-2:]
     return make_request(single_prompt(prompt), negative_prompt, height=int(h), width=int(w), **kwargs)
 
@@ -295,8 +300,6 @@ def flash(pipe, prompt: str | Sequence[str], *, seed: int = 0, height: int = 102
           decode: bool = True, **options) -> np.ndarray:
     """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (docs/tasks.md); `decode=False`: the
     final x0 latents. Options Flash cannot honour (other steps, guidance, a negative prompt) are refused."""
-    from .pipeline import make_request
-
     sampler = FlashSampler()
     check_flash_options(options, len(sampler.timesteps))
     require_components(pipe, "flash")

@@ -1,7 +1,7 @@
 """Issue 19, item 6: `calibrate --out` refuses a bad --exclude or --prompts before it copies the artifact
 directory, and leaves no copy behind when it refuses."""
 from k3trt.calibration.prompts import heldout_prompts
-from k3trt.runtime.cli import main
+from k3trt.cli.main import main
 
 ARGS = ["--num-prompts", "2", "--heldout-prompts", "2", "--steps", "3", "--threads", "1"]
 

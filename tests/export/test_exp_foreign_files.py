@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from k3trt.export.writer import export_artifacts
-from k3trt.runtime.artifacts import Manifest, sha256_json
-from k3trt.runtime.locking import artifact_lock
-from k3trt.runtime.outputs import MARKER
+from k3trt.contract.manifest import Manifest, sha256_json
+from k3trt.writing.locking import artifact_lock
+from k3trt.writing.ownership import MARKER
 
 from export_helpers import quiet
 

@@ -64,7 +64,7 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, str]:
 def only_typed_errors(call) -> str:
     """Run `call`; 'ok', 'work' (every check passed, a stub stopped real work) or the project error's name.
     Any other exception fails the property; a hang fails through the watchdog."""
-    from k3trt.runtime.errors import K3TRTError
+    from k3trt.contract.errors import K3TRTError
 
     with watchdog():
         try:

@@ -124,7 +124,7 @@ WHERE = st.sampled_from(["", "unet", "tokenizer", "scheduler", "movq_decoder", "
 def _foreign(name: str) -> bool:
     """Whether a name is one the project's own records claim: mkstemp's `.NAME.XXXXXXXX.tmp` is k3trt's atomic
     write in progress (runtime/locking.py: STALE_FILES); such names are not generated as a user's."""
-    from k3trt.runtime.locking import STALE_FILES
+    from k3trt.writing.locking import STALE_FILES
 
     return not STALE_FILES.match(name) and name != ".k3trt-output.json"
 
@@ -138,8 +138,8 @@ def foreign_entries(draw):
 
 def foreign_files_property(art: Path, entries) -> None:
     from k3trt.export.writer import collect_garbage
-    from k3trt.runtime.artifacts import Manifest
-    from k3trt.runtime.locking import artifact_lock
+    from k3trt.contract.manifest import Manifest
+    from k3trt.writing.locking import artifact_lock
 
     made = []
     for where, name, is_dir in entries:

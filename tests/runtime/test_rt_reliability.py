@@ -18,9 +18,10 @@ import pytest
 from PIL import Image
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.artifacts import Manifest, atomic_write_bytes, sha256_file
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.manifest import Manifest, sha256_file
+from k3trt.writing.atomic import atomic_write_bytes
+from k3trt.cli.main import main
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 
 PROMPT = "a red fox"
 REFUSAL_PEAK_BYTES = 500 * 2**20  # issue 19: every refusal under 500 MB of peak memory
@@ -44,9 +45,9 @@ def mode(path: Path) -> int:
 
 # ------------------------------------------------------------------------------------------- 1. permissions
 def test_every_writer_gives_the_modes_open_would(tmp_path, umask_022):
-    from k3trt.runtime.artifacts import current_umask, make_temp_dir
-    from k3trt.runtime.locking import staging_dir
-    from k3trt.runtime.outputs import claim_output_dir, save_image, save_json, staging_sibling
+    from k3trt.writing.atomic import current_umask, make_temp_dir
+    from k3trt.writing.locking import staging_dir
+    from k3trt.writing.ownership import claim_output_dir, save_image, save_json, staging_sibling
 
     assert current_umask() == 0o022 and os.umask(0o022) == 0o022  # read without changing it
     atomic_write_bytes(tmp_path / "manifest.json", b"{}")
@@ -66,8 +67,8 @@ def test_every_writer_gives_the_modes_open_would(tmp_path, umask_022):
 
 # ------------------------------------------------------------------------------------------- full disk
 def test_a_full_disk_is_a_typed_error_naming_the_path_and_space(tmp_path):
-    from k3trt.runtime.artifacts import atomic_write
-    from k3trt.runtime.errors import DiskFullError
+    from k3trt.writing.atomic import atomic_write
+    from k3trt.contract.errors import DiskFullError
 
     def fill(handle):
         handle.write(b"x" * 1000)
@@ -98,7 +99,7 @@ def test_the_cli_reports_a_full_disk_as_a_project_error(tiny_artifacts, tmp_path
 
 
 def test_a_library_write_that_fills_the_disk_is_typed_at_the_boundary(capsys):
-    from k3trt.runtime.boundary import run_guarded
+    from k3trt.cli.error_boundary import run_guarded
 
     def export():  # torch.onnx and onnx report ENOSPC as a RuntimeError carrying the system's message
         raise RuntimeError("PytorchStreamWriter failed writing file data/0: No space left on device")
@@ -127,8 +128,8 @@ REFUSALS = """
 import json, resource, sys
 import numpy as np
 from k3trt.runtime import Pipeline
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import K3TRTError
+from k3trt.cli.main import main
+from k3trt.contract.errors import K3TRTError
 
 art, png, out = sys.argv[1:4]
 pipe = Pipeline.from_artifacts(art)
@@ -174,7 +175,7 @@ def test_every_size_that_drives_an_allocation_is_refused_at_small_cost(tiny_arti
 
 
 def test_outpaint_margins_are_checked_against_the_artifacts_before_the_canvas(pipe):
-    from k3trt.runtime.limits import image_limits
+    from k3trt.contract.limits import image_limits
 
     limit = image_limits(pipe.manifest).max_px  # the tiny artifacts' own limit, far below the card's 2048
     with pytest.raises(InvalidArgumentError, match=f"sides up to {limit} px"):
