@@ -14,6 +14,7 @@ import pytest
 
 from k3trt.export.writer import export_artifacts
 from k3trt.contract.manifest import Manifest, sha256_json
+from k3trt.writing.atomic import save_manifest
 from k3trt.writing.locking import artifact_lock
 from k3trt.writing.ownership import MARKER
 
@@ -109,7 +110,7 @@ def test_superseded_exports_are_still_collected(artifacts_copy, tiny_source):
     record["graph"]["path"] = str(legacy.relative_to(artifacts_copy) / Path(record["graph"]["path"]).name)
     assert not record.get("external_data")
     record["export_key"] = "from an older k3trt"  # so the re-export supersedes the legacy folder
-    manifest.save()
+    save_manifest(manifest)
     folder = artifacts_copy / "tokenizer"
     content = '{"an": "older tokenizer"}'
     own = folder / f"tokenizer-{sha256_json(content)[:12]}.json"  # a side file k3trt wrote: its name is its hash

@@ -19,7 +19,7 @@ from PIL import Image
 
 from k3trt.runtime import Pipeline
 from k3trt.contract.manifest import Manifest, sha256_file
-from k3trt.writing.atomic import atomic_write_bytes
+from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 from k3trt.cli.main import main
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 
@@ -300,7 +300,7 @@ def test_a_foreign_onnx_behind_a_matching_hash_is_refused_before_step_1(artifact
     decoder.write_bytes(encoder.read_bytes())  # a real ONNX model, but not the decoder
     record = manifest.data["onnx"]["movq_decoder"]["fp32"]["graph"]
     record.update(sha256=sha256_file(decoder), bytes=decoder.stat().st_size)  # the hash edited to match
-    manifest.save()
+    save_manifest(manifest)
     steps, message = _steps_run(Pipeline.from_artifacts(artifacts_copy))
     assert steps == [] and "movq_decoder" in message and "the manifest records" in message
 
