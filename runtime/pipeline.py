@@ -23,6 +23,7 @@ from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.limits import check_image_request, default_size
 from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.base import Backend, check_shapes
+from k3trt.runtime.animation import plan_animation, render_frames
 from k3trt.runtime.backends.registry import make_backend
 from k3trt.runtime.denoise_loop import (
     Conditioning,
@@ -108,17 +109,18 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------- API
     def check_request(self, request: Request) -> None:
-        """Fail before any work if the request's shapes fall outside what the artifacts allow, or a component it
-        needs is damaged or foreign (hashes and I/O signatures, `Backend.ready`)."""
+        """Fail before any work if the request's shapes fall outside what the backend runs: the artifacts' axes,
+        narrowed by the backend (TensorRT: the built engines' optimization profiles, not the ONNX's axes), or a
+        component it needs is damaged or foreign (hashes and I/O signatures, `Backend.ready`)."""
         check_image_request(self.manifest, height=request.height, width=request.width,
-                            images=request.latent_shape[0], guided=request.guided)
+                            images=request.latent_shape[0], guided=request.guided, axes=self.backend.axes)
         b, c, h, w = request.latent_shape
         unet_batch = guided_batch(b, request.guided)
-        check_shapes(self.backend.record("unet"), {
+        check_shapes(self.backend.limits_record("unet"), {
             "sample": (unet_batch, c, h, w), "timestep": (unet_batch,),
             "encoder_hidden_states": (unet_batch, 1, self.manifest.data["pipeline"]["context_dim"]),
             "encoder_attention_mask": (unet_batch, 1)})
-        check_shapes(self.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
+        check_shapes(self.backend.limits_record("movq_decoder"), {"latents": (b, c, h, w)})
         self.backend.ready(("text_encoder", "unet", "movq_decoder"))
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -139,7 +141,7 @@ class Pipeline:
         if recorder is not None and not isinstance(recorder, list):
             raise InvalidArgumentError(f"recorder is a {type(recorder).__name__}", accepted="a list or None",
                                        fix="pass a list to collect the U-Net calls, or leave it out")
-        size = default_size(self.manifest)
+        size = default_size(self.manifest, self.backend.axes)
         request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
                                height=size if height is None else height, width=size if width is None else width,
                                num_images=num_images)
@@ -175,6 +177,20 @@ class Pipeline:
     def flash(self, prompt: str | Sequence[str], *, output_type: str = "pil", **kwargs):
         """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (`runtime/tasks.py: flash`)."""
         return _as_output(flash, output_type, self, prompt, **kwargs)
+
+    def animate(self, prompt, *, callback: StepCallback | None = None, **options) -> list:
+        """The frames of an animation (PIL images in video order, all held): mode "zoom-out"/"zoom-in" (keyframes
+        by `inpaint(outpaint=...)`, crops between) or "deforum" (`img2img` of the moved previous frame); `prompt`
+        and the numeric options take schedules such as "0: a forest; 24: a city" (`runtime/animation.py`,
+        docs/animation.md). `animate_frames` yields them one at a time instead; `k3trt.runtime.video.encode`
+        writes MP4/WebP/GIF."""
+        frames = sorted(self.animate_frames(prompt, callback=callback, **options), key=lambda f: f.index)
+        return [frame.image for frame in frames]
+
+    def animate_frames(self, prompt, *, callback: StepCallback | None = None, **options):
+        """`animate`'s frames as they are made (AnimationFrame: index, image, keyframe); every option is checked
+        now, before the first model call."""
+        return render_frames(self, plan_animation(self, prompt, **options), callback=callback)
 
     def close(self) -> None:
         self.backend.close()
