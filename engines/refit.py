@@ -21,6 +21,7 @@ from k3trt.contract.engine_compat import check_engine_compatible
 from k3trt.contract.errors import ArtifactError
 from k3trt.contract.manifest import FileRecord, Manifest, sha256_file, sha256_json
 from k3trt.writing.atomic import atomic_write_bytes, save_manifest
+from k3trt.writing.ownership import mark_part
 
 SHOW = 12  # names listed in an error before "... and N more"
 
@@ -219,6 +220,7 @@ def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str]
     source = open_model_dir(model_dir, variant=variant)
     done = []
     with tempfile.TemporaryDirectory(dir=manifest.root, prefix=".refit-") as tmp:
+        mark_part(Path(tmp))  # the next writer may remove it if this process dies
         for component, variant in dict.fromkeys((e["component"], e.get("variant", "fp32")) for _, e in targets):
             record = manifest.onnx(component, variant)
             log(f"  {component}: exporting {model_dir} to {variant} ONNX (opset {record.opset}) for its weights ...")

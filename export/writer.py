@@ -11,6 +11,7 @@ import gc
 import importlib.metadata as md
 import json
 import os
+import re
 import resource
 import shutil
 import sys
@@ -59,7 +60,7 @@ from k3trt.export.sources import ModelSource
 from k3trt.export.validate import validate_component
 from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 from k3trt.writing.locking import artifact_lock, staging_dir
-from k3trt.writing.ownership import check_output_dir, claim_output_dir
+from k3trt.writing.ownership import check_output_dir, claim_output_dir, mark_part, remove_unreferenced
 
 PACKAGE_VERSION = "0.1.0"
 
@@ -166,7 +167,7 @@ def _content_folder(root: Path, name: str, staging: Path, graph: Path, external:
     final = root / name / f"fp32-{digest}"
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
+        os.replace(mark_part(staging), final)
     return final
 
 
@@ -233,23 +234,30 @@ def drop_stale_variants(manifest: Manifest, name: str, log) -> None:
             log(f"  {name}: dropped the stale {variant} variant (re-run {remake} to rebuild it)")
 
 
-def collect_garbage(manifest: Manifest) -> None:
-    """Remove component folders and side files the manifest no longer references (superseded exports,
-    leftovers of a failed run)."""
-    referenced = manifest.referenced_paths()
-    keep = {Path(p).parent for p in referenced}
-    for name in SPECS:
-        folder = manifest.root / name
-        if folder.is_dir():
-            for child in folder.iterdir():
-                if child.is_dir() and child.relative_to(manifest.root) not in keep:
-                    shutil.rmtree(child, ignore_errors=True)
-    for side in ("tokenizer", "scheduler"):
-        folder = manifest.root / side
-        if folder.is_dir():
-            for child in folder.glob("*.json"):
-                if str(child.relative_to(manifest.root)) not in referenced:
-                    child.unlink(missing_ok=True)
+KEYED_SIDE_FILE = re.compile(r"^(tokenizer|scheduler_config)-([0-9a-f]{12})\.json$")
+
+
+def is_keyed_side_file(path: Path) -> bool:
+    """A side file `_write_keyed` wrote: its name's digest is its content's (a file named so by hand is not)."""
+    match = KEYED_SIDE_FILE.match(path.name)
+    if not match or not path.is_file() or path.stat().st_size > SIDE_FILE_LIMIT:
+        return False
+    try:
+        return sha256_json(path.read_bytes().decode())[:12] == match[2]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+SIDE_FILE_LIMIT = 64 << 20  # a tokenizer.json is a few MB; a bigger file of that name is not one we wrote
+
+
+def collect_garbage(manifest: Manifest, listed_before: set[str], log=None) -> list[str]:
+    """Remove what k3trt wrote that the manifest no longer references (superseded exports, leftovers of a failed
+    run): marked component folders, paths the previous manifest listed, content-keyed side files. A user's own
+    files and folders in the directory are left and reported (runtime/outputs.py: remove_unreferenced)."""
+    return remove_unreferenced(manifest.root, [*SPECS, "tokenizer", "scheduler"],
+                               keep=manifest.referenced_paths(), listed_before=listed_before,
+                               owned_file=is_keyed_side_file, log=log)
 
 
 def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=None,
@@ -362,6 +370,6 @@ def _export_locked(source: ModelSource, out: Path, *, components, keys: dict, op
                 summary["variants"].append(f"{name}.{precision}")
     if staged.data != current.data:
         save_manifest(staged)  # the commit point
-    collect_garbage(staged)
+    collect_garbage(staged, current.referenced_paths(), log)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return summary

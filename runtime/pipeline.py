@@ -110,7 +110,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- API
     def check_request(self, request: Request) -> None:
         """Fail before any work if the request's shapes fall outside what the backend runs: the artifacts' axes,
-        narrowed by the backend (TensorRT: the built engines' optimization profiles, not the ONNX's axes)."""
+        narrowed by the backend (TensorRT: the built engines' optimization profiles, not the ONNX's axes), or a
+        component it needs is damaged or foreign (hashes and I/O signatures, `Backend.ready`)."""
         check_image_request(self.manifest, height=request.height, width=request.width,
                             images=request.latent_shape[0], guided=request.guided, axes=self.backend.axes)
         b, c, h, w = request.latent_shape
@@ -120,6 +121,7 @@ class Pipeline:
             "encoder_hidden_states": (unet_batch, 1, self.manifest.data["pipeline"]["context_dim"]),
             "encoder_attention_mask": (unet_batch, 1)})
         check_shapes(self.backend.limits_record("movq_decoder"), {"latents": (b, c, h, w)})
+        self.backend.ready(("text_encoder", "unet", "movq_decoder"))
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int | None = None,

@@ -92,6 +92,12 @@ class OpenVinoBackend(Backend):
                 self._compiled[key] = self._compile(component, shapes)
         return self._compiled[key]
 
+    def _ready(self, component: str) -> None:
+        """Hashes now; the model compiles per input shape on its first call."""
+        if self.verify and component not in self._verified:
+            self.manifest.verify_onnx(self.record(component))
+            self._verified.add(component)
+
     def _compile(self, component: str, shapes: Mapping[str, tuple]):
         record = self.record(component)
         path = self.manifest.path(record.graph.path)

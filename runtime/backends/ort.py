@@ -14,7 +14,7 @@ import torch
 from k3trt.contract.arguments import available_cores, check_threads
 from k3trt.contract.errors import ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError
 from k3trt.contract.manifest import check_external_data_paths
-from k3trt.runtime.backends.base import Backend, log
+from k3trt.runtime.backends.base import Backend, check_io_signature, log
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -138,6 +138,13 @@ class OrtBackend(Backend):
                                 f"{type(exc).__name__}: {str(exc)[:300]}",
                                 fix="re-run `k3trt export` (or the stage that wrote it)") from exc
 
+    def _ready(self, component: str) -> None:
+        """Open the session now (its hash is verified on opening) and check its I/O names and ranks."""
+        session = self.session(component)
+        if hasattr(session, "get_inputs"):
+            check_io_signature(self.record(component), _ranks(session.get_inputs()), _ranks(session.get_outputs()),
+                               str(self.manifest.path(self.record(component).graph.path)))
+
     def _bf16_on_cpu(self, path):
         """bf16 storage emulated on fp32 kernels (runtime/backends/storage.py): each bf16 tensor is rounded to
         bf16 where it is made, so results match a bf16 device's up to accumulation order."""
@@ -177,6 +184,10 @@ class OrtBackend(Backend):
     def close(self) -> None:
         with self._open_lock:
             self._sessions.clear()
+
+
+def _ranks(args) -> dict[str, int]:
+    return {arg.name: len(arg.shape) for arg in args}
 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}

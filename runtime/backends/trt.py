@@ -193,6 +193,9 @@ class TrtBackend(Backend):
                                        fix=f"e.g. {streamable // 2} (half of its weights on the device)")
         setattr(engine, member_name(engine, "weight_streaming_budget"), int(budget))
 
+    def _ready(self, component: str) -> None:
+        self.engine(component)  # deserialized now: the engine file's hash and compatibility checked before step 1
+
     # --- running
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feeds(self.record(component), feeds)
