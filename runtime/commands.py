@@ -121,7 +121,7 @@ def open_pipeline(args, model_dir: str | None = None):
     elif args.backend == "torch":
         options = {"model_dir": model_dir or getattr(args, "model", None)}
     return Pipeline.from_artifacts(args.artifacts, args.backend, resolved_precision(args), scheduler=args.scheduler,
-                                   **options)
+                                   lora=getattr(args, "lora", None), **options)
 
 
 def progress_callback(total: int, label: str = "denoising"):
@@ -293,6 +293,9 @@ def register(sub) -> None:
     p.add_argument("--model", metavar="DIR", help="model folder (only for --backend torch)")
     p.add_argument("--out", required=True, metavar="PATH.png", help="image file (.png, .jpg, .webp); with several "
                    "images PATH-0.png, PATH-1.png, ...; an existing file is replaced only if k3trt wrote it")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a LoRA adapter (PEFT folder, or diffusers/kohya .safetensors) applied without re-export, "
+                        "scale 1 by default; repeat to blend several (backends ort, openvino, trt)")
     from .task_commands import add_task_args
 
     add_task_args(p)

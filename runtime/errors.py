@@ -67,3 +67,7 @@ class ValidationError(K3TRTError):
 
 class BackendBusyError(K3TRTError):
     """Every execution slot stayed busy past the wait timeout (a server maps it to 503, retry later)."""
+
+
+class AdapterError(K3TRTError, ValueError):
+    """A LoRA adapter or a fine-tuned checkpoint does not fit the artifacts' weights (unmapped keys, shapes)."""
