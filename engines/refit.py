@@ -224,23 +224,16 @@ def checkpoint_tensors(folder: Path, variant: str | None = "auto"):
 def changed_weights(manifest: Manifest, component: str, variant: str, source) -> tuple[dict, Callable]:
     """(initializer -> new array in the engine variant's type, for the weights that differ from the engine's
     ONNX variant; base(names) reading that variant's values). Typed errors for weights that cannot go in by name."""
-    import json
-
     import numpy as np
 
     from k3trt.export.components import SPECS
-    from k3trt.export.weight_map import initializer_values, module_config  # noqa: F401
-    from k3trt.export.weights_from import check_same_config
+    from k3trt.export.weight_map import initializer_values
+    from k3trt.export.weights_from import check_checkpoint_config, load_weight_map
     from k3trt.runtime.lora import read_initializers
 
-    fp32, graph = manifest.onnx(component), manifest.onnx(component, variant).graph.path
-    manifest.verify([FileRecord(**fp32.extra["weight_map"])])
-    weight_map = json.loads(manifest.path(fp32.extra["weight_map"]["path"]).read_text())
-    config = {k: v for k, v in source.config(SPECS[component].folder).items()
-              if not k.startswith("_") and k != "transformers_version"}
-    recorded = weight_map.get("config", {})  # the module's full config; config.json may leave defaults out
-    check_same_config(component, {k: v for k, v in recorded.items() if k in config},
-                      {k: v for k, v in config.items() if k in recorded}, source.root)
+    graph = manifest.onnx(component, variant).graph.path
+    weight_map = load_weight_map(manifest, component)
+    check_checkpoint_config(component, weight_map, source)
     values, problems = initializer_values(weight_map, checkpoint_tensors(source.root / SPECS[component].folder,
                                                                           source.variant or "auto"))
     if problems:

@@ -46,6 +46,26 @@ def check_same_config(component: str, recorded: dict, new: dict, model_dir) -> N
                                fix="run a full `k3trt export --model DIR` for a different architecture")
 
 
+def load_weight_map(manifest: Manifest, component: str) -> dict:
+    """The fp32 export's weight map (sha256-verified); a typed error for artifacts exported before maps."""
+    entry = manifest.onnx(component).extra.get("weight_map")
+    if not entry:
+        raise ArtifactError(f"{manifest.root}'s {component} export has no weight map",
+                            fix="re-export it with this version (`k3trt export --force`)")
+    manifest.verify([FileRecord(**entry)])
+    return json.loads(manifest.path(entry["path"]).read_text())
+
+
+def check_checkpoint_config(component: str, weight_map: dict, source) -> None:
+    """The checkpoint's config.json against the traced module's config, on the keys both name (config.json
+    may leave defaults out): before anything is loaded or written."""
+    config = {k: v for k, v in source.config(SPECS[component].folder).items()
+              if not k.startswith("_") and k != "transformers_version"}
+    recorded = weight_map.get("config", {})
+    check_same_config(component, {k: v for k, v in recorded.items() if k in config},
+                      {k: v for k, v in config.items() if k in recorded}, source.root)
+
+
 def rewrite_weights(graph: Path, values: dict, out: Path, *, external: bool) -> tuple[Path, Path | None]:
     """The graph at `graph` with these initializers replaced, saved as `out` (+ external data if `external`)."""
     model = onnx.load(str(graph), load_external_data=True)
@@ -59,13 +79,8 @@ def rewrite_weights(graph: Path, values: dict, out: Path, *, external: bool) -> 
 def _rewritten_component(old: Manifest, source, name: str, staging: Path, log) -> tuple[OnnxRecord, list]:
     """Rewrite one component's weights from `source` into `staging`, validated; (record fields, failures)."""
     record, spec = old.onnx(name), component_spec(name)
-    weight_map_file = record.extra.get("weight_map")
-    if not weight_map_file:
-        raise ArtifactError(f"{old.root}'s {name} export has no weight map", fix="re-export it with this version "
-                            "(`k3trt export --force`), then use --graphs-from")
+    weight_map_file, weight_map = record.extra["weight_map"], load_weight_map(old, name)
     old.verify_onnx(record)
-    old.verify([FileRecord(**weight_map_file)])
-    weight_map = json.loads(old.path(weight_map_file["path"]).read_text())
     module = source.load(spec.folder)
     check_same_config(name, weight_map.get("config", {}), module_config(module), source.root)
     values, problems = initializer_values(weight_map, module.named_parameters(remove_duplicate=False))
@@ -94,6 +109,8 @@ def export_weights_from(model_dir, graphs_from, out, *, components=None, log=pri
     check_output_dir(out, "artifacts", inputs=(Path(model_dir), old.root))
     source = open_model_dir(model_dir)
     names = components or [n for n in SPECS if old.has_onnx(n) and source.has(SPECS[n].folder)]
+    for name in names:  # every refusal before the output folder is created
+        check_checkpoint_config(name, load_weight_map(old, name), source)
     out = claim_output_dir(out, "artifacts", inputs=(source.root, old.root))
     with artifact_lock(out, log):
         staged = Manifest.load_or_new(out)
