@@ -91,16 +91,27 @@ def used_modules(wrapper: torch.nn.Module, inputs: tuple) -> set[str]:
             or n == prefix[:-1]}
 
 
+def wrapper_tensors(wrapper: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The export wrapper's own tensors outside the component (the task U-Nets' learned `null_embedding`): they
+    are weights of the graph too, named as the wrapper names them."""
+    prefix = wrapper_prefix(wrapper)
+    own = list(wrapper.named_parameters(remove_duplicate=False)) + list(wrapper.named_buffers(remove_duplicate=False))
+    return [(name, tensor) for name, tensor in own if not name.startswith(prefix)]
+
+
 def build_weight_map(module: torch.nn.Module, model: onnx.ModelProto, *, prefix: str,
-                     base_dir: Path | None = None, config: dict | None = None, used: set[str] | None = None) -> dict:
+                     base_dir: Path | None = None, config: dict | None = None, used: set[str] | None = None,
+                     extras: list | None = None) -> dict:
     """The map of `module` (the diffusers/transformers component) against its exported graph `model`.
     `prefix`: the export wrapper's attribute (`unet.`), which the tracer puts before every parameter name.
     `used`: the modules the exported forward calls (`used_modules`); parameters of the others are `unused`."""
     by_name, by_digest = initializer_index(model, base_dir)
     params, unmapped, unused = {}, {}, []
-    for name, param in module.named_parameters(remove_duplicate=False):  # tied weights under every name
+    tensors = [(prefix, n, p) for n, p in module.named_parameters(remove_duplicate=False)]  # tied: every name
+    tensors += [("", n, t) for n, t in extras or ()]
+    for traced_prefix, name, param in tensors:
         array = param.detach().to(torch.float32).cpu().numpy()
-        entry = _match(prefix, name, array, by_name, by_digest)
+        entry = _match(traced_prefix, name, array, by_name, by_digest)
         if entry is None and used is not None and name.rpartition(".")[0] not in used:
             unused.append(name)  # not found, and its module never ran: not in the graph at all
         elif entry is None:

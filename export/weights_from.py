@@ -27,7 +27,7 @@ from ..runtime.outputs import check_output_dir, claim_output_dir
 from .components import SPECS, component_spec, model_info
 from .onnx_export import PROTOBUF_LIMIT, save_onnx
 from .validate import validate_component
-from .weight_map import WEIGHT_MAP_NAME, initializer_values, module_config
+from .weight_map import WEIGHT_MAP_NAME, initializer_values, module_config, wrapper_tensors
 
 SHOW = 10
 
@@ -83,7 +83,8 @@ def _rewritten_component(old: Manifest, source, name: str, staging: Path, log) -
     old.verify_onnx(record)
     module = source.load(spec.folder)
     check_same_config(name, weight_map.get("config", {}), module_config(module), source.root)
-    values, problems = initializer_values(weight_map, module.named_parameters(remove_duplicate=False))
+    tensors = list(module.named_parameters(remove_duplicate=False)) + wrapper_tensors(spec.wrapper(module))
+    values, problems = initializer_values(weight_map, tensors)
     if problems:
         raise ModelSourceError(f"{source.root}'s {name} weights do not fit the traced graph: {_listing(problems)}",
                                fix="run a full `k3trt export --model DIR` for this checkpoint")

@@ -146,12 +146,14 @@ def record_weight_map(spec, module, graph: Path, folder: Path, inputs: dict) -> 
     """`weights.json` beside the graph: which initializer each parameter became (export/weight_map.py)."""
     import onnx
 
-    from .weight_map import build_weight_map, module_config, used_modules, wrapper_prefix, write_weight_map
+    from .weight_map import (build_weight_map, module_config, used_modules, wrapper_prefix, wrapper_tensors,
+                             write_weight_map)
 
     wrapper = spec.wrapper(module).eval()
     used = used_modules(wrapper, tuple(inputs[name] for name in spec.input_names))
     weight_map = build_weight_map(module, onnx.load(str(graph)), prefix=wrapper_prefix(wrapper),
-                                  base_dir=graph.parent, config=module_config(module), used=used)
+                                  base_dir=graph.parent, config=module_config(module), used=used,
+                                  extras=wrapper_tensors(wrapper))
     write_weight_map(weight_map, folder)
 
 

@@ -57,7 +57,9 @@ def load_loras(loras) -> tuple[LoraChoice, ...]:
     """None, one spec, or a list of: `"PATH[:SCALE]"`, a Path, `(path, scale)`, an Adapter or a LoraChoice."""
     if loras is None:
         return ()
-    if isinstance(loras, (str, Path, tuple, Adapter, LoraChoice)):
+    single_pair = isinstance(loras, tuple) and len(loras) == 2 and isinstance(loras[1], (int, float)) \
+        and not isinstance(loras[0], (LoraChoice, tuple))
+    if isinstance(loras, (str, Path, Adapter, LoraChoice)) or single_pair:
         loras = [loras]
     if not isinstance(loras, Sequence):
         raise InvalidArgumentError(f"lora={loras!r}", accepted='None, "PATH[:SCALE]", (path, scale), or a list')

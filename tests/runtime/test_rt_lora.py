@@ -159,3 +159,18 @@ def test_generate_cli_takes_lora(tiny_artifacts, peft_lora, tmp_path):
     expected = Pipeline.from_artifacts(tiny_artifacts, "ort", lora=(peft_lora[0], 0.7)).generate(
         PROMPT, seed=7, steps=2, height=64, width=64)[0]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
+
+
+def test_openvino_runs_the_adapter_as_onnx_runtime_does(tiny_artifacts, peft_lora, tmp_path):
+    pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'kandinsky3-trt[openvino]')")
+    from k3trt.runtime.metrics import psnr
+    from k3trt.runtime.pipeline import Pipeline
+
+    request = dict(seed=7, steps=2, height=64, width=64, output_type="np")
+    ort = Pipeline.from_artifacts(tiny_artifacts, "ort", lora=str(peft_lora[0])).generate(PROMPT, **request)
+    pipe = Pipeline.from_artifacts(tiny_artifacts, "openvino", cache_dir=tmp_path / "ov", lora=str(peft_lora[0]))
+    adapted = pipe.generate(PROMPT, **request)
+    pipe.set_lora(None)
+    base = pipe.generate(PROMPT, **request)
+    assert psnr(ort, adapted) >= PSNR_MIN_DB and psnr(base, adapted) < 30.0
+    assert psnr(Pipeline.from_artifacts(tiny_artifacts, "ort").generate(PROMPT, **request), base) >= PSNR_MIN_DB
