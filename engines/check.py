@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.arguments import check_path
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, inside
 
 PROTOBUF_LIMIT = 2 * 1024**3
 DEFAULT_TRT_VERSION = (10, 0)
@@ -20,7 +22,7 @@ DEFAULT_TRT_VERSION = (10, 0)
 # --------------------------------------------------------------------------------------- operator table
 # Operator and data-type support live in engines/parser_support.py (with their sources), shared with the
 # TensorRT stand-in the tests build against; the names are re-exported here for the lint's readers.
-from .parser_support import ADDED_IN, SUPPORTED, UNSUPPORTED, parser_rejects, type_problem  # noqa: E402,F401
+from k3trt.engines.parser_support import ADDED_IN, SUPPORTED, UNSUPPORTED, parser_rejects, type_problem  # noqa: E402,F401
 
 # The newest ONNX opset each TensorRT release's parser covers, from the sources named per row; a release reads
 # the row of the newest release at or below it. The parser refuses only opsets below 7 (onnx-tensorrt
@@ -283,7 +285,6 @@ def lint_model(model, *, trt_version: tuple[int, int] = DEFAULT_TRT_VERSION,
 def _file_findings(model, path: Path, root: Path) -> list[Finding]:
     import onnx
 
-    from k3trt.runtime.artifacts import inside
 
     out, external = [], False
     folder = path.parent.resolve()
@@ -311,7 +312,6 @@ def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION,
                     axes: Mapping | None = None, label: str | None = None) -> CheckResult:
     import onnx
 
-    from k3trt.runtime.validate import check_path
 
     path = check_path("--onnx", path)
     if not path.is_file():
@@ -334,8 +334,6 @@ def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION,
 
 
 def check_artifacts(artifacts: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION) -> list[CheckResult]:
-    from k3trt.runtime.artifacts import Manifest, OnnxRecord
-
     manifest = Manifest.load(artifacts)
     results = integrity_results(manifest)
     for component, variants in manifest.data["onnx"].items():
@@ -364,7 +362,6 @@ def _integrity(manifest, records, label: str, path: str) -> CheckResult:
 def integrity_results(manifest) -> list[CheckResult]:
     """Hash checks of the side files and engines, one result per damaged file (ONNX files are checked with
     their lint)."""
-    from k3trt.runtime.artifacts import FileRecord
 
     results = []
     for key in ("tokenizer", "scheduler"):

@@ -22,8 +22,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from k3trt.runtime.artifacts import FileRecord, Manifest, atomic_write_bytes, sha256_json
-from k3trt.runtime.errors import ArtifactError
+from k3trt.contract.engine_compat import check_engine_compatible
+from k3trt.contract.errors import ArtifactError
+from k3trt.contract.manifest import FileRecord, Manifest, sha256_file, sha256_json
+from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 
 SHOW = 12  # names listed in an error before "... and N more"
 
@@ -148,18 +150,16 @@ def export_weights(source, component: str, out_dir: Path, opset: int, *, variant
     array, graph sha256, graph path)."""
     import onnx
     import torch
-    from onnx import numpy_helper
-
     from k3trt.export.components import SPECS, model_info
     from k3trt.export.onnx_export import export_onnx, save_onnx
-    from k3trt.runtime.artifacts import sha256_file
+    from onnx import numpy_helper
 
     spec = SPECS[component]
     module = source.load(spec.folder)
     inputs = spec.make_inputs(spec.trace, model_info(source, spec), torch.Generator().manual_seed(0))
     graph, _ = export_onnx(spec, module, inputs, out_dir, opset=opset)
     if variant != "fp32":
-        from k3trt.export.variants import convert
+        from k3trt.export.precision_variants import convert
 
         converted = convert(graph, variant, keep_fp32)
         graph = out_dir / f"model.{variant}.onnx"
@@ -214,7 +214,7 @@ def checkpoint_tensors(folder: Path, variant: str | None = "auto"):
     """(state-dict key, tensor) of a component folder's safetensors, one tensor in memory at a time."""
     from safetensors import safe_open
 
-    from k3trt.export.streamed import _weight_files
+    from k3trt.export.low_memory_trace import _weight_files
 
     for key, file in sorted(_weight_files(folder, variant).items()):
         with safe_open(str(file), "pt") as handle:
@@ -283,11 +283,9 @@ def _weights_for(manifest: Manifest, component: str, variant: str, source, tmp: 
 
 def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str] | None = None,
                     variant: str | None = None, log: Callable[[str], None] = print) -> list[str]:
+    from k3trt.engines.build import remove_superseded
     from k3trt.export.components import SPECS
     from k3trt.export.sources import open_model_dir
-
-    from .build import remove_superseded
-    from k3trt.runtime.engine_compat import check_engine_compatible
     from k3trt.runtime.tensorrt_env import current_env
 
     env = current_env()  # TensorRT and a GPU first: nothing else is worth doing without them
@@ -311,7 +309,7 @@ def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str]
                     "refit": {"source": str(model_dir), "source_hash": source.source_hash(folder),
                               "key": key, "weights": count, "how": how,
                               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
-                manifest.save()
+                save_manifest(manifest)
                 remove_superseded(manifest, [old])
                 log(f"  {name}: refit {count} weights ({how}) -> {path.relative_to(manifest.root)}")
                 done.append(name)

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-
-from k3trt.runtime.cards import card
+from k3trt.contract.cards import card
+from k3trt.contract.engine_compat import MIN_COMPUTE_CAPABILITY
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.precision import Precision
+from k3trt.contract.tensor_metrics import compare
 
 # Parity bounds of engines vs the fp32 references are on the cards (`ComponentCard.engine`), not verified on a GPU.
 GRAPH_TOLERANCE = {"cosine": 0.999999, "rel_l2": 1e-5}  # a replay runs the same kernels as a direct enqueue
@@ -51,7 +54,6 @@ def _prepare(work: Path, log) -> tuple:
     from k3trt.export.presets import write_preset
     from k3trt.export.sources import open_model_dir
     from k3trt.export.writer import export_artifacts
-    from k3trt.runtime.artifacts import Manifest
 
     model_dir = work / "tiny-model"
     if not (model_dir / "model_index.json").is_file():
@@ -64,8 +66,8 @@ def _prepare(work: Path, log) -> tuple:
 
 
 def cpu_selftest(work: Path, log) -> int:
-    from .check import check_artifacts, format_results
-    from .plan import make_plan
+    from k3trt.engines.check import check_artifacts, format_results
+    from k3trt.engines.plan import make_plan
 
     _, manifest = _prepare(work, log)
     results = check_artifacts(manifest.root)
@@ -102,8 +104,6 @@ def _references(source, manifest, feeds: dict) -> dict:
 
 
 def _compare(component, precision, refs, outputs, bounds) -> list[Row]:
-    from k3trt.runtime.metrics import compare
-
     rows = []
     for reference, expected in refs.items():
         for name, ref in expected.items():
@@ -113,9 +113,6 @@ def _compare(component, precision, refs, outputs, bounds) -> list[Row]:
 
 
 def _precisions(requested, manifest, env, log) -> list[str]:
-    from k3trt.runtime.engine_compat import MIN_COMPUTE_CAPABILITY
-    from k3trt.runtime.precision import Precision
-
     wanted = requested or ["fp32", "tf32", "fp16", "bf16"] + (["int8"] if manifest.has_onnx("unet", "int8") else [])
     usable = []
     for name in wanted:
@@ -130,10 +127,9 @@ def _precisions(requested, manifest, env, log) -> list[str]:
 
 
 def gpu_selftest(work: Path, precisions, log) -> int:
+    from k3trt.engines.build import build_engines
+    from k3trt.engines.plan import make_plan
     from k3trt.runtime.backends.trt import TrtBackend
-
-    from .build import build_engines
-    from .plan import make_plan
     from k3trt.runtime.tensorrt_env import current_env
 
     env = current_env()

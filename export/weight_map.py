@@ -26,7 +26,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from ..runtime.lora import canonical_parameter
+from k3trt.runtime.lora import canonical_parameter
 
 WEIGHT_MAP_FORMAT = 1
 WEIGHT_MAP_NAME = "weights.json"

@@ -20,14 +20,15 @@ from pathlib import Path
 import onnx
 from onnx import numpy_helper
 
-from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord
-from ..runtime.errors import ArtifactError, ModelSourceError, ValidationError
-from ..runtime.locking import artifact_lock, staging_dir
-from ..runtime.outputs import check_output_dir, claim_output_dir
-from .components import SPECS, component_spec, model_info
-from .onnx_export import PROTOBUF_LIMIT, save_onnx
-from .validate import validate_component
-from .weight_map import WEIGHT_MAP_NAME, initializer_values, module_config, wrapper_tensors
+from k3trt.contract.errors import ArtifactError, ModelSourceError, ValidationError
+from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord
+from k3trt.export.components import SPECS, component_spec, model_info
+from k3trt.export.onnx_export import PROTOBUF_LIMIT, save_onnx
+from k3trt.export.validate import validate_component
+from k3trt.export.weight_map import WEIGHT_MAP_NAME, initializer_values, module_config, wrapper_tensors
+from k3trt.writing.atomic import save_manifest
+from k3trt.writing.locking import artifact_lock, staging_dir
+from k3trt.writing.ownership import check_output_dir, claim_output_dir
 
 SHOW = 10
 
@@ -103,8 +104,8 @@ def _rewritten_component(old: Manifest, source, name: str, staging: Path, log) -
 
 def export_weights_from(model_dir, graphs_from, out, *, components=None, log=print) -> dict:
     """A new artifact directory `out` for the checkpoint `model_dir`, reusing the graphs in `graphs_from`."""
-    from .sources import open_model_dir
-    from .writer import _content_folder, export_key, library_versions, placed_weight_map, write_side_files
+    from k3trt.export.sources import open_model_dir
+    from k3trt.export.writer import _content_folder, export_key, library_versions, placed_weight_map, write_side_files
 
     old = Manifest.load(graphs_from)
     check_output_dir(out, "artifacts", inputs=(Path(model_dir), old.root))
@@ -141,5 +142,5 @@ def export_weights_from(model_dir, graphs_from, out, *, components=None, log=pri
                 log(f"  {name}: ok ({staged.data['onnx'][name]['fp32']['extra']['seconds']} s)")
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
-        staged.save()
+        save_manifest(staged)
     return {"rewritten": names}

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .artifacts import FileRecord, Manifest, check_external_data_paths, inside
-from .errors import AdapterError, ArtifactError, InvalidArgumentError
-from .lora_files import SHOW, Adapter, LoraLayer, read_adapter
+from k3trt.contract.errors import AdapterError, ArtifactError, InvalidArgumentError
+from k3trt.contract.manifest import FileRecord, Manifest, check_external_data_paths, inside
+from k3trt.runtime.lora_files import SHOW, Adapter, LoraLayer, read_adapter
 
 ADAPTABLE = ("unet", "text_encoder")  # components an adapter may target (the task U-Nets share unet's names)
 

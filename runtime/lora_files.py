@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import AdapterError
+from k3trt.contract.errors import AdapterError
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 COMPONENT_PREFIXES = {"unet": "unet", "text_encoder": "text_encoder", "lora_unet": "unet",

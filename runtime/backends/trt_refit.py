@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import AdapterError, ArtifactError
+from k3trt.contract.errors import AdapterError, ArtifactError
 
 SHOW = 8
 

@@ -10,7 +10,7 @@ import types
 
 import numpy as np
 import pytest
-from k3trt.runtime.errors import AdapterError
+from k3trt.contract.errors import AdapterError
 
 
 def _fine_tune(tiny_model_dir, tmp_path, parameter: str, factor: float = 1.5):
@@ -31,7 +31,7 @@ def test_refit_by_name_sends_only_the_changed_weight(tiny_artifacts, tiny_model_
 
     from k3trt.engines.refit import changed_weights
     from k3trt.export.sources import open_model_dir
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     manifest = Manifest.load(tiny_artifacts)
     same, _ = changed_weights(manifest, "unet", "fp32", open_model_dir(tiny_model_dir))
@@ -51,8 +51,8 @@ def test_refit_by_name_refuses_another_configuration(tiny_artifacts, tiny_model_
 
     from k3trt.engines.refit import changed_weights
     from k3trt.export.sources import open_model_dir
-    from k3trt.runtime.artifacts import Manifest
-    from k3trt.runtime.errors import ModelSourceError
+    from k3trt.contract.manifest import Manifest
+    from k3trt.contract.errors import ModelSourceError
 
     model = tmp_path / "other"
     shutil.copytree(tiny_model_dir, model)

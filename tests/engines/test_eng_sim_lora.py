@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from lora_helpers import train_peft_lora  # tests/lora_helpers.py
+from k3trt.verify.lora_training import train_peft_lora
 
 pytestmark = [pytest.mark.trt_sim, pytest.mark.usefixtures("trt_sim")]
 SHAPES = {"sample": (2, 4, 8, 8), "timestep": (2,), "encoder_hidden_states": (2, 6, 64),
@@ -51,7 +51,7 @@ def _run(engine, feeds):
 
 def test_lora_refit_by_name_matches_onnx_runtime_and_restores_the_base(trt_sim, tiny_artifacts, tiny_model_dir,
                                                                        tmp_path):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.ort import OrtBackend
     from k3trt.runtime.backends.trt_refit import refit_named
     from k3trt.runtime.lora import load_loras, read_initializers, weight_overrides

@@ -22,8 +22,8 @@ def _nodes(path):
 
 
 def test_weights_from_reuses_the_graphs_and_validates_the_new_weights(tiny_artifacts, second_checkpoint, tmp_path):
-    from k3trt.runtime.artifacts import Manifest
-    from k3trt.runtime.cli import main
+    from k3trt.contract.manifest import Manifest
+    from k3trt.cli.main import main
 
     out = tmp_path / "tuned-art"
     assert main(["export", "--weights-from", str(second_checkpoint), "--graphs-from", str(tiny_artifacts),
@@ -41,8 +41,8 @@ def test_weights_from_reuses_the_graphs_and_validates_the_new_weights(tiny_artif
 
 def test_weights_from_refuses_another_configuration_before_writing(tiny_artifacts, second_checkpoint, tmp_path,
                                                                     capsys):
-    from k3trt.runtime.boundary import EXIT_PROJECT_ERROR
-    from k3trt.runtime.cli import main
+    from k3trt.cli.error_boundary import EXIT_PROJECT_ERROR
+    from k3trt.cli.main import main
 
     other = tmp_path / "other"
     shutil.copytree(second_checkpoint, other)

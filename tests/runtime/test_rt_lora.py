@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from k3trt.runtime.errors import AdapterError, InvalidArgumentError
+from k3trt.contract.errors import AdapterError, InvalidArgumentError
 
-from lora_helpers import train_peft_lora
+from k3trt.verify.lora_training import train_peft_lora
 
 PSNR_MIN_DB = 40.0  # issue 21: runtime with the adapter vs diffusers with it merged, ONNX Runtime fp32
 GEN = dict(seed=7, steps=4, guidance=3.0, height=64, width=64)
@@ -25,13 +25,13 @@ def peft_lora(tiny_model_dir, tmp_path_factory):
 
 
 def _file_hashes(root):
-    from k3trt.runtime.artifacts import sha256_file
+    from k3trt.contract.manifest import sha256_file
 
     return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _diffusers_merged(tiny_model_dir, peft_model):
-    from k3trt.export.reference import load_reference, run_reference
+    from k3trt.verify.torch_reference import load_reference, run_reference
     from k3trt.runtime.pipeline import make_request
 
     pipe = load_reference(tiny_model_dir)
@@ -41,7 +41,7 @@ def _diffusers_merged(tiny_model_dir, peft_model):
 
 def test_lora_matches_diffusers_merged_then_unloads_to_the_base_bit_for_bit(tiny_artifacts, tiny_model_dir,
                                                                              peft_lora):
-    from k3trt.runtime.metrics import psnr
+    from k3trt.contract.tensor_metrics import psnr
     from k3trt.runtime.pipeline import Pipeline
 
     folder, model = peft_lora
@@ -62,7 +62,7 @@ def test_lora_matches_diffusers_merged_then_unloads_to_the_base_bit_for_bit(tiny
 
 def test_blend_scales_add_and_zero_scale_is_the_base(tiny_artifacts, peft_lora):
     """Two adapters at 0.5 each give the deltas of one at 1.0; scale 0 leaves every weight bit-exact."""
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.lora import blended_deltas, load_loras, read_initializers, weight_overrides
     from k3trt.runtime.lora_files import read_adapter
 
@@ -89,7 +89,7 @@ def _save(path, tensors, metadata=None):
 def test_diffusers_and_kohya_single_files_map_like_the_peft_folder(tiny_artifacts, peft_lora, tmp_path):
     from safetensors.numpy import load_file
 
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.lora import blended_deltas, load_loras
 
     manifest, folder = Manifest.load(tiny_artifacts), peft_lora[0]
@@ -115,7 +115,7 @@ def test_diffusers_and_kohya_single_files_map_like_the_peft_folder(tiny_artifact
 
 
 def test_unmapped_keys_are_a_typed_error_listing_them(tiny_artifacts, tmp_path):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.lora import blended_deltas, load_loras
 
     rank = np.zeros((2, 64), np.float32)
@@ -148,7 +148,7 @@ def test_rank_and_alpha_patterns_follow_peft(tiny_model_dir, tmp_path):
 
 
 def test_generate_cli_takes_lora(tiny_artifacts, peft_lora, tmp_path):
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
     from k3trt.runtime.pipeline import Pipeline
 
     out = tmp_path / "fox.png"
@@ -163,7 +163,7 @@ def test_generate_cli_takes_lora(tiny_artifacts, peft_lora, tmp_path):
 
 def test_openvino_runs_the_adapter_as_onnx_runtime_does(tiny_artifacts, peft_lora, tmp_path):
     pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'kandinsky3-trt[openvino]')")
-    from k3trt.runtime.metrics import psnr
+    from k3trt.contract.tensor_metrics import psnr
     from k3trt.runtime.pipeline import Pipeline
 
     request = dict(seed=7, steps=2, height=64, width=64, output_type="np")
