@@ -77,3 +77,42 @@ def test_lora_refit_by_name_matches_onnx_runtime_and_restores_the_base(trt_sim, 
     assert np.abs(lora_out - expected).max() <= LORA_ATOL and np.abs(lora_out - base_out).max() > 100 * LORA_ATOL
     refit_named(trt_sim, engine, base(overrides["unet"]), base, "unet-fp32", trt_sim.Logger())
     assert np.array_equal(_run(engine, feeds), base_out)
+
+
+def test_k3trt_refit_sets_only_the_changed_weight_by_name(trt_sim, artifacts_copy, tiny_model_dir, tmp_path):
+    """`k3trt refit` from a one-weight fine-tune: one weight set by name (no export), and the refit engine
+    computes what ONNX Runtime computes with that initializer replaced."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from k3trt.contract.manifest import Manifest
+    from k3trt.engines.build import build_engines
+    from k3trt.engines.plan import BuildFlags, make_plan
+    from k3trt.engines.refit import changed_weights, refit_artifacts
+    from k3trt.export.sources import open_model_dir
+    from k3trt.runtime.backends.ort import OrtBackend
+
+    manifest = Manifest.load(artifacts_copy)
+    build_engines(make_plan(manifest, components="unet", precision="fp32", resolutions=["64x64"], batch="1",
+                            flags=BuildFlags(refittable=True)), manifest, log=lambda *_: None)
+    tuned = tmp_path / "tuned"
+    shutil.copytree(tiny_model_dir, tuned)
+    file = next((tuned / "unet").glob("*.safetensors"))
+    tensors = load_file(str(file))
+    tensors["down_blocks.1.attentions.0.attention.to_v.weight"] *= 1.5
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+    assert refit_artifacts(str(artifacts_copy), str(tuned), components=["unet"], log=lambda *_: None) == ["unet-fp32"]
+    manifest = Manifest.load(artifacts_copy)
+    entry = manifest.data["engines"]["unet-fp32"]
+    assert entry["refit"]["how"] == "by_name" and entry["refit"]["weights"] == 1
+    engine = trt_sim.Runtime(trt_sim.Logger()).deserialize_cuda_engine(manifest.path(entry["file"]["path"]).read_bytes())
+    gen = np.random.default_rng(1)
+    feeds = {n: gen.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+    feeds["encoder_attention_mask"] = np.ones(SHAPES["encoder_attention_mask"], np.float32)
+    feeds["timestep"] = np.array([10.0, 500.0], np.float32)
+    ort = OrtBackend(manifest, "fp32")
+    ort.set_weights({"unet": changed_weights(manifest, "unet", "fp32", open_model_dir(tuned))[0]})
+    expected = ort.run("unet", {k: torch.from_numpy(v) for k, v in feeds.items()})["noise_pred"].numpy()
+    assert np.abs(_run(engine, feeds) - expected).max() <= LORA_ATOL
