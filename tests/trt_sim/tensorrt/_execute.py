@@ -56,7 +56,7 @@ class Executor:
     def session(self):
         if self._session is None:
             from k3trt.runtime.backends.ort import cpu_session
-            from k3trt.runtime.backends.storage import storage_session
+            from k3trt.runtime.backends.ort import storage_session
 
             self._session = (storage_session(self.model, threads=1) if self.reduced
                              else cpu_session(self.onnx_bytes, threads=1))
