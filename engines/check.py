@@ -15,6 +15,7 @@ from typing import Iterable, Mapping
 from k3trt.contract.arguments import check_path
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, inside
+from k3trt.engines.parser_support import ADDED_IN, SUPPORTED, UNSUPPORTED, parser_rejects, type_problem  # noqa: F401
 
 PROTOBUF_LIMIT = 2 * 1024**3
 DEFAULT_TRT_VERSION = (10, 0)
@@ -22,7 +23,6 @@ DEFAULT_TRT_VERSION = (10, 0)
 # --------------------------------------------------------------------------------------- operator table
 # Operator and data-type support live in engines/parser_support.py (with their sources), shared with the
 # TensorRT stand-in the tests build against; the names are re-exported here for the lint's readers.
-from k3trt.engines.parser_support import ADDED_IN, SUPPORTED, UNSUPPORTED, parser_rejects, type_problem  # noqa: E402,F401
 
 # The newest ONNX opset each TensorRT release's parser covers, from the sources named per row; a release reads
 # the row of the newest release at or below it. The parser refuses only opsets below 7 (onnx-tensorrt

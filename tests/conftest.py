@@ -96,6 +96,12 @@ def trt_sim():
         yield sim
 
 
+@pytest.fixture(scope="session")
+def trt_sim_installer():
+    """`installed_trt_sim` itself, for fixtures that install the stand-in only for some parameters."""
+    return installed_trt_sim
+
+
 @pytest.fixture(scope="module")
 def trt_sim_module():
     """The TensorRT stand-in for a whole test module (module-scoped fixtures that build engines)."""

@@ -42,12 +42,11 @@ def build(trt, path, *, flags=(), profile=((1, 4), (2, 4), (4, 4)), logger=None)
     return builder.build_serialized_network(network, config)
 
 
-def aligned(shape, dtype=torch.float32, alignment=256):
-    """A host tensor at an address with `alignment` (cudaMalloc gives 256-byte aligned device memory)."""
-    count = int(np.prod(shape))
-    raw = torch.zeros(count + alignment, dtype=dtype)
-    skip = (-raw.data_ptr() % alignment) // raw.element_size()
-    return raw[skip:skip + count].view(shape)
+def aligned(shape, dtype=torch.float32):
+    """A host tensor at a 256-byte aligned address (cudaMalloc gives 256-byte aligned device memory)."""
+    from tensorrt import _sim
+
+    return _sim.host_buffer(shape, dtype)
 
 
 def bound_context(trt, plan, batch=2, logger=None):
@@ -111,6 +110,10 @@ def test_user_managed_contexts_need_device_memory(trt_sim, matmul_onnx):
 def test_a_captured_graph_replays_the_captured_bindings(trt_sim, matmul_onnx):
     """A CUDA graph replays the launch it recorded: re-binding the context afterwards does not change it."""
     _, context, x, y = bound_context(trt_sim, build(trt_sim, matmul_onnx))
+    with trt_sim._sim.capture(stream_handle=7):
+        assert not context.execute_async_v3(7)  # no uncaptured enqueue since the shape was set
+    assert context.execute_async_v3(0)
+    y.zero_()
     with trt_sim._sim.capture(stream_handle=7) as graph:
         assert context.execute_async_v3(7)
     assert not y.abs().sum()  # capture records, it does not run
@@ -153,3 +156,44 @@ def test_weight_streaming_needs_the_build_flag(trt_sim, matmul_onnx):
     assert plain.streamable_weights_size == 0 and streamed.streamable_weights_size == WEIGHT.nbytes
     streamed.weight_streaming_budget_v2 = 16
     assert streamed.weight_streaming_budget_v2 == 16
+
+
+def test_a_graph_replayed_after_its_context_changed_shape_is_garbage(trt_sim, matmul_onnx):
+    """One context, graph A captured at batch 2, then an enqueue at batch 3: replaying A meets batch-3 state."""
+    engine, context, x, y = bound_context(trt_sim, build(trt_sim, matmul_onnx))
+    assert context.execute_async_v3(0)
+    with trt_sim._sim.capture(stream_handle=7) as graph:
+        assert context.execute_async_v3(7)
+    x3, y3 = aligned((3, 4)), aligned((3, 3))
+    assert context.set_input_shape("x", (3, 4)) and context.set_tensor_address("x", x3.data_ptr())
+    assert context.set_tensor_address("y", y3.data_ptr()) and context.execute_async_v3(0)
+    graph.replay()
+    assert torch.isnan(y).all()
+
+
+def test_polygraphy_loaders_round_trip_an_engine_through_a_file(trt_sim, matmul_onnx, tmp_path):
+    """Polygraphy's own loaders, unchanged, against the stand-in: build, save, load from the path, run."""
+    from polygraphy.backend.trt import (CreateConfig, EngineBytesFromNetwork, EngineFromBytes, EngineFromPath,
+                                        NetworkFromOnnxPath, Profile, SaveEngine)
+
+    profile = Profile().add("x", min=(1, 4), opt=(2, 4), max=(4, 4))
+    built = EngineFromBytes(EngineBytesFromNetwork(NetworkFromOnnxPath(str(matmul_onnx), strongly_typed=True),
+                                                   config=CreateConfig(profiles=[profile], tf32=True)))
+    SaveEngine(built, str(tmp_path / "mm.plan"))()
+    engine = EngineFromPath(str(tmp_path / "mm.plan"))()
+    x = torch.randn(3, 4)
+    y = trt_sim._sim.run(engine, {"x": x})["y"]
+    assert torch.allclose(y, x @ torch.from_numpy(WEIGHT), atol=1e-6)
+    assert "TF32" in trt_sim._sim.state().builds[-1]["flags"]
+
+
+def test_polygraphy_refuses_weak_typing_flags_on_tensorrt_11(trt_sim, matmul_onnx):
+    """TensorRT 11 removed BuilderFlag.FP16: Polygraphy's CreateConfig(fp16=True) fails there, not silently."""
+    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.exception import PolygraphyException
+
+    network = NetworkFromOnnxPath(str(matmul_onnx))
+    with pytest.raises(PolygraphyException, match="fp16"):
+        EngineBytesFromNetwork(network, config=CreateConfig(fp16=True))()
+    trt_sim._sim.impersonate("10.0.1")
+    assert EngineBytesFromNetwork(network, config=CreateConfig(fp16=True))() is not None

@@ -2,7 +2,7 @@
 
 Addresses are host pointers (torch CPU tensors' `data_ptr()`); the bytes are viewed with ctypes/numpy, so
 whatever the caller bound is what the engine reads and writes, as device pointers are for a real engine.
-fp16/bf16 graphs run with their storage emulated (k3trt.runtime.backends.storage: ONNX Runtime's CPU provider
+fp16/bf16 graphs run with their storage emulated (k3trt.runtime.backends.ort.storage_session: ONNX Runtime's CPU provider
 has no bf16 MatMul/Conv kernels), everything else as ONNX Runtime runs it.
 """
 from __future__ import annotations
@@ -55,8 +55,7 @@ class Executor:
 
     def session(self):
         if self._session is None:
-            from k3trt.runtime.backends.ort import cpu_session
-            from k3trt.runtime.backends.ort import storage_session
+            from k3trt.runtime.backends.ort import cpu_session, storage_session
 
             self._session = (storage_session(self.model, threads=1) if self.reduced
                              else cpu_session(self.onnx_bytes, threads=1))

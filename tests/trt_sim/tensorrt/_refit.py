@@ -121,7 +121,7 @@ class OnnxParserRefitter(Api):
         for tensor in proto.graph.initializer:
             if tensor.name not in refitter._weights:
                 continue
-            values = np.ascontiguousarray(numpy_helper.to_array(tensor))
+            values = numpy_helper.to_array(tensor).copy()  # C order; keeps 0-d scalars 0-d
             dtype, dims = refitter._weights[tensor.name]
             if ONNX_TO_TRT.get(tensor.data_type) != dtype or list(values.shape) != list(dims):
                 self._errors.append(f"initializer {tensor.name!r}: {values.dtype}{list(values.shape)} does not "

@@ -219,6 +219,7 @@ class IExecutionContext(Api):
         self._addresses: dict[str, int] = {}
         self._device_memory = 0
         self._name = ""
+        self._state_shapes = None  # the input shapes its internal (device-side) state was last updated for
 
     @property
     def engine(self) -> ICudaEngine:
@@ -321,23 +322,41 @@ class IExecutionContext(Api):
             return self._error("IExecutionContext::enqueueV3: Error Code 3: API Usage Error (a USER_MANAGED "
                                "context has no device memory: call set_device_memory first)") or None
         outputs = self._engine._executor.output_shapes(self._shapes)
-        return {"engine": self._engine, "inputs": dict(self._shapes), "outputs": outputs,
-                "addresses": dict(self._addresses)}
+        return {"engine": self._engine, "context": self, "inputs": dict(self._shapes), "outputs": outputs,
+                "addresses": dict(self._addresses), "captured": False}
 
     def execute_async_v3(self, stream_handle: int) -> bool:
+        """Run now, or record the launch when `stream_handle` is being captured into a graph (`_sim.capture`).
+
+        Developer guide, "CUDA Graphs": call enqueueV3 once, uncaptured, after an input shape change, to update
+        the context's internal state; only then capture. A captured launch reads that state when it replays."""
         snapshot = self._snapshot()
         if snapshot is None:
             return False
-        if int(stream_handle) in STATE.capturing:  # a graph capture records the launch; replay runs it
-            STATE.capturing[int(stream_handle)].append(snapshot)
+        if int(stream_handle) in STATE.capturing:
+            if self._state_shapes != snapshot["inputs"]:
+                return self._error("IExecutionContext::enqueueV3: Error Code 3: API Usage Error (the input "
+                                   "shapes changed since the last enqueue: call enqueueV3 once after an input "
+                                   "shape change, before capturing a CUDA graph)")
+            STATE.capturing[int(stream_handle)].append({**snapshot, "captured": True})
             return True
         run_snapshot(snapshot)
+        self._state_shapes = snapshot["inputs"]
         return True
 
 
 def run_snapshot(snapshot: dict) -> None:
-    """Run an engine on the addresses and shapes a launch was made with (what a CUDA graph replays)."""
+    """Run an engine on the addresses and shapes a launch was made with (what a CUDA graph replays).
+
+    A replayed launch whose context has since been updated for other input shapes meets that other state, as
+    captured kernels do on a GPU: its outputs are garbage (NaN here), not a silent right answer."""
     engine: ICudaEngine = snapshot["engine"]
+    if snapshot["captured"] and snapshot["context"]._state_shapes != snapshot["inputs"]:
+        for name, shape in snapshot["outputs"].items():
+            dtype = numpy_dtype(engine._by_name[name]["onnx_type"])
+            host_array(snapshot["addresses"][name], shape, dtype)[...] = \
+                np.nan if np.issubdtype(dtype, np.floating) else 0
+        return
     feeds = {}
     for name, shape in snapshot["inputs"].items():
         dtype = numpy_dtype(engine._by_name[name]["onnx_type"])
