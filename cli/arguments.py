@@ -140,7 +140,8 @@ def open_pipeline(args, model_dir: str | None = None):
         register_torch_backend()
         options = {"model_dir": model_dir or getattr(args, "model", None)}
     return Pipeline.from_artifacts(getattr(args, "manifest", None) or args.artifacts, args.backend,
-                                   resolved_precision(args), scheduler=args.scheduler, **options)
+                                   resolved_precision(args), scheduler=args.scheduler,
+                                   lora=getattr(args, "lora", None), **options)
 
 
 def progress_callback(total: int, label: str = "denoising"):

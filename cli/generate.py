@@ -48,5 +48,8 @@ def register(sub) -> None:
     p.add_argument("--model", metavar="DIR", help="model folder (only for --backend torch)")
     p.add_argument("--out", required=True, metavar="PATH.png", help="image file (.png, .jpg, .webp); with several "
                    "images PATH-0.png, PATH-1.png, ...; an existing file is replaced only if k3trt wrote it")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a LoRA adapter (PEFT folder, or diffusers/kohya .safetensors) applied without re-export, "
+                        "scale 1 by default; repeat to blend several (backends ort, openvino, trt)")
     add_task_args(p)
     p.set_defaults(func=cmd_generate)

@@ -72,3 +72,7 @@ class BackendBusyError(K3TRTError):
 class DiskFullError(K3TRTError, OSError):
     """The file system ran out of space (ENOSPC) or quota (EDQUOT) while k3trt wrote a file; nothing earlier
     was replaced (files are written atomically). Names the path, the space needed and the space free."""
+
+
+class AdapterError(K3TRTError, ValueError):
+    """A LoRA adapter or a fine-tuned checkpoint does not fit the artifacts' weights (unmapped keys, shapes)."""

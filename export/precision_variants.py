@@ -294,7 +294,7 @@ def make_variant(manifest: Manifest, component: str, precision: str, info: dict,
         inputs=fp32.inputs, outputs=fp32.outputs, axes=dict(fp32.axes), source_hash=fp32.source_hash,
         export_key=sha256_json({"fp32": fp32.export_key, "precision": precision, "fp32_nodes": keep}),
         versions=fp32.versions, validation=validation,
-        extra={**{k: v for k, v in fp32.extra.items() if k in ("multiples", "model_info", "source_folder")},
+        extra={**{k: v for k, v in fp32.extra.items() if k in ("multiples", "model_info", "source_folder", "weight_map")},
                "source": f"onnx.{component}.fp32", "fp32_export_key": fp32.export_key, "fp32_policy": policy,
                "fp32_nodes": list(keep), "converter": CONVERTER, "converter_version": _modelopt_version(),
                "seconds": round(time.perf_counter() - start, 2)})

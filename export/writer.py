@@ -171,6 +171,32 @@ def _content_folder(root: Path, name: str, staging: Path, graph: Path, external:
     return final
 
 
+def record_weight_map(spec, module, graph: Path, folder: Path, inputs: dict) -> None:
+    """`weights.json` beside the graph: which initializer each parameter became (export/weight_map.py)."""
+    import onnx
+
+    from k3trt.export.weight_map import (build_weight_map, module_config, used_modules, wrapper_prefix, wrapper_tensors,
+                             write_weight_map)
+
+    wrapper = spec.wrapper(module).eval()
+    used = used_modules(wrapper, tuple(inputs[name] for name in spec.input_names))
+    weight_map = build_weight_map(module, onnx.load(str(graph)), prefix=wrapper_prefix(wrapper),
+                                  base_dir=graph.parent, config=module_config(module), used=used,
+                                  extras=wrapper_tensors(wrapper))
+    write_weight_map(weight_map, folder)
+
+
+def placed_weight_map(root: Path, staging: Path, final: Path) -> FileRecord | None:
+    """The weight map's record in the content folder (copied there when an identical earlier export, written
+    before maps existed, was reused)."""
+    from k3trt.export.weight_map import WEIGHT_MAP_NAME
+
+    placed, staged = final / WEIGHT_MAP_NAME, staging / WEIGHT_MAP_NAME
+    if not placed.is_file() and staged.is_file():
+        atomic_write_bytes(placed, staged.read_bytes())
+    return FileRecord.of(root, placed) if placed.is_file() else None
+
+
 def _export_regular(source: ModelSource, spec, info: dict, staging: Path, *, opset: int, external_threshold: int,
                     log):
     """(graph, external data, validation, failures): trace the loaded fp32 module, validate against it."""
@@ -181,6 +207,7 @@ def _export_regular(source: ModelSource, spec, info: dict, staging: Path, *, ops
                                   external_threshold=external_threshold)
     log(f"  {spec.name}: validating against torch on ONNX Runtime at {len(spec.validate)} new shapes ...")
     validation, failures = validate_component(spec, module, graph, info)
+    record_weight_map(spec, module, graph, staging, trace_inputs)
     del module
     gc.collect()
     return graph, external, validation, failures
@@ -205,6 +232,7 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
             raise ValidationError(failures, fix="report this with the model config; the previous artifacts "
                                                 "were left untouched")
         final = _content_folder(root, name, staging, graph, external)
+        weight_map = placed_weight_map(root, staging, final)
         record = OnnxRecord(
             component=name, variant="fp32", graph=FileRecord.of(root, final / graph.name),
             external_data=FileRecord.of(root, final / external.name) if external else None, opset=opset,
@@ -212,7 +240,8 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
             axes=dict(spec.axes), source_hash=source_hash, export_key=key, versions=library_versions(),
             validation=validation,
             extra={"multiples": spec.multiples, "seconds": round(time.perf_counter() - t0, 2),
-                   "source_folder": spec.folder, "model_info": info, **({"streamed": True} if streamed else {})},
+                   "source_folder": spec.folder, "model_info": info, **({"streamed": True} if streamed else {}),
+                   **({"weight_map": weight_map.__dict__} if weight_map else {})},
         )
         worst = max(c["rel_l2"] for c in validation["cases"])
         log(f"  {name}: ok (worst rel_l2 {worst:.2e}, {record.extra['seconds']} s)")

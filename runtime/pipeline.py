@@ -65,12 +65,17 @@ class Pipeline:
                                          pad_id=manifest.data["tokenizer"].get("pad_id", 0))
         self.scheduler_config = json.loads(manifest.path(manifest.data["scheduler"]["path"]).read_text())
         make_scheduler(scheduler, self.scheduler_config)  # fail now, not mid-request
+        self.loras: tuple = ()  # the LoRA adapters in use (runtime/lora.py LoraChoice), none: base weights
 
     @classmethod
     def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "ort",
                        precision: str | Mapping[str, str] = "fp32", *, scheduler: str = "ddpm",
-                       **backend_options) -> "Pipeline":
-        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once)."""
+                       lora=None, **backend_options) -> "Pipeline":
+        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once); `lora`:
+        adapters applied from the start (see `set_lora`)."""
+        from k3trt.runtime.lora import load_loras
+
+        loras = load_loras(lora)  # a bad adapter fails before any session opens
         manifest = path if isinstance(path, Manifest) else Manifest.load(check_path("path", path))
         if not isinstance(backend, (str, Backend)):
             raise InvalidArgumentError(f"backend={backend!r}", accepted="ort, trt, torch, or a Backend instance",
@@ -78,7 +83,22 @@ class Pipeline:
         check_choice("scheduler", scheduler, ("ddpm", "ddim"))
         if isinstance(backend, str):
             backend = make_backend(backend, manifest, precision, **backend_options)
-        return cls(manifest, backend, scheduler=scheduler)
+        pipe = cls(manifest, backend, scheduler=scheduler)
+        if loras:
+            pipe.set_lora(loras)
+        return pipe
+
+    def set_lora(self, lora=None) -> None:
+        """Run with these LoRA adapters (None or []: the base weights, bit for bit). `lora`: "PATH[:SCALE]", a
+        Path, (path, scale), or a list of them blended with their own scales; PATH is a PEFT adapter folder or
+        a diffusers/kohya .safetensors file. Nothing is re-exported: the changed weights are computed from the
+        artifacts' weight map and swapped into the backend (runtime/lora.py). Call between generations."""
+        from k3trt.runtime.lora import load_loras, weight_overrides
+
+        choices = load_loras(lora)
+        graphs = {c: self.backend.weight_graph(c) for c in ("unet", "text_encoder") if self.manifest.has_onnx(c)}
+        self.backend.set_weights(weight_overrides(self.manifest, graphs, choices) if choices else {})
+        self.loras = choices
 
     # ------------------------------------------------------------------------------------- stages
     def encode(self, request: Request) -> Conditioning:

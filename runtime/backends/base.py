@@ -183,6 +183,19 @@ class Backend(abc.ABC):
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ...
 
+    def set_weights(self, overrides: Mapping[str, Mapping[str, object]]) -> None:
+        """Run with these initializers replaced: component -> initializer name -> array in the initializer's
+        type (runtime/lora.py). The whole desired state: a component or name left out runs its base weights.
+        Call between generations, not during one."""
+        raise BackendUnavailableError(f"the {self.name} backend cannot change weights by name",
+                                      accepted="backends ort, openvino and trt",
+                                      fix="use --backend ort (or merge the adapter and `k3trt export "
+                                          "--weights-from`)")
+
+    def weight_graph(self, component: str) -> str:
+        """The ONNX file (relative path) whose initializers this backend runs for `component`."""
+        return self.record(component).graph.path
+
     def close(self) -> None:
         """Release sessions/engines; the backend is unusable afterwards."""
 

@@ -101,6 +101,7 @@ class OrtBackend(Backend):
         self.disable_quant_qdq, self.verify, self.flush_denormals = disable_quant_qdq, verify, flush_denormals
         self.arena = bool(arena)
         self._sessions: dict[str, object] = {}
+        self._overrides: dict[str, dict[str, np.ndarray]] = {}  # component -> initializer -> new weight
         self._open_lock = threading.Lock()  # concurrent first calls open one session, not several
 
     @property
@@ -131,8 +132,11 @@ class OrtBackend(Backend):
                                   flush_denormals=self.flush_denormals, disable_quant_qdq=self.disable_quant_qdq,
                                   arena=self.arena)
         providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
+        values = self._with_overrides(component, options)
         try:
-            return ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=providers)
+            session.k3trt_weights = values  # kept alive with the session
+            return session
         except Exception as exc:  # onnxruntime's errors have no common base: a corrupt file is an artifact error
             raise ArtifactError(f"ONNX Runtime cannot load {component} from {str(path)!r}: "
                                 f"{type(exc).__name__}: {str(exc)[:300]}",
@@ -144,6 +148,27 @@ class OrtBackend(Backend):
         if hasattr(session, "get_inputs"):
             check_io_signature(self.record(component), _ranks(session.get_inputs()), _ranks(session.get_outputs()),
                                str(self.manifest.path(self.record(component).graph.path)))
+
+    def set_weights(self, overrides) -> None:
+        """New sessions for the components whose weights change, with only the changed initializers given to
+        ONNX Runtime (`SessionOptions.add_initializer`); the rest load from the unchanged files as always."""
+        overrides = {c: {n: np.ascontiguousarray(a) for n, a in w.items()} for c, w in overrides.items() if w}
+        for component in overrides:
+            if self.record(component).variant == "bf16" and self.provider == "cpu":
+                raise InvalidArgumentError(f"new weights for the bf16 {component} on the CPU provider",
+                                           accepted="fp32 or fp16 variants", fix="--precision fp32")
+        with self._open_lock:
+            for component in set(self._overrides) | set(overrides):
+                self._sessions.pop(component, None)  # a running call keeps its old session to the end
+            self._overrides = overrides
+
+    def _with_overrides(self, component: str, options):
+        """Attach the component's replaced initializers; the OrtValues must outlive the session."""
+        ort = onnxruntime()
+        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._overrides.get(component, {}).items()}
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        return values
 
     def _bf16_on_cpu(self, path):
         """bf16 storage emulated on fp32 kernels (runtime/backends/storage.py): each bf16 tensor is rounded to
