@@ -36,6 +36,7 @@ from k3trt.contract.manifest import MANIFEST_NAME
 from k3trt.runtime.pipeline import Pipeline
 from k3trt.runtime.serving.forms import is_multipart, parse_form
 from k3trt.runtime.serving.jobs import JobStore
+from k3trt.runtime.serving.animation_jobs import add_animation_routes
 from k3trt.runtime.serving.jobs_api import add_job_routes
 from k3trt.runtime.serving.openapi import describe_routes
 from k3trt.runtime.serving.schema import (MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, BodyError, FieldError, Limits, _size,
@@ -219,6 +220,7 @@ def create_app(service: ImageService, *, load_in_background: bool = True):
     app.add_api_route("/v1/images/variations", images.variations, methods=["POST"], response_model=None,
                       openapi_extra=describe_routes["variations"])
     add_job_routes(app, images)
+    add_animation_routes(app, images, read_body)
     app.add_middleware(RequestMiddleware, metrics=service.metrics, api_key=service.settings.api_key)
     if service.settings.cors_allow_origins:  # outermost: a preflight is answered before the API key is asked for
         app.add_middleware(CORSMiddleware, allow_origins=list(service.settings.cors_allow_origins),

@@ -51,7 +51,12 @@ class JobRecord:
             status = "running"
         return {"id": self.id, "object": "k3trt.job", "kind": self.kind, "status": status,
                 "created": int(self.created), "queue_position": self.work.position() if status == "queued" else None,
-                "progress": {"step": done, "steps": total}, "result_url": f"/v1/jobs/{self.id}/result"}
+                "progress": {"step": done, "steps": total, **self._more_progress()}, "result_url": f"/v1/jobs/{self.id}/result"}
+
+    def _more_progress(self) -> dict:
+        """Work-specific progress (an animation's frames) next to the steps."""
+        more = getattr(self.work, "progress_frames", None)
+        return more() if more is not None else {}
 
 
 class JobStore:

@@ -9,7 +9,7 @@ expired ids are 404. The store (jobs.py) is bounded by --max-jobs and --job-ttl.
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from k3trt.contract.errors import K3TRTError
 from k3trt.runtime.serving.middleware import error_payload
@@ -71,6 +71,8 @@ def add_job_routes(app, images) -> None:
             return JSONResponse(error_payload(409, f"job {job_id} is {record.describe()['status']}",
                                               "invalid_request_error", "job_not_finished", request.scope),
                                 status_code=409, headers={"Retry-After": "1"})
+        if isinstance(record.result, Response):  # media (an animation's video): a fresh response per fetch
+            return Response(record.result.body, media_type=record.result.media_type)
         return JSONResponse(record.result, status_code=record.error_status or 200)
 
     async def cancel(job_id: str, request: Request):
