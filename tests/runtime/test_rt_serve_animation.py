@@ -71,8 +71,10 @@ def test_an_animation_job_reports_frames_and_returns_the_library_s_video(served,
 
 def test_an_animation_job_as_gif_has_the_frames(served, pipe):
     base, _ = served
-    body = {**DEFORUM, "frames": 2, "zoom": 1.05, "seed": 3, "output_format": "gif"}
-    job = httpx.post(base + URL, json=body).json()["id"]
+    body = {**DEFORUM, "prompt": "a red fox", "frames": 2, "zoom": 1.05, "seed": 3, "output_format": "gif"}
+    submitted = httpx.post(base + URL, json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = submitted.json()["id"]
     _poll(base, job)
     fetched = httpx.get(f"{base}/v1/jobs/{job}/result")
     assert fetched.headers["content-type"] == "image/gif" and fetched.content.startswith(b"GIF8")
