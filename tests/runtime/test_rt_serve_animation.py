@@ -114,7 +114,7 @@ def test_cancel_stops_an_animation_at_a_step(served):
     ({"strength": "0: 0.5; 2: 1.5"}, "strength"),
     ({"init_image": "/etc/passwd"}, "init_image"),
     ({"prompt": None}, "prompt"),
-    ({"frames_per_key": 2}, None),  # a zoom option with mode deforum
+    ({"frames_per_key": 2}, "frames_per_key"),  # a zoom option with mode deforum
 ], ids=["no-frames", "over-budget", "mode", "format", "fps", "size", "strength", "init-image", "prompt", "other-mode"])
 def test_bad_animation_bodies_are_400_naming_the_field_before_queueing(served, change, param):
     base, service = served
