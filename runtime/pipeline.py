@@ -66,10 +66,11 @@ class Pipeline:
         make_scheduler(scheduler, self.scheduler_config)  # fail now, not mid-request
 
     @classmethod
-    def from_artifacts(cls, path: str | Path, backend: str | Backend = "ort",
+    def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "ort",
                        precision: str | Mapping[str, str] = "fp32", *, scheduler: str = "ddpm",
                        **backend_options) -> "Pipeline":
-        manifest = Manifest.load(check_path("path", path))
+        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once)."""
+        manifest = path if isinstance(path, Manifest) else Manifest.load(check_path("path", path))
         if not isinstance(backend, (str, Backend)):
             raise InvalidArgumentError(f"backend={backend!r}", accepted="ort, trt, torch, or a Backend instance",
                                        fix='e.g. backend="ort"')
@@ -140,6 +141,16 @@ class Pipeline:
         request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
                                height=size if height is None else height, width=size if width is None else width,
                                num_images=num_images)
+        return self.run(request, output_type=output_type, callback=callback, recorder=recorder)
+
+    def run(self, request: Request, *, output_type: str = "pil", callback: StepCallback | None = None,
+            recorder: list | None = None):
+        """`generate` for a Request already built (`make_request`): the request is checked against the
+        artifacts here, once, and not rebuilt."""
+        check_choice("output_type", output_type, ("pil", "np", "latent"))
+        if not isinstance(request, Request):
+            raise InvalidArgumentError(f"request is a {type(request).__name__}", accepted="a Request (make_request)",
+                                       fix="build it with k3trt.runtime.pipeline.make_request(...)")
         self.check_request(request)
         generator = make_generator(request.seed)  # one per request (thread-safe); all 64 bits count
         state = self.start(request, self.encode(request), generator)
