@@ -22,6 +22,7 @@ from k3trt.contract.cards import guided_batch
 from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.limits import check_image_request, default_size
 from k3trt.contract.manifest import Manifest
+from k3trt.contract.quality import DEFAULT_MIN_PSNR_DB
 from k3trt.runtime.backends.base import Backend, check_shapes
 from k3trt.runtime.backends.registry import make_backend
 from k3trt.runtime.denoise_loop import (
@@ -66,17 +67,22 @@ class Pipeline:
         make_scheduler(scheduler, self.scheduler_config)  # fail now, not mid-request
 
     @classmethod
-    def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "ort",
-                       precision: str | Mapping[str, str] = "fp32", *, scheduler: str = "ddpm",
-                       **backend_options) -> "Pipeline":
-        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once)."""
+    def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "auto",
+                       precision: str | Mapping[str, str] | None = "fp32", *, scheduler: str = "ddpm",
+                       min_psnr: float = DEFAULT_MIN_PSNR_DB, **backend_options) -> "Pipeline":
+        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once).
+
+        `backend="auto"` (the default) runs on the fastest fp32-exact backend installed (OpenVINO where present,
+        else ONNX Runtime); `precision="auto"` on the fastest precision whose quality recorded by `k3trt qualify`
+        meets `min_psnr` dB (runtime/backends/auto.py). `pipeline.backend.auto_choice` says what was chosen."""
         manifest = path if isinstance(path, Manifest) else Manifest.load(check_path("path", path))
         if not isinstance(backend, (str, Backend)):
-            raise InvalidArgumentError(f"backend={backend!r}", accepted="ort, trt, torch, or a Backend instance",
-                                       fix='e.g. backend="ort"')
+            raise InvalidArgumentError(f"backend={backend!r}",
+                                       accepted="auto, ort, openvino, trt, torch, or a Backend instance",
+                                       fix='e.g. backend="auto" (the default)')
         check_choice("scheduler", scheduler, ("ddpm", "ddim"))
         if isinstance(backend, str):
-            backend = make_backend(backend, manifest, precision, **backend_options)
+            backend = make_backend(backend, manifest, precision, min_psnr=min_psnr, **backend_options)
         return cls(manifest, backend, scheduler=scheduler)
 
     # ------------------------------------------------------------------------------------- stages

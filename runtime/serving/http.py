@@ -51,7 +51,7 @@ REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (rep
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     artifacts: str
-    backend: str = "ort"
+    backend: str = "auto"
     precision: str | None = None
     backend_options: tuple = ()  # (name, value) pairs for the backend, e.g. (("threads", 2),)
     scheduler: str = "ddpm"
