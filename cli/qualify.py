@@ -17,6 +17,9 @@ def cmd_qualify(args) -> int:
     from k3trt.runtime.pipeline import Pipeline
     from k3trt.verify.qualify import candidates, measure, records, save_records, sides_for
 
+    from k3trt.verify.bench_stats import LOAD_SHARE, load_average
+
+    load_before = load_average()  # before anything loads: what other processes put on the machine
     manifest = check_qualify_args(args)
     reduced = candidates(manifest, args.precision)
     min_psnr = check_min_psnr(args.min_psnr)
@@ -30,10 +33,14 @@ def cmd_qualify(args) -> int:
         return Pipeline.from_artifacts(manifest, side.backend, side.precision, threads=args.threads)
 
     runs = measure(open_side, sides, prompts, request, log)
+    load = {"before": load_before, "after": load_average()}
     measured = records(manifest, sides, runs, threads=args.threads or _cores(), request=request,
-                       prompts=len(prompts))
+                       prompts=len(prompts), load=load)
     saved = save_records(manifest.root, measured, log)
     print(format_records(measured, min_psnr))
+    if load_before is not None and load_before > LOAD_SHARE * _cores():
+        print(f"WARNING: load average {load_before:.2f} on {_cores()} cores before the run: the speed-ups above are "
+              "unreliable (quality figures are not affected); re-run `k3trt qualify` on an idle machine")
     chosen, _, reason = choose_precision_auto(saved.data, min_psnr=min_psnr)
     print(f"--precision auto now picks {chosen} ({reason})")
     return 0
@@ -49,8 +56,11 @@ def format_records(measured: dict, min_psnr: float) -> str:
     rows = [f"{'precision':<10} {'backend':<9} {'PSNR worst':>10} {'mean':>7} {'cosine':>9} {'ms/image':>9} "
             f"{'fp32 ms':>8} {'speed-up':>8} {'U-Net step vs fp32, same backend':>33}  verdict"]
     for precision, r in measured.items():
+        if r.get("non_finite"):
+            rows.append(f"{precision:<10} {r['backend']:<9} NaN/Inf end to end: {r['non_finite']}  FAILS")
+            continue
         ok = r["psnr_db"] >= min_psnr
-        verdict = ("meets" if ok else "BELOW") + f" {min_psnr:g} dB" + ("" if r["speedup"] > 1 else ", SLOWER than fp32")
+        verdict = f"{'meets' if ok else 'BELOW'} {min_psnr:g} dB" + ("" if r["speedup"] > 1 else ", SLOWER than fp32")
         rows.append(f"{precision:<10} {r['backend']:<9} {r['psnr_db']:9.1f}  {r['psnr_db_mean']:6.1f} "
                     f"{r['cosine']:9.6f} {r['total_ms']:9.1f} {r['fp32_total_ms']:8.1f} {r['speedup']:7.2f}x "
                     f"{r['unet_step_ms']:12.1f} vs {r['fp32_unet_step_ms_same_backend']:.1f} ms "

@@ -19,8 +19,8 @@ from k3trt.contract.errors import ArtifactError
 
 DEFAULT_MIN_PSNR_DB = 30.0  # end-to-end image vs fp32, worst held-out prompt (issue 22: "30 dB by default")
 QUALITY_KEY = "quality"
-REQUIRED = {"psnr_db": float, "cosine": float, "speedup": float, "total_ms": float, "fp32_total_ms": float,
-            "backend": str, "machine": str, "date": str, "onnx_keys": dict}
+REQUIRED = {"psnr_db": float, "cosine": float, "backend": str, "machine": str, "date": str, "onnx_keys": dict}
+TIMED = {"speedup": float, "total_ms": float, "fp32_total_ms": float}  # absent when it produced NaN/Inf
 
 
 def check_quality_section(section: Any, where: str) -> None:
@@ -31,7 +31,8 @@ def check_quality_section(section: Any, where: str) -> None:
     for precision, record in section.items():
         if not isinstance(record, dict):
             raise ArtifactError(f"{where}: quality.{precision} is not an object", fix="re-run `k3trt qualify`")
-        for key, kind in REQUIRED.items():
+        needed = REQUIRED if record.get("non_finite") else {**REQUIRED, **TIMED}
+        for key, kind in needed.items():
             value = record.get(key)
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
                 if kind is float else isinstance(value, kind)
@@ -62,4 +63,11 @@ def current_records(manifest_data: Mapping) -> dict[str, dict]:
 
 
 def meets_bound(record: Mapping, min_psnr: float) -> bool:
-    return float(record["psnr_db"]) >= min_psnr
+    """NaN/Inf anywhere end to end fails whatever the bound."""
+    return not record.get("non_finite") and float(record["psnr_db"]) >= min_psnr
+
+
+def describe(record: Mapping) -> str:
+    if record.get("non_finite"):
+        return "NaN/Inf end to end"
+    return f"{record['psnr_db']:.1f} dB, {record['speedup']:.2f}x fp32's speed"

@@ -15,15 +15,18 @@ import statistics
 import time
 from typing import Callable, Sequence
 
-from k3trt.contract.errors import ArtifactError, BackendUnavailableError
+from k3trt.contract.errors import ArtifactError, BackendUnavailableError, NonFiniteError
 from k3trt.contract.manifest import Manifest
-from k3trt.contract.quality import QUALITY_KEY, onnx_keys
+from k3trt.contract.quality import QUALITY_KEY, is_current, onnx_keys
 from k3trt.contract.tensor_metrics import compare, psnr
 from k3trt.runtime.backends.auto import choose_backend, openvino_installed
 from k3trt.runtime.cpuinfo import cpu_info
 from k3trt.verify.bench_stats import utc_now, versions
+from k3trt.writing.atomic import save_manifest
+from k3trt.writing.locking import artifact_lock
 
 COMPONENTS = ("text_encoder", "unet", "movq_decoder")
+MAX_RECORDED_PSNR_DB = 150.0  # identical images are infinite dB; JSON holds finite numbers (fp32 noise is ~100 dB)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,63 +73,81 @@ def measure(open_side: Callable[[Side], object], sides: list[Side], prompts: Seq
             log: Callable[[str], None]) -> dict[str, dict]:
     """label -> {"images": [one per prompt], "total_s": [...], "unet_s": [...]}, interleaved per prompt."""
     pipes = {s.label: open_side(s) for s in sides}
+    runs = {s.label: {"images": [], "total_s": [], "unet_s": [], "non_finite": None} for s in sides}
     for label, pipe in pipes.items():  # warm-up: sessions, compiled shapes, allocations
         log(f"warming up {label} ...")
-        pipe.generate(prompts[0], **request, seed=0, output_type="np")
-    runs = {s.label: {"images": [], "total_s": [], "unet_s": []} for s in sides}
+        _generate(pipe, runs[label], prompts[0], request, 0, timed=False, reference=label == sides[0].label)
     for index, prompt in enumerate(prompts):
         for label, pipe in pipes.items():
-            pipe.backend.timings.clear()
-            start = time.perf_counter()
-            images = pipe.generate(prompt, **request, seed=index, output_type="np")
-            runs[label]["total_s"].append(time.perf_counter() - start)
-            runs[label]["unet_s"] += list(pipe.backend.timings["unet"])
-            runs[label]["images"].append(images)
+            _generate(pipe, runs[label], prompt, request, index, reference=label == sides[0].label)
         log(f"prompt {index + 1}/{len(prompts)} done")
     for pipe in pipes.values():
         pipe.close()
     return runs
 
 
+def _generate(pipe, run: dict, prompt: str, request: dict, seed: int, *, timed: bool = True,
+              reference: bool = False) -> None:
+    """One generation into `run`; a reduced precision's NaN/Inf is its result (recorded, the side stops), the
+    fp32 reference's is an error."""
+    if run["non_finite"]:
+        return
+    pipe.backend.timings.clear()
+    start = time.perf_counter()
+    try:
+        images = pipe.generate(prompt, **request, seed=seed, output_type="np")
+    except NonFiniteError as exc:
+        if reference:
+            raise
+        run["non_finite"] = str(exc)
+        return
+    if timed:
+        run["total_s"].append(time.perf_counter() - start)
+        run["unet_s"] += list(pipe.backend.timings["unet"])
+        run["images"].append(images)
+
+
 def records(manifest: Manifest, sides: list[Side], runs: dict, *, threads: int, request: dict,
-            prompts: int) -> dict[str, dict]:
+            prompts: int, load: dict | None = None) -> dict[str, dict]:
     """precision -> its quality record (contract/quality.py), against the first side (fp32, auto's backend)."""
     reference = sides[0]
     ref = runs[reference.label]
-    ms = {label: statistics.median(run["total_s"]) * 1e3 for label, run in runs.items()}
+    ms = {label: statistics.median(run["total_s"]) * 1e3 for label, run in runs.items() if run["total_s"]}
     unet_ms = {label: statistics.median(run["unet_s"]) * 1e3 for label, run in runs.items() if run["unet_s"]}
     out = {}
     for side in sides[1:]:
         if side.precision == "fp32":
             continue
         run = runs[side.label]
-        db = [float(psnr(r, c)) for r, c in zip(ref["images"], run["images"])]
+        common = {"backend": side.backend, "reference_backend": reference.backend, "machine": cpu_info().describe(),
+                  "threads": threads, "load_average": dict(load or {}), "date": utc_now(), "prompts": prompts,
+                  "steps": request["steps"], "guidance": request["guidance"],
+                  "resolution": f"{request['width']}x{request['height']}", "versions": versions(),
+                  "onnx_keys": {**onnx_keys(manifest.data, dict.fromkeys(COMPONENTS, "fp32")),
+                                **onnx_keys(manifest.data, {"unet": _variant(side.precision)})}}
+        if run["non_finite"]:  # the worst quality there is: never auto, always warned about
+            out[side.precision] = {"psnr_db": 0.0, "cosine": -1.0, "non_finite": run["non_finite"], **common}
+            continue
+        db = [min(float(psnr(r, c)), MAX_RECORDED_PSNR_DB) for r, c in zip(ref["images"], run["images"])]
         cosine = [compare(r, c).cosine for r, c in zip(ref["images"], run["images"])]
         same = next(s.label for s in sides if s.precision == "fp32" and s.backend == side.backend)
-        variant = {"bf16": "fp32"}.get(side.precision, side.precision)  # OpenVINO computes bf16 from fp32's graph
         out[side.precision] = {
             "psnr_db": min(db), "psnr_db_mean": statistics.fmean(db), "cosine": min(cosine),
-            "backend": side.backend, "reference_backend": reference.backend,
             "total_ms": ms[side.label], "fp32_total_ms": ms[reference.label],
             "speedup": ms[reference.label] / ms[side.label],
             "unet_step_ms": unet_ms[side.label], "fp32_unet_step_ms_same_backend": unet_ms[same],
-            "unet_speedup_same_backend": unet_ms[same] / unet_ms[side.label],
-            "machine": cpu_info().describe(), "threads": threads, "date": utc_now(), "prompts": prompts,
-            "steps": request["steps"], "guidance": request["guidance"],
-            "resolution": f"{request['width']}x{request['height']}", "versions": versions(),
-            "onnx_keys": {**onnx_keys(manifest.data, dict.fromkeys(COMPONENTS, "fp32")),
-                          **onnx_keys(manifest.data, {"unet": variant})},  # the reference's and the candidate's
+            "unet_speedup_same_backend": unet_ms[same] / unet_ms[side.label], **common,
         }
     return out
+
+
+def _variant(precision: str) -> str:
+    return "fp32" if precision == "bf16" else precision  # OpenVINO computes bf16 from the fp32 graph
 
 
 def save_records(root, measured: dict[str, dict], log: Callable[[str], None]) -> Manifest:
     """Under the artifact lock: the manifest re-read, its ONNX unchanged since the measurement (else a typed
     error, nothing written), the quality section updated, the manifest replaced atomically."""
-    from k3trt.contract.quality import is_current
-    from k3trt.writing.atomic import save_manifest
-    from k3trt.writing.locking import artifact_lock
-
     with artifact_lock(root, log):
         manifest = Manifest.load(root)
         for precision, record in measured.items():

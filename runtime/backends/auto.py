@@ -26,7 +26,7 @@ from typing import Mapping
 
 from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.precision import Precision, requested_precision
-from k3trt.contract.quality import DEFAULT_MIN_PSNR_DB, current_records, meets_bound
+from k3trt.contract.quality import DEFAULT_MIN_PSNR_DB, current_records, describe, meets_bound
 from k3trt.runtime.cpuinfo import cpu_info
 
 log = logging.getLogger("k3trt")
@@ -110,7 +110,7 @@ def choose_precision_auto(manifest_data: Mapping, *, min_psnr: float = DEFAULT_M
     good = {p: r for p, r in records.items() if meets_bound(r, min_psnr) and r["speedup"] > 1.0
             and runnable(p, r, manifest_data, has_openvino=has_openvino)}
     if not good:
-        seen = ", ".join(f"{p} {r['psnr_db']:.1f} dB, {r['speedup']:.2f}x" for p, r in sorted(records.items()))
+        seen = ", ".join(f"{p} {describe(r)}" for p, r in sorted(records.items()))
         return "fp32", None, f"no recorded precision is faster and >= {min_psnr:g} dB here ({seen}): fp32"
     best = max(good, key=lambda p: good[p]["speedup"])
     r = good[best]
@@ -134,6 +134,10 @@ def warn_from_records(manifest_data: Mapping, resolved: Mapping[str, str], backe
     for precision in sorted(set(resolved.values()) - {"fp32", "tf32"}):
         record = records.get(precision)
         if record is None:
+            continue
+        if record.get("non_finite"):
+            warnings.append(f"{precision} produced NaN/Inf end to end when `k3trt qualify` measured it "
+                            f"({record['non_finite']}; {record['machine']}, {record['date']})")
             continue
         if not meets_bound(record, min_psnr):
             warnings.append(f"{precision} measured {record['psnr_db']:.1f} dB PSNR against fp32 end to end, below "

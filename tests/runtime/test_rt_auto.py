@@ -79,6 +79,18 @@ def test_slower_precision_is_never_auto_and_an_explicit_one_is_warned(tiny_artif
     assert len(caplog.records) == 2
 
 
+def test_non_finite_record_fails_every_bound_and_is_warned(tiny_artifacts, monkeypatch):
+    monkeypatch.setattr(auto, "cpu_info", lambda: BF16_CPU)
+    data = _manifest_data(tiny_artifacts)
+    record = {k: v for k, v in _record(data, psnr_db=0.0, speedup=2.0).items()
+              if k not in ("speedup", "total_ms", "fp32_total_ms")}
+    data["quality"] = {"bf16": {**record, "non_finite": "unet at step 0 produced 512 NaN/Inf value(s)"}}
+    check_quality_section(data["quality"], "ART")  # timings may be absent from a failed record
+    assert choose_precision_auto(data, min_psnr=1e-3, has_openvino=True)[0] == "fp32"
+    (warning,) = warn_from_records(data, {"unet": "bf16"}, "openvino")
+    assert "NaN/Inf" in warning and "512 NaN/Inf" in warning
+
+
 def test_auto_backend_through_the_pipeline_and_typed_errors(tiny_artifacts):
     from k3trt.runtime.pipeline import Pipeline
 
