@@ -5,8 +5,9 @@ the warnings an explicit precision gets.
 Candidates: bf16 on OpenVINO where the CPU has native bf16 (AVX-512 BF16 or AMX), int8 on ONNX Runtime where
 `k3trt calibrate` wrote the U-Net's Q/DQ variant. The fp32 reference is what `--backend auto` runs (the fastest
 exact backend); with an int8 candidate ONNX Runtime fp32 is timed too, so the int8 U-Net is compared with the fp32
-one on the same kernels library. Each side is warmed up once, then the prompts run in turn, every side per prompt
-(fp32, bf16, int8, fp32, ...), so a change of machine load hits all sides alike.
+one on the same kernels library. Each side is first warmed up on every prompt (one step: sessions, allocations,
+and OpenVINO's per-shape compiles, since the U-Net's context length follows the prompt), then the prompts run in
+turn, every side per prompt (fp32, bf16, int8, fp32, ...), so a change of machine load hits all sides alike.
 """
 from __future__ import annotations
 
@@ -74,9 +75,11 @@ def measure(open_side: Callable[[Side], object], sides: list[Side], prompts: Seq
     """label -> {"images": [one per prompt], "total_s": [...], "unet_s": [...]}, interleaved per prompt."""
     pipes = {s.label: open_side(s) for s in sides}
     runs = {s.label: {"images": [], "total_s": [], "unet_s": [], "non_finite": None} for s in sides}
-    for label, pipe in pipes.items():  # warm-up: sessions, compiled shapes, allocations
+    warm = {**request, "steps": 1}  # every prompt's shapes (its context length) compiled before any timing:
+    for label, pipe in pipes.items():  # OpenVINO compiles per input shape, the U-Net's context varies by prompt
         log(f"warming up {label} ...")
-        _generate(pipe, runs[label], prompts[0], request, 0, timed=False, reference=label == sides[0].label)
+        for index, prompt in enumerate(prompts):
+            _generate(pipe, runs[label], prompt, warm, index, timed=False, reference=label == sides[0].label)
     for index, prompt in enumerate(prompts):
         for label, pipe in pipes.items():
             _generate(pipe, runs[label], prompt, request, index, reference=label == sides[0].label)
@@ -99,7 +102,8 @@ def _generate(pipe, run: dict, prompt: str, request: dict, seed: int, *, timed: 
     except NonFiniteError as exc:
         if reference:
             raise
-        run["non_finite"] = str(exc)
+        if timed:  # a warm-up step is not the measured request: only the timed runs decide
+            run["non_finite"] = str(exc)
         return
     if timed:
         run["total_s"].append(time.perf_counter() - start)
