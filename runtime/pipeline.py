@@ -24,6 +24,7 @@ from k3trt.contract.limits import check_image_request, default_size
 from k3trt.contract.manifest import Manifest
 from k3trt.contract.quality import DEFAULT_MIN_PSNR_DB
 from k3trt.runtime.backends.base import Backend, check_shapes
+from k3trt.runtime.animation import plan_animation, render_frames
 from k3trt.runtime.backends.registry import make_backend
 from k3trt.runtime.denoise_loop import (
     Conditioning,
@@ -179,6 +180,20 @@ class Pipeline:
     def flash(self, prompt: str | Sequence[str], *, output_type: str = "pil", **kwargs):
         """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (`runtime/tasks.py: flash`)."""
         return _as_output(flash, output_type, self, prompt, **kwargs)
+
+    def animate(self, prompt, *, callback: StepCallback | None = None, **options) -> list:
+        """The frames of an animation (PIL images in video order, all held): mode "zoom-out"/"zoom-in" (keyframes
+        by `inpaint(outpaint=...)`, crops between) or "deforum" (`img2img` of the moved previous frame); `prompt`
+        and the numeric options take schedules such as "0: a forest; 24: a city" (`runtime/animation.py`,
+        docs/animation.md). `animate_frames` yields them one at a time instead; `k3trt.runtime.video.encode`
+        writes MP4/WebP/GIF."""
+        frames = sorted(self.animate_frames(prompt, callback=callback, **options), key=lambda f: f.index)
+        return [frame.image for frame in frames]
+
+    def animate_frames(self, prompt, *, callback: StepCallback | None = None, **options):
+        """`animate`'s frames as they are made (AnimationFrame: index, image, keyframe); every option is checked
+        now, before the first model call."""
+        return render_frames(self, plan_animation(self, prompt, **options), callback=callback)
 
     def close(self) -> None:
         self.backend.close()
