@@ -52,8 +52,8 @@ def test_loadtest_stays_on_loopback():
 
 def test_sigterm_drains_then_answers_what_is_left_with_json_503_and_no_traceback(tiny_artifacts):
     """--drain: readiness 503 with the socket open; past --grace the running request gets the JSON 503."""
-    with serve_process(tiny_artifacts, "--default-resolution", "64x64", "--threads", "1", "--drain", "2",
-                       "--grace", "1") as (base, server):
+    with serve_process(tiny_artifacts, "--backend", "ort", "--default-resolution", "64x64", "--threads", "1",
+                       "--drain", "2", "--grace", "1") as (base, server):  # ort: as the test above
         end = time.monotonic() + 120
         while _status(f"{base}/readyz") != 200:
             assert time.monotonic() < end and server.poll() is None, "never ready"
