@@ -128,3 +128,19 @@ def check_feeds_in_profile(engine: str, profile: Mapping[str, Sequence[Sequence[
                 accepted=span,
                 fix="rebuild the engine for this shape (k3trt build --resolution WxH --batch N ...) or change "
                     "the request to fit the profile")
+
+
+def engine_axes(onnx_axes: Mapping[str, Sequence[int]], selected: tuple[str, Mapping]) -> dict[str, tuple[int, int]]:
+    """The ONNX's dynamic-axis ranges narrowed to what the selected engine was built for (its manifest entry's
+    `axes`: name -> [min, opt, max], written by `k3trt build`): the limits a caller must size requests by."""
+    name, entry = selected
+    built = entry.get("axes")
+    if not isinstance(built, Mapping):
+        raise ArtifactError(f"engine {name!r} records no optimization-profile axes in the manifest",
+                            fix=f"rebuild it with this k3trt: k3trt build ... --components {entry.get('component')}")
+    axes = {axis: (int(lo), int(hi)) for axis, (lo, hi) in onnx_axes.items()}
+    for axis, span in built.items():
+        if axis in axes:
+            lo, hi = axes[axis]
+            axes[axis] = (max(lo, int(span[0])), min(hi, int(span[-1])))
+    return axes

@@ -7,6 +7,7 @@ counts, and the default image size is one the artifacts were made for.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Mapping
 
 from k3trt.contract.errors import InvalidArgumentError, ShapeError
 from k3trt.contract.manifest import Manifest
@@ -26,47 +27,55 @@ class ImageLimits:
         return f"{self.min_px}..{self.max_px} px in steps of {self.multiple_px}"
 
 
-def _axis(manifest: Manifest, component: str, name: str, default: tuple[int, int]) -> tuple[int, int]:
+AxesOf = Callable[[str], Mapping[str, tuple[int, int]]]  # component -> its axis ranges (Backend.axes)
+
+
+def _axis(manifest: Manifest, component: str, name: str, default: tuple[int, int],
+          axes: AxesOf | None = None) -> tuple[int, int]:
     if not manifest.has_onnx(component):
         return default
-    return tuple(manifest.onnx(component).axes.get(name, default))
+    ranges = axes(component) if axes is not None else manifest.onnx(component).axes
+    return tuple(ranges.get(name, default))
 
 
-def image_limits(manifest: Manifest, *, guided: bool = True) -> ImageLimits:
+def image_limits(manifest: Manifest, *, guided: bool = True, axes: AxesOf | None = None) -> ImageLimits:
+    """What one call accepts: by the exported ONNX's axes, or by `axes` (a backend's, e.g. the built TensorRT
+    engines' profiles: `Backend.axes`)."""
     scale = int(manifest.data.get("pipeline", {}).get("movq_scale_factor", 8))
     lows, highs = [], []
     for component in ("unet", "movq_decoder"):
         for axis in ("height", "width"):
-            lo, hi = _axis(manifest, component, axis, (1, 1 << 13))
+            lo, hi = _axis(manifest, component, axis, (1, 1 << 13), axes)
             lows.append(lo)
             highs.append(hi)
     multiple = max(PIXEL_MULTIPLE, scale * 8)
     min_px = -(-max(lows) * scale // multiple) * multiple
     max_px = min(highs) * scale // multiple * multiple
-    unet_batch = _axis(manifest, "unet", "batch", (1, 64))[1]
-    movq_batch = _axis(manifest, "movq_decoder", "batch", (1, 64))[1]
+    unet_batch = _axis(manifest, "unet", "batch", (1, 64), axes)[1]
+    movq_batch = _axis(manifest, "movq_decoder", "batch", (1, 64), axes)[1]
     return ImageLimits(min_px, max_px, multiple, min(unet_batch // (2 if guided else 1), movq_batch))
 
 
-def default_size(manifest: Manifest) -> int:
+def default_size(manifest: Manifest, axes: AxesOf | None = None) -> int:
     """The size the artifacts were made for: the preset's native size recorded at export, else Kandinsky 3's
     1024 (within what the artifacts allow)."""
     native = manifest.data.get("pipeline", {}).get("native_size")
     size = native if isinstance(native, int) and native > 0 else KANDINSKY3_NATIVE_SIZE
-    limits = image_limits(manifest)
+    limits = image_limits(manifest, axes=axes)
     return min(max(size, limits.min_px), max(limits.max_px, limits.min_px))
 
 
-def check_image_request(manifest: Manifest, *, height: int, width: int, images: int, guided: bool) -> None:
-    """Pixel sizes (after rounding up to 64) and the image count against the artifacts' ranges."""
-    limits = image_limits(manifest, guided=guided)
+def check_image_request(manifest: Manifest, *, height: int, width: int, images: int, guided: bool,
+                        axes: AxesOf | None = None) -> None:
+    """Pixel sizes (after rounding up to 64) and the image count against the artifacts' ranges (or `axes`)."""
+    limits = image_limits(manifest, guided=guided, axes=axes)
     for name, value in (("height", height), ("width", width)):
         if not limits.min_px <= value <= limits.max_px:
             raise ShapeError(
                 f"{name} {value} px is outside what the artifacts in {str(manifest.root)!r} allow",
                 accepted=limits.describe() + " (other sizes round up to a multiple of 64)",
-                fix=f"e.g. --resolution {default_size(manifest)}x{default_size(manifest)} (height=, width= in the "
-                    "API), or re-export for that size")
+                fix=f"e.g. --resolution {default_size(manifest, axes)}x{default_size(manifest, axes)} (height=, "
+                    "width= in the API), or re-export (rebuild the engines) for that size")
     if images > limits.max_images:
         raise InvalidArgumentError(
             f"{images} images in one call", accepted=f"at most {limits.max_images} (prompts x --batch"

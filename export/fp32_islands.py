@@ -3,8 +3,9 @@
 Each component's card names a policy per precision (`PrecisionPolicy.fp32_islands`); this module implements
 the policies as pure functions of an onnx.ModelProto, so the converter (export/variants.py) can keep those nodes
 fp32 and every variant records its list. Why each island exists is written on the card:
-- t5_norms_wo_residual (T5 in fp16): every RMSNorm, every FFN output projection `wo` and the residual Adds.
-- t5_norms (T5 in bf16): every RMSNorm.
+- t5_norms_wo_residual (T5 in fp16): every RMSNorm, every FFN output projection `wo` and the residual Adds,
+  and the relative-position bucket math.
+- t5_norms (T5 in bf16): every RMSNorm and the relative-position bucket math.
 - movq_norms_softmax (MoVQ decoder): GroupNorm/InstanceNorm with their affine and SpatialNorm modulation, and
   every Softmax.
 - unet_time_projection (U-Net): the sinusoidal timestep projection, timestep x frequency -> Sin/Cos, and every
@@ -111,6 +112,43 @@ def t5_residual_adds(model, norm_nodes: Iterable[str]) -> list[str]:
     return list(dict.fromkeys(adds))
 
 
+def t5_position_bucket_nodes(model) -> list[str]:
+    """T5's relative-position buckets as exported: |i - j| (int64) -> Cast(float) -> Div(max_exact) -> Log ->
+    Div(log(max_distance / max_exact)) -> Mul(num_buckets - max_exact) -> Cast(int64), with the Constant nodes
+    of its operands. transformers computes this in fp32 whatever the model's dtype; in bf16 (8-bit significand)
+    a value just below an integer rounds up to it before the truncating Cast, so a position lands in the next
+    bucket and reads another learned bias. Found by structure: each Log back to the Cast from an integer and
+    forward to the Cast to an integer, through float Div/Mul only."""
+    from onnx import TensorProto, shape_inference
+
+    g = _Graph(model)
+    graph = shape_inference.infer_shapes(model).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.value_info) + list(graph.input)}
+    ints = (TensorProto.INT64, TensorProto.INT32)
+    names = []
+    for log in (n for n in g.nodes if n.op_type == "Log"):
+        chain, node = [log], g.producer.get(log.input[0])
+        while node is not None and node.op_type in ("Div", "Mul"):
+            chain.append(node)
+            node = g.producer.get(node.input[0])
+        if node is None or node.op_type != "Cast" or types.get(node.input[0]) not in ints:
+            continue
+        chain.append(node)
+        tensor = log.output[0]
+        while (nxt := g.only_consumer(tensor, ("Div", "Mul", "Cast"))) is not None:
+            chain.append(nxt)
+            if nxt.op_type == "Cast":
+                break
+            tensor = nxt.output[0]
+        if chain[-1].op_type != "Cast":
+            continue
+        constants = [g.producer[i] for n in chain for i in n.input
+                     if i in g.producer and g.producer[i].op_type == "Constant"]
+        names.extend(n.name for n in chain + constants)
+    order = {n.name: i for i, n in enumerate(g.nodes)}
+    return sorted(dict.fromkeys(names), key=order.__getitem__)
+
+
 NORM_OPS = ("InstanceNormalization", "GroupNormalization", "LayerNormalization")
 
 
@@ -179,13 +217,14 @@ def fp32_nodes(policy: str, model) -> tuple[str, ...]:
         raise ArtifactError("no T5 RMSNorm (Pow -> ReduceMean -> Add -> Sqrt -> Div -> Mul) found in the text "
                             "encoder graph", fix="check the export; refusing to make a reduced-precision T5 "
                             "without fp32 norms (use --component-precision text_encoder=fp32)")
+    buckets = t5_position_bucket_nodes(model)
     if policy == "t5_norms":
-        return tuple(norms)
+        return tuple(dict.fromkeys(norms + buckets))
     if policy == "t5_norms_wo_residual":
         wo = t5_ffn_output_matmuls(model)
         if not wo:
             raise ArtifactError("no T5 FFN output MatMul (`/DenseReluDense/wo/MatMul`) found by name",
                                 fix="use the bf16 text encoder (the default); plain fp16 T5 overflows")
-        return tuple(dict.fromkeys(norms + wo + t5_residual_adds(model, norms)))
+        return tuple(dict.fromkeys(norms + wo + t5_residual_adds(model, norms) + buckets))
     raise InvalidArgumentError(f"unknown fp32 policy {policy!r}", accepted=", ".join(POLICIES),
                                fix="name one of the accepted policies on the component's card")

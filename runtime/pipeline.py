@@ -115,16 +115,17 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------- API
     def check_request(self, request: Request) -> None:
-        """Fail before any work if the request's shapes fall outside what the artifacts allow."""
+        """Fail before any work if the request's shapes fall outside what the backend runs: the artifacts' axes,
+        narrowed by the backend (TensorRT: the built engines' optimization profiles, not the ONNX's axes)."""
         check_image_request(self.manifest, height=request.height, width=request.width,
-                            images=request.latent_shape[0], guided=request.guided)
+                            images=request.latent_shape[0], guided=request.guided, axes=self.backend.axes)
         b, c, h, w = request.latent_shape
         unet_batch = guided_batch(b, request.guided)
-        check_shapes(self.backend.record("unet"), {
+        check_shapes(self.backend.limits_record("unet"), {
             "sample": (unet_batch, c, h, w), "timestep": (unet_batch,),
             "encoder_hidden_states": (unet_batch, 1, self.manifest.data["pipeline"]["context_dim"]),
             "encoder_attention_mask": (unet_batch, 1)})
-        check_shapes(self.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
+        check_shapes(self.backend.limits_record("movq_decoder"), {"latents": (b, c, h, w)})
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int | None = None,
@@ -144,7 +145,7 @@ class Pipeline:
         if recorder is not None and not isinstance(recorder, list):
             raise InvalidArgumentError(f"recorder is a {type(recorder).__name__}", accepted="a list or None",
                                        fix="pass a list to collect the U-Net calls, or leave it out")
-        size = default_size(self.manifest)
+        size = default_size(self.manifest, self.backend.axes)
         request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
                                height=size if height is None else height, width=size if width is None else width,
                                num_images=num_images)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from k3trt.contract.engine_compat import DeviceEnv
 from k3trt.contract.errors import BackendUnavailableError, TensorRTVersionError
+from k3trt.runtime.backends.device import TorchCuda
 
 DISTRIBUTION = "kandinsky3-trt"
 INSTALL_HINT = ("pip install 'kandinsky3-trt[gpu-cu13]' (NVIDIA driver R580+) or 'kandinsky3-trt[gpu-cu12]' "
@@ -98,11 +99,31 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def current_env(device: int = 0) -> DeviceEnv:
+_DEVICE_FACTORY = None  # None: torch.cuda; tests install a host-simulated device with `use_device`
+
+
+def use_device(factory):
+    """Make `device_api(index)` return `factory(index)` (None: back to torch.cuda); returns the previous factory.
+    The tests run the TensorRT backend and builds on a host-simulated device this way."""
+    global _DEVICE_FACTORY
+    previous, _DEVICE_FACTORY = _DEVICE_FACTORY, factory
+    return previous
+
+
+def device_api(index: int = 0):
+    """The device seam (k3trt.runtime.backends.device) for device `index`: torch.cuda unless tests installed
+    another; BackendUnavailableError without a usable CUDA device."""
+    if _DEVICE_FACTORY is not None:
+        return _DEVICE_FACTORY(index)
+    require_cuda()
+    return TorchCuda(index)
+
+
+def current_env(device: int = 0, api=None) -> DeviceEnv:
+    """TensorRT version, GPU name and compute capability: what decides whether an engine runs here."""
     trt = require_tensorrt()
-    torch = require_cuda()
-    return DeviceEnv(trt.__version__, torch.cuda.get_device_name(device),
-                     tuple(torch.cuda.get_device_capability(device)))
+    name, capability = (api if api is not None else device_api(device)).describe()
+    return DeviceEnv(trt.__version__, name, tuple(capability))
 
 
 def trt_logger():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -127,6 +128,15 @@ class Backend(abc.ABC):
 
     def record(self, component: str) -> OnnxRecord:
         return self.manifest.onnx(component, self.resolve(component).variant)
+
+    def axes(self, component: str) -> dict[str, tuple[int, int]]:
+        """The range of each dynamic axis `component` runs with here: the exported ONNX's. A backend of prebuilt
+        engines narrows them to the engine's optimization profile; requests and batches are sized by these."""
+        return dict(self.record(component).axes)
+
+    def limits_record(self, component: str) -> OnnxRecord:
+        """`record(component)` with `axes(component)`: what `check_shapes` checks a request against."""
+        return dataclasses.replace(self.record(component), axes=self.axes(component))
 
     def effective_precision(self, component: str) -> str:
         """The precision `component` actually runs in (parity picks its tolerance by this)."""

@@ -156,9 +156,12 @@ class BatchingEngine:
                  observer: EngineObserver | None = None):
         self.pipeline, self.config, self.observer = pipeline, config, observer or EngineObserver()
         self._unet_limits: dict[str, tuple[int, int]] = {}  # component -> (batch rows, context length) maxima
+        # every call's rows come from what the backend runs (TensorRT: the built engines' profiles), so
+        # max_batch above them splits a step into several calls instead of sending rows outside a profile
         self.unet_rows, self.max_context = self.unet_limits("unet")
-        self.encoder_rows = pipeline.backend.record("text_encoder").axes.get("batch", (1, 1 << 30))[1]
-        self.decoder_rows = pipeline.backend.record("movq_decoder").axes.get("batch", (1, 1 << 30))[1]
+        self.encoder_rows = pipeline.backend.axes("text_encoder").get("batch", (1, 1 << 30))[1]
+        self.decoder_rows = pipeline.backend.axes("movq_decoder").get("batch", (1, 1 << 30))[1]
+        self._warn_split(config.max_batch)
         self._queue: collections.deque[Job] = collections.deque()
         self._active: list[Job] = []
         self._cond = threading.Condition()
@@ -210,10 +213,18 @@ class BatchingEngine:
     def pending(self) -> int:
         return len(self._queue) + len(self._active)
 
+    def _warn_split(self, max_batch: int) -> None:
+        per_call = min(self.unet_rows // 2, self.decoder_rows, self.encoder_rows // 2)
+        if max_batch > per_call:
+            log.warning("max_batch %d is more guided images than one call takes (%d: the backend's batch axes, for "
+                        "TensorRT the built engines' profiles): a step of a full batch runs as several calls; "
+                        "rebuild the engines with a larger --batch to batch more per call", max_batch, per_call)
+
     def unet_limits(self, component: str) -> tuple[int, int]:
-        """The most rows and the longest context one call of this U-Net component takes (its profile's axes)."""
+        """The most rows and the longest context one call of this U-Net component takes (the backend's axes:
+        for TensorRT, the built engine's optimization profile)."""
         if component not in self._unet_limits:
-            axes = self.pipeline.backend.record(component).axes
+            axes = self.pipeline.backend.axes(component)
             self._unet_limits[component] = (axes.get("batch", (1, 1 << 30))[1], axes.get("context", (1, 128))[1])
         return self._unet_limits[component]
 

@@ -83,7 +83,7 @@ def test_t5_wo_and_residual_adds(graphs):
     adds = t5_residual_adds(model, t5_rms_norm_nodes(model))
     assert "/encoder/encoder/block.1/layer.1/Add" in adds and len(adds) == 4
     guarded = fp32_nodes("t5_norms_wo_residual", model)
-    assert set(wo) <= set(guarded) and set(adds) <= set(guarded) and len(guarded) == 40 + 2 + 4
+    assert set(wo) <= set(guarded) and set(adds) <= set(guarded) and len(guarded) == 40 + 2 + 4 + 6  # + buckets
 
 
 def test_renamed_nodes_keep_norms_but_refuse_fp16_without_wo(graphs):
