@@ -21,6 +21,7 @@ from k3trt.calibration.config import CALIBRATION_VERSION, Calibrator, QuantConfi
 from k3trt.contract.cards import card
 from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.manifest import sha256_json
+from k3trt.writing.ownership import mark_part
 
 QDQ_FORMAT = 3  # bump when the Q/DQ graph changes for the same ranges (part of the int8 content key); 3: fp16 floats
 QDQ_FP32_NAME = "qdq-fp32.onnx"  # the Q/DQ graph as quantized (fp32 float parts), beside model.onnx
@@ -133,6 +134,7 @@ def compute_ranges(fp32_path: Path, trajectories: TrajectorySet, config: QuantCo
     if config.calibrator is Calibrator.PERCENTILE:
         options["percentile"] = float(config.percentile)
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".calib-") as tmp:
+        mark_part(Path(tmp))  # the next writer may remove it if this process dies
         calibrator = create_calibrator(fp32_path, list(config.op_types), str(Path(tmp) / "augmented.onnx"),
                                        _calibrate_method(config), use_external_data_format=external,
                                        extra_options=options)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from k3trt.calibration import collect, quality, quantize
@@ -27,8 +26,10 @@ from k3trt.calibration.sensitivity import SensitivityConfig
 from k3trt.calibration.targets import Target, target_of
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, sha256_json
-from k3trt.writing.atomic import save_manifest
-from k3trt.writing.ownership import check_output_dir, install_dir
+from k3trt.writing.atomic import make_temp_dir, save_manifest
+from k3trt.writing.locking import staging_dir
+from k3trt.writing.ownership import (check_output_dir, install_dir, is_part, mark_part, owner_kind,
+                                     remove_unreferenced)
 
 PROTOBUF_LIMIT = 2 * 1024**3
 KANDINSKY3_NATIVE_SIZE = 1024
@@ -84,7 +85,7 @@ def prepare_root(artifacts: Path, out: Path | None, log, component: str = "unet"
                                        fix="choose another --out folder")
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.copy-"))
+    staging = make_temp_dir(out.parent, f".{out.name}.copy-")
     try:
         shutil.copytree(artifacts, staging / "art", ignore=shutil.ignore_patterns(".staging-*", ".calib-*", ".k3trt.lock"))
         install_dir(staging / "art", out, "artifacts")  # onto a missing or empty folder: nothing is deleted
@@ -114,7 +115,7 @@ def build_int8(manifest: Manifest, fp32: OnnxRecord, ranges: Path, excluded: lis
             return folder, False
         except ArtifactError:
             pass
-    staging = Path(tempfile.mkdtemp(dir=manifest.root, prefix=f".staging-{fp32.component}-int8-"))
+    staging = staging_dir(manifest.root, f"{fp32.component}-int8")
     try:
         log(f"quantizing: {len(excluded)} Conv/MatMul/Gemm node(s) kept float ...")
         fp16 = request.float_parts == "fp16"
@@ -125,8 +126,9 @@ def build_int8(manifest: Manifest, fp32: OnnxRecord, ranges: Path, excluded: lis
             log("float parts to fp16 (TensorRT 11 runs the non-quantized layers in the ONNX's float type) ...")
             quantize.float_parts_to_fp16(staging / quantize.QDQ_FP32_NAME, staging / "model.onnx", fp32.component,
                                          external_threshold=request.external_threshold)
-        if folder.exists():
-            shutil.rmtree(folder)  # unreferenced leftover of an interrupted run
+        if is_part(folder):
+            shutil.rmtree(folder)  # unreferenced leftover of an interrupted run (k3trt's marker says so)
+        mark_part(staging)  # quantize_model keeps only the model files: mark the folder again
         os.replace(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -198,11 +200,11 @@ def measure(manifest: Manifest, record: OnnxRecord, folder: Path, heldout, reque
     return result
 
 
-def collect_garbage(manifest: Manifest, component: str) -> None:
-    keep = {Path(p).parent.name for p in manifest.referenced_paths()}
-    for folder in (manifest.root / component).glob("int8-*"):
-        if folder.is_dir() and folder.name not in keep:
-            shutil.rmtree(folder, ignore_errors=True)
+def collect_garbage(manifest: Manifest, component: str, listed_before: set[str], log=None) -> None:
+    """Remove the int8 folders this stage made that the manifest no longer references (marked as k3trt's, or
+    listed by the manifest before this run); nothing else in the component's folder is touched."""
+    remove_unreferenced(manifest.root, [component], keep=manifest.referenced_paths(), listed_before=listed_before,
+                        log=log)
 
 
 def exclusion_table(config: QuantConfig, matched: dict, excluded: list[str], model) -> dict:
@@ -228,15 +230,42 @@ def settings(request: CalibrationRequest, calib, heldout, fp32: OnnxRecord, rang
 
 def calibrate(request: CalibrationRequest, log=print) -> dict:
     """Run the stage; returns the report payload. Nothing is committed unless every step succeeds."""
-    import onnx
-    from k3trt.calibration import report
-
     if request.float_parts not in ("fp16", "fp32"):
         raise InvalidArgumentError(f"float parts {request.float_parts!r}", accepted="fp16 (what TensorRT 11 "
                                    "should run), fp32", fix="CalibrationRequest(float_parts='fp16')")
     target = request.target  # a typed error now for a component without an int8 variant
-    root = prepare_root(Path(request.artifacts), Path(request.out) if request.out else None, log, target.component)
+    check_before_copy(request)
+    out = Path(request.out) if request.out else None
+    new_out = out is not None and not out.exists()
+    try:
+        root = prepare_root(Path(request.artifacts), out, log, target.component)
+        return _calibrate_in(root, request, log)
+    except BaseException:
+        if new_out and out.is_dir() and owner_kind(out) == "artifacts":
+            shutil.rmtree(out, ignore_errors=True)  # the copy this run made: no litter from a failed run
+        raise
+
+
+def check_before_copy(request: CalibrationRequest) -> None:
+    """What can be refused from ART itself, before `--out` is copied or anything collected: every --exclude
+    pattern matches a node of the fp32 graph, and the prompt files are readable and disjoint."""
+    import onnx
+
+    source = Manifest.load(request.artifacts)
+    fp32 = source.onnx(request.target.component)
+    graph = onnx.load(str(source.path(fp32.graph.path)), load_external_data=False)
+    quantize.resolve_exclusions(graph, request.quant)  # a typo in --exclude fails now
+    calibration_prompts(request.prompts_file, request.num_prompts, heldout_prompts(request.heldout))
+
+
+def _calibrate_in(root: Path, request: CalibrationRequest, log) -> dict:
+    import onnx
+
+    from k3trt.calibration import report
+
+    target = request.target
     manifest = Manifest.load(root)
+    listed_before = manifest.referenced_paths()
     fp32 = manifest.onnx(target.component)
     manifest.verify_onnx(fp32)
     fp32_path = manifest.path(fp32.graph.path)
@@ -273,5 +302,5 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
         if created:
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    collect_garbage(manifest, target.component)
+    collect_garbage(manifest, target.component, listed_before, log)
     return payload

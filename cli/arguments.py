@@ -26,13 +26,17 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def add_generation_args(p, *, steps: int = 25) -> None:
+DEFAULT_STEPS, DEFAULT_GUIDANCE = 25, 3.0
+
+
+def add_generation_args(p, *, steps: int = DEFAULT_STEPS) -> None:
     p.add_argument("--prompt", action="append", required=True, help="the text; repeat for several prompts")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (one for all prompts)")
     p.add_argument("--seed", type=int, default=0, help="0..2^64-1; each seed gives its own noise, and seeds below "
                    "2^32 give diffusers' noise for the same seed")
-    p.add_argument("--steps", type=int, default=steps, help="denoising steps, 1..1000")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 or less: none)")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps, 1..1000 (default {steps})")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+                   help=f"classifier-free guidance scale, 1 or less: none (default {DEFAULT_GUIDANCE})")
     add_size_args(p, "default: the size the artifacts were made for (64 for the tiny preset, 256 for small, "
                      "else 1024)")
     p.add_argument("--batch", dest="num_images", type=int, default=1, metavar="N",
@@ -113,6 +117,10 @@ def checked_request(args):
     from k3trt.runtime.pipeline import make_request
 
     check_threads(getattr(args, "threads", None), "--threads")
+    if args.steps is None:  # `generate` leaves them unset so --flash can tell a given value from a default
+        args.steps = DEFAULT_STEPS
+    if args.guidance is None:
+        args.guidance = DEFAULT_GUIDANCE
     manifest = args.manifest = Manifest.load(args.artifacts)  # loaded once: open_pipeline reuses it
     resolve_size(args, default_size(manifest))
     kwargs = generation_kwargs(args)
@@ -143,7 +151,8 @@ def open_pipeline(args, model_dir: str | None = None):
         register_torch_backend()
         options.update(model_dir=model_dir or getattr(args, "model", None))
     return Pipeline.from_artifacts(getattr(args, "manifest", None) or args.artifacts, args.backend,
-                                   resolved_precision(args), scheduler=args.scheduler, **options)
+                                   resolved_precision(args), scheduler=args.scheduler,
+                                   lora=getattr(args, "lora", None), **options)
 
 
 def progress_callback(total: int, label: str = "denoising"):

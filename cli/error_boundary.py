@@ -7,6 +7,7 @@ bars end their line first, so the message starts on a line of its own.
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import sys
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from k3trt.contract.errors import K3TRTError
+from k3trt.writing.atomic import DISK_FULL_ERRNOS, disk_full_error
 
 EXIT_PROJECT_ERROR = 2
 EXIT_BUG = 1
@@ -53,18 +55,41 @@ def save_traceback(exc: BaseException) -> Path | None:
     return None
 
 
+def disk_full_cause(exc: BaseException) -> K3TRTError | None:
+    """A DiskFullError for an exception caused by a full disk anywhere in its chain (an OSError with ENOSPC or
+    EDQUOT, or a library's RuntimeError carrying the system's message), else None. Writers that go through
+    `atomic_write` raise DiskFullError themselves; this covers the libraries that write files on their own
+    (torch.onnx, onnx, shutil.copytree)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return disk_full_error(exc.filename or os.getcwd(), exc)
+        if os.strerror(errno.ENOSPC) in str(exc):
+            return disk_full_error(os.getcwd())
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def report_project_error(exc: K3TRTError) -> int:
+    end_progress_lines()
+    print(f"error [{type(exc).__name__}]: {exc}", file=sys.stderr)
+    return EXIT_PROJECT_ERROR
+
+
 def run_guarded(command: Callable[[], int | None]) -> int:
     try:
         return int(command() or 0)
     except K3TRTError as exc:
-        end_progress_lines()
-        print(f"error [{type(exc).__name__}]: {exc}", file=sys.stderr)
-        return EXIT_PROJECT_ERROR
+        return report_project_error(exc)
     except KeyboardInterrupt:
         end_progress_lines()
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except Exception as exc:  # a bug: keep the details, show a short message
+    except Exception as exc:  # a full disk is the user's to fix; anything else is a bug
+        full = disk_full_cause(exc)
+        if full is not None:
+            return report_project_error(full)
         end_progress_lines()
         path = save_traceback(exc)
         where = f"the traceback is in {path}" if path else "the traceback could not be saved"

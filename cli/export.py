@@ -34,8 +34,41 @@ def open_source(args):
     return open_source_dir(args.model, variant=args.variant)
 
 
+def cmd_weights_from(args) -> int:
+    """`--weights-from DIR --graphs-from ART`: rewrite the weights of ART's traced graphs (export/weights_from.py)."""
+    import time
+
+    from k3trt.contract.arguments import check_path
+    from k3trt.export.onnx_settings import PROTOBUF_LIMIT
+    from k3trt.export.weights_from import export_weights_from
+    from k3trt.export.writer import check_export_request
+
+    clash = [flag for flag, on in (("--model", args.model), ("--preset", args.preset), ("--low-memory",
+             args.low_memory), ("--precision", args.precision)) if on]
+    if clash or not args.graphs_from:
+        raise InvalidArgumentError("--weights-from " + (f"with {', '.join(clash)}" if clash
+                                                        else "without --graphs-from"),
+                                   accepted="--weights-from DIR --graphs-from ART --out NEW",
+                                   fix="name the checkpoint with --weights-from and the artifacts whose graphs "
+                                       "to reuse with --graphs-from (no --model/--preset)")
+    check_path("--graphs-from", args.graphs_from)
+    components = check_export_request(args.out, components=args.components, opset=args.opset,
+                                      external_threshold=PROTOBUF_LIMIT, source_root=args.weights_from)
+    start = time.perf_counter()
+    summary = export_weights_from(args.weights_from, args.graphs_from, args.out, components=components, log=log)
+    log(f"done: rewrote the weights of {', '.join(summary['rewritten'])} in {time.perf_counter() - start:.1f} s; "
+        f"manifest {args.out}/manifest.json")
+    return 0
+
+
 def cmd_export(args) -> int:
     from k3trt.export.onnx_export import PROTOBUF_LIMIT
+
+    if args.weights_from:
+        return cmd_weights_from(args)
+    if not (args.model or args.preset):
+        raise InvalidArgumentError("no model to export", accepted="--model DIR, --preset tiny|small, or "
+                                   "--weights-from DIR --graphs-from ART", fix="e.g. k3trt export --preset tiny --out art")
     from k3trt.export.precision_variants import parse_precisions
     from k3trt.export.writer import export_artifacts, resolve_components
 
@@ -85,7 +118,13 @@ def cmd_preset(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="export Kandinsky 3 components to validated ONNX + manifest")
-    add_source_args(p)
+    add_source_args(p, required=False)
+    p.add_argument("--weights-from", metavar="DIR", default=None,
+                   help="a checkpoint of the same configuration (DreamBooth, merged LoRA, fine-tune; diffusers "
+                        "layout): write --out by rewriting only the weights of the graphs in --graphs-from, no "
+                        "re-tracing, validated as usual (docs/finetunes.md)")
+    p.add_argument("--graphs-from", metavar="ART", default=None,
+                   help="with --weights-from: the artifacts whose traced graphs and weight maps are reused")
     p.add_argument("--out", required=True, metavar="ART",
                    help="artifact directory: new, empty, or artifacts k3trt wrote (updated in place); never the "
                         "model folder")

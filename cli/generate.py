@@ -11,7 +11,7 @@ from k3trt.cli.arguments import (
     output_paths,
     progress_callback,
 )
-from k3trt.cli.task_args import add_task_args, run_task, task_of, task_steps
+from k3trt.cli.task_args import add_task_args, check_task_inputs, run_task, task_of, task_steps
 from k3trt.writing.ownership import save_image
 
 
@@ -20,6 +20,7 @@ def cmd_generate(args) -> int:
 
     task = task_of(args)  # contradictory task flags fail before anything loads
     request = checked_request(args)
+    check_task_inputs(task, args)  # the input image, mask and margins, against the artifacts' sizes
     paths = output_paths(args.out, request.latent_shape[0])
     pipe = arguments.open_pipeline(args)
     kwargs = generation_kwargs(args)
@@ -42,9 +43,13 @@ def register(sub) -> None:
     p = sub.add_parser("generate", help="generate images from an artifact directory")
     p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     add_generation_args(p)
+    p.set_defaults(steps=None, guidance=None)  # unset until checked_request: --flash refuses a given value
     add_backend_args(p)
     p.add_argument("--model", metavar="DIR", help="model folder (only for --backend torch)")
     p.add_argument("--out", required=True, metavar="PATH.png", help="image file (.png, .jpg, .webp); with several "
                    "images PATH-0.png, PATH-1.png, ...; an existing file is replaced only if k3trt wrote it")
+    p.add_argument("--lora", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a LoRA adapter (PEFT folder, or diffusers/kohya .safetensors) applied without re-export, "
+                        "scale 1 by default; repeat to blend several (backends ort, openvino, trt)")
     add_task_args(p)
     p.set_defaults(func=cmd_generate)

@@ -227,7 +227,7 @@ def check_loadtest_args(args) -> dict:
     check_float("--timeout", args.timeout, 0.001, 86_400)
     check_int("--steps", args.steps, 1, MAX_STEPS)
     width, height = parse_resolution(args.resolution)
-    return {"prompt": check_text("--prompt", args.prompt, allow_empty=False), "size": f"{width}x{height}",
+    return {"prompt": check_text("--prompt", args.prompt), "size": f"{width}x{height}",
             "steps": args.steps, "n": 1}
 
 

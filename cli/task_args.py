@@ -28,6 +28,13 @@ def task_of(args) -> str:
     if flash and (image or mask or outpaint or strength is not None):
         raise InvalidArgumentError("--flash with --image/--mask/--outpaint/--strength",
                                    accepted="--flash alone (Flash is text to image)", fix="drop one of them")
+    if flash:
+        options = (("--steps", "steps"), ("--guidance", "guidance"), ("--negative-prompt", "negative_prompt"))
+        given = [flag for flag, dest in options if getattr(args, dest, None) is not None]
+        if given:
+            raise InvalidArgumentError(f"--flash with {', '.join(given)}", accepted="--flash without them (Flash "
+                                       "runs 4 distilled steps without guidance, so it has no negative prompt)",
+                                       fix=f"drop {', '.join(given)}, or drop --flash for the full U-Net")
     if (mask or outpaint) and not image:
         raise InvalidArgumentError("--mask/--outpaint without --image", accepted="--image IN.png with them",
                                    fix="add --image IN.png")
@@ -40,6 +47,23 @@ def task_of(args) -> str:
     if mask or outpaint:
         return "inpaint"
     return "img2img" if image else "text2img"
+
+
+def check_task_inputs(task: str, args) -> None:
+    """The task's input image, mask and margins, checked against the artifacts' image sizes before any model
+    loads: sides are read from the file headers and the outpainted canvas from the margins, before anything
+    large is decoded or allocated."""
+    from k3trt.contract.limits import image_limits
+    from k3trt.contract.manifest import Manifest
+    from k3trt.runtime import tasks
+
+    if task not in ("img2img", "inpaint"):
+        return
+    limit = image_limits(Manifest.load(args.artifacts)).max_px
+    if task == "img2img":
+        tasks.img2img_inputs(args.image, 0.3 if args.strength is None else args.strength, max_side=limit)
+    else:
+        tasks.inpaint_inputs(args.image, args.mask, args.outpaint, max_side=limit)
 
 
 def run_task(pipe, task: str, args, kwargs: dict, callback):

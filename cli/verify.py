@@ -102,7 +102,7 @@ def cmd_demo(args) -> int:
     from k3trt.export.sources import open_model_dir
     from k3trt.export.writer import export_artifacts
 
-    check_text("--prompt", args.prompt, allow_empty=False)
+    check_text("--prompt", args.prompt)  # the empty prompt is a prompt, as in diffusers (docs/reliability.md)
     out = claim_output_dir(args.out, "demo")  # new, empty, or an earlier demo: nothing else is written into
     seed = getattr(args, "model_seed", 0)
     model = out / ("model" if seed == 0 else f"model-seed{seed}")

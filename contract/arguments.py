@@ -6,6 +6,7 @@ accepted and the fix. They import nothing heavy, so a server can call them per r
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -31,8 +32,8 @@ def available_cores() -> int:
 
 # ----------------------------------------------------------------------------------------- numbers
 def check_int(name: str, value: Any, lo: int, hi: int, fix: str | None = None) -> int:
-    """An integer (not a bool, not a float) in lo..hi inclusive."""
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+    """An integer (a Python or numpy integer; not a bool, not a float) in lo..hi inclusive."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or not lo <= value <= hi:
         raise InvalidArgumentError(f"{name}={value!r}", accepted=f"an integer in {lo}..{hi}",
                                    fix=fix or f"pass an integer between {lo} and {hi}")
     return int(value)
@@ -40,7 +41,7 @@ def check_int(name: str, value: Any, lo: int, hi: int, fix: str | None = None) -
 
 def check_float(name: str, value: Any, lo: float, hi: float, fix: str | None = None) -> float:
     """A finite real number in lo..hi inclusive."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not lo <= value <= hi:
         raise InvalidArgumentError(f"{name}={value!r}", accepted=f"a finite number in {lo:g}..{hi:g}",
                                    fix=fix or f"pass a number between {lo:g} and {hi:g}")

@@ -67,3 +67,12 @@ class ValidationError(K3TRTError):
 
 class BackendBusyError(K3TRTError):
     """Every execution slot stayed busy past the wait timeout (a server maps it to 503, retry later)."""
+
+
+class DiskFullError(K3TRTError, OSError):
+    """The file system ran out of space (ENOSPC) or quota (EDQUOT) while k3trt wrote a file; nothing earlier
+    was replaced (files are written atomically). Names the path, the space needed and the space free."""
+
+
+class AdapterError(K3TRTError, ValueError):
+    """A LoRA adapter or a fine-tuned checkpoint does not fit the artifacts' weights (unmapped keys, shapes)."""

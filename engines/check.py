@@ -87,10 +87,16 @@ class CheckResult:
 def parse_trt_version(text: str | None) -> tuple[int, int]:
     if text is None:
         return DEFAULT_TRT_VERSION
-    match = re.fullmatch(r"\s*(\d+)(?:\.(\d+))?(?:\.\d+)*\s*", str(text))
-    if not match or not 8 <= int(match[1]) <= 11:
-        raise InvalidArgumentError(f"--trt-version {text!r}", accepted="MAJOR[.MINOR] from 8.0 to 11.x, e.g. 10.0",
-                                   fix="pass the TensorRT version you will build with, e.g. --trt-version 10.3")
+    from packaging.specifiers import SpecifierSet
+
+    from k3trt.runtime.tensorrt_env import supported_tensorrt
+
+    spec = supported_tensorrt()  # pyproject.toml's gpu extra: the versions k3trt builds with
+    match = re.fullmatch(r"\s*(\d{1,3})(?:\.(\d{1,3}))?(?:\.\d{1,6})*\s*", str(text))
+    if not match or f"{int(match[1])}.{int(match[2] or 0)}" not in SpecifierSet(spec):
+        raise InvalidArgumentError(f"--trt-version {text!r}", accepted=f"MAJOR[.MINOR] in the supported range "
+                                   f"{spec}, e.g. 10.0", fix="pass the TensorRT version you will build with, e.g. "
+                                   "--trt-version 10.3")
     return int(match[1]), int(match[2] or 0)
 
 

@@ -1,6 +1,11 @@
 """`k3trt refit`: new weights into refittable engines without rebuilding them.
 
-The new model folder's component is exported to ONNX in a temporary folder (same exporter, same opset) and,
+By name (artifacts exported with a weight map, export/weight_map.py): the checkpoint's tensors are read one at
+a time from its safetensors, put in initializer layout through the map, compared with the weights the engine was
+built from (its ONNX variant's initializers), and only the ones that differ are set by name
+(runtime/backends/trt_refit.py). Nothing is exported or converted.
+
+Without a weight map (artifacts from before it existed), the new model folder's component is exported to ONNX in a temporary folder (same exporter, same opset) and,
 for an engine parsed from an fp16/bf16 variant, converted the same way (same converter, same fp32 nodes), so its
 initializers have the names and types of the ONNX the engine was parsed from (the parser names refittable
 weights after ONNX initializers; the converter may duplicate or retype them). The layouts are compared, and the
@@ -21,6 +26,7 @@ from k3trt.contract.engine_compat import check_engine_compatible
 from k3trt.contract.errors import ArtifactError
 from k3trt.contract.manifest import FileRecord, Manifest, sha256_file, sha256_json
 from k3trt.writing.atomic import atomic_write_bytes, save_manifest
+from k3trt.writing.ownership import mark_part
 
 SHOW = 12  # names listed in an error before "... and N more"
 
@@ -205,9 +211,79 @@ def refit_engine_bytes(data: bytes, weights: Mapping, engine_name: str, model_di
     return bytes(engine.serialize()), len(match.matched)
 
 
+def checkpoint_tensors(folder: Path, variant: str | None = "auto"):
+    """(state-dict key, tensor) of a component folder's safetensors, one tensor in memory at a time."""
+    from safetensors import safe_open
+
+    from k3trt.export.low_memory_trace import _weight_files
+
+    for key, file in sorted(_weight_files(folder, variant).items()):
+        with safe_open(str(file), "pt") as handle:
+            yield key, handle.get_tensor(key)
+
+
+def changed_weights(manifest: Manifest, component: str, variant: str, source) -> tuple[dict, Callable]:
+    """(initializer -> new array in the engine variant's type, for the weights that differ from the engine's
+    ONNX variant; base(names) reading that variant's values). Typed errors for weights that cannot go in by name."""
+    import numpy as np
+
+    from k3trt.export.components import SPECS
+    from k3trt.export.weight_map import initializer_values
+    from k3trt.export.weights_from import check_checkpoint_config, load_weight_map
+    from k3trt.runtime.lora import read_initializers
+
+    graph = manifest.onnx(component, variant).graph.path
+    weight_map = load_weight_map(manifest, component)
+    check_checkpoint_config(component, weight_map, source)
+    values, problems = initializer_values(weight_map, checkpoint_tensors(source.root / SPECS[component].folder,
+                                                                          source.variant or "auto"))
+    if problems:
+        raise ArtifactError(f"cannot refit {component} by name from {source.root}: {_listing(problems)}",
+                            fix="a full `k3trt export` + `k3trt build` is needed for these weights")
+    base = read_initializers(manifest, graph, list(values))
+    changed = {n: a.astype(base[n].dtype) for n, a in values.items() if not np.array_equal(a.astype(base[n].dtype),
+                                                                                          base[n])}
+    return changed, lambda names: read_initializers(manifest, graph, list(names))
+
+
+def refit_by_name(data: bytes, changed: Mapping, base: Callable, engine_name: str) -> tuple[bytes, int]:
+    """Deserialize, set only the changed weights by name, refit, serialize. NOT VERIFIED ON A GPU here."""
+    from k3trt.runtime.backends.trt_refit import refit_named
+    from k3trt.runtime.tensorrt_env import require_tensorrt, trt_logger
+
+    trt = require_tensorrt()
+    runtime = trt.Runtime(trt_logger())
+    engine = runtime.deserialize_cuda_engine(data)
+    if engine is None:
+        raise ArtifactError(f"TensorRT could not deserialize {engine_name!r}", fix="rebuild it with k3trt build")
+    count = refit_named(trt, engine, changed, base, engine_name, trt_logger()) if changed else 0
+    return bytes(engine.serialize()), count
+
+
+def _weights_for(manifest: Manifest, component: str, variant: str, source, tmp: Path, log):
+    """(refit(data, name) -> (bytes, count), key): by name through the weight map where the export recorded
+    one, else by re-exporting the component (artifacts from before weight maps)."""
+    import onnx
+
+    record = manifest.onnx(component, variant)
+    if manifest.onnx(component).extra.get("weight_map"):
+        changed, base = changed_weights(manifest, component, variant, source)
+        log(f"  {component}: {len(changed)} weight(s) of {source.root} differ from the engine's, set by name")
+        key = sha256_json([source.source_hash(record.extra.get("source_folder", component)), sorted(changed)])
+        return (lambda data, name: refit_by_name(data, changed, base, name)), key, "by_name"
+    log(f"  {component}: no weight map (exported before k3trt recorded one): exporting {source.root} to {variant} "
+        f"ONNX (opset {record.opset}) for its weights ...")
+    weights, onnx_sha, onnx_path = export_weights(
+        source, component, tmp / f"{component}-{variant}", manifest.onnx(component).opset, variant=variant,
+        keep_fp32=tuple(record.extra.get("fp32_nodes", ())))
+    check_same_layout(onnx.load(str(manifest.path(record.graph.path)), load_external_data=False),
+                      onnx.load(str(onnx_path), load_external_data=False), component, str(source.root))
+    return (lambda data, name: refit_engine_bytes(data, weights, name, str(source.root), onnx_path)), onnx_sha, \
+        "re-export"
+
+
 def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str] | None = None,
                     variant: str | None = None, log: Callable[[str], None] = print) -> list[str]:
-    import onnx
     from k3trt.engines.build import remove_superseded
     from k3trt.export.components import SPECS
     from k3trt.export.sources import open_model_dir
@@ -219,30 +295,24 @@ def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str]
     source = open_model_dir(model_dir, variant=variant)
     done = []
     with tempfile.TemporaryDirectory(dir=manifest.root, prefix=".refit-") as tmp:
+        mark_part(Path(tmp))  # the next writer may remove it if this process dies
         for component, variant in dict.fromkeys((e["component"], e.get("variant", "fp32")) for _, e in targets):
-            record = manifest.onnx(component, variant)
-            log(f"  {component}: exporting {model_dir} to {variant} ONNX (opset {record.opset}) for its weights ...")
-            weights, onnx_sha, onnx_path = export_weights(
-                source, component, Path(tmp) / f"{component}-{variant}", manifest.onnx(component).opset,
-                variant=variant, keep_fp32=tuple(record.extra.get("fp32_nodes", ())))
-            check_same_layout(onnx.load(str(manifest.path(record.graph.path)), load_external_data=False),
-                              onnx.load(str(onnx_path), load_external_data=False), component, str(model_dir))
+            refit, key, how = _weights_for(manifest, component, variant, source, Path(tmp), log)
             for name, entry in ((n, e) for n, e in targets
                                 if e["component"] == component and e.get("variant", "fp32") == variant):
                 check_engine_compatible(name, entry, env, onnx_sha256=None, artifacts=str(artifacts))
                 old = entry["file"]["path"]
-                data, count = refit_engine_bytes(manifest.path(old).read_bytes(), weights, name, str(model_dir),
-                                                 onnx_path)
-                path = manifest.root / f"engines/{name}-refit-{sha256_json(onnx_sha + old)[:12]}.plan"
+                data, count = refit(manifest.path(old).read_bytes(), name)
+                path = manifest.root / f"engines/{name}-refit-{sha256_json(key + old)[:12]}.plan"
                 atomic_write_bytes(path, data)
                 folder = SPECS[component].folder
                 manifest.data["engines"][name] = {
                     **entry, "file": FileRecord.of(manifest.root, path).__dict__,
                     "refit": {"source": str(model_dir), "source_hash": source.source_hash(folder),
-                              "onnx_sha256": onnx_sha, "weights": count,
+                              "key": key, "weights": count, "how": how,
                               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
                 save_manifest(manifest)
                 remove_superseded(manifest, [old])
-                log(f"  {name}: refit {count} weights -> {path.relative_to(manifest.root)}")
+                log(f"  {name}: refit {count} weights ({how}) -> {path.relative_to(manifest.root)}")
                 done.append(name)
     return done

@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,6 +44,8 @@ from k3trt.contract.tensor_metrics import compare
 from k3trt.export.fp32_islands import fp32_nodes
 from k3trt.export.onnx_export import PROTOBUF_LIMIT, save_onnx
 from k3trt.writing.atomic import save_manifest
+from k3trt.writing.locking import staging_dir
+from k3trt.writing.ownership import mark_part
 
 CONVERTER = "nvidia-modelopt onnx.autocast.convert_to_mixed_precision"
 VERIFY_SEED = 4321
@@ -255,7 +256,7 @@ def _content_folder(root: Path, component: str, precision: str, staging: Path, g
     digest = sha256_json([sha256_file(graph), sha256_file(external) if external else None])[:12]
     final = root / component / f"{precision}-{digest}"
     if not final.exists():
-        os.replace(staging, final)
+        os.replace(mark_part(staging), final)
     return final
 
 
@@ -278,7 +279,7 @@ def make_variant(manifest: Manifest, component: str, precision: str, info: dict,
     if failures:
         raise ValidationError(failures, fix="the manifest and earlier variants were left as they were; keep "
                                             "more nodes fp32 on the component's card, or use another precision")
-    staging = Path(tempfile.mkdtemp(dir=manifest.root, prefix=f".staging-{component}-{precision}-"))
+    staging = staging_dir(manifest.root, f"{component}-{precision}")
     try:
         graph, external = _save(model, staging, fp32)
         del model
@@ -293,7 +294,7 @@ def make_variant(manifest: Manifest, component: str, precision: str, info: dict,
         inputs=fp32.inputs, outputs=fp32.outputs, axes=dict(fp32.axes), source_hash=fp32.source_hash,
         export_key=sha256_json({"fp32": fp32.export_key, "precision": precision, "fp32_nodes": keep}),
         versions=fp32.versions, validation=validation,
-        extra={**{k: v for k, v in fp32.extra.items() if k in ("multiples", "model_info", "source_folder")},
+        extra={**{k: v for k, v in fp32.extra.items() if k in ("multiples", "model_info", "source_folder", "weight_map")},
                "source": f"onnx.{component}.fp32", "fp32_export_key": fp32.export_key, "fp32_policy": policy,
                "fp32_nodes": list(keep), "converter": CONVERTER, "converter_version": _modelopt_version(),
                "seconds": round(time.perf_counter() - start, 2)})

@@ -11,6 +11,7 @@ import gc
 import importlib.metadata as md
 import json
 import os
+import re
 import resource
 import shutil
 import sys
@@ -59,7 +60,7 @@ from k3trt.export.sources import ModelSource
 from k3trt.export.validate import validate_component
 from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 from k3trt.writing.locking import artifact_lock, staging_dir
-from k3trt.writing.ownership import check_output_dir, claim_output_dir
+from k3trt.writing.ownership import check_output_dir, claim_output_dir, mark_part, remove_unreferenced
 
 PACKAGE_VERSION = "0.1.0"
 
@@ -166,8 +167,34 @@ def _content_folder(root: Path, name: str, staging: Path, graph: Path, external:
     final = root / name / f"fp32-{digest}"
     if not final.exists():
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, final)
+        os.replace(mark_part(staging), final)
     return final
+
+
+def record_weight_map(spec, module, graph: Path, folder: Path, inputs: dict) -> None:
+    """`weights.json` beside the graph: which initializer each parameter became (export/weight_map.py)."""
+    import onnx
+
+    from k3trt.export.weight_map import (build_weight_map, module_config, used_modules, wrapper_prefix, wrapper_tensors,
+                             write_weight_map)
+
+    wrapper = spec.wrapper(module).eval()
+    used = used_modules(wrapper, tuple(inputs[name] for name in spec.input_names))
+    weight_map = build_weight_map(module, onnx.load(str(graph)), prefix=wrapper_prefix(wrapper),
+                                  base_dir=graph.parent, config=module_config(module), used=used,
+                                  extras=wrapper_tensors(wrapper))
+    write_weight_map(weight_map, folder)
+
+
+def placed_weight_map(root: Path, staging: Path, final: Path) -> FileRecord | None:
+    """The weight map's record in the content folder (copied there when an identical earlier export, written
+    before maps existed, was reused)."""
+    from k3trt.export.weight_map import WEIGHT_MAP_NAME
+
+    placed, staged = final / WEIGHT_MAP_NAME, staging / WEIGHT_MAP_NAME
+    if not placed.is_file() and staged.is_file():
+        atomic_write_bytes(placed, staged.read_bytes())
+    return FileRecord.of(root, placed) if placed.is_file() else None
 
 
 def _export_regular(source: ModelSource, spec, info: dict, staging: Path, *, opset: int, external_threshold: int,
@@ -180,6 +207,7 @@ def _export_regular(source: ModelSource, spec, info: dict, staging: Path, *, ops
                                   external_threshold=external_threshold)
     log(f"  {spec.name}: validating against torch on ONNX Runtime at {len(spec.validate)} new shapes ...")
     validation, failures = validate_component(spec, module, graph, info)
+    record_weight_map(spec, module, graph, staging, trace_inputs)
     del module
     gc.collect()
     return graph, external, validation, failures
@@ -204,6 +232,7 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
             raise ValidationError(failures, fix="report this with the model config; the previous artifacts "
                                                 "were left untouched")
         final = _content_folder(root, name, staging, graph, external)
+        weight_map = placed_weight_map(root, staging, final)
         record = OnnxRecord(
             component=name, variant="fp32", graph=FileRecord.of(root, final / graph.name),
             external_data=FileRecord.of(root, final / external.name) if external else None, opset=opset,
@@ -211,7 +240,8 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
             axes=dict(spec.axes), source_hash=source_hash, export_key=key, versions=library_versions(),
             validation=validation,
             extra={"multiples": spec.multiples, "seconds": round(time.perf_counter() - t0, 2),
-                   "source_folder": spec.folder, "model_info": info, **({"streamed": True} if streamed else {})},
+                   "source_folder": spec.folder, "model_info": info, **({"streamed": True} if streamed else {}),
+                   **({"weight_map": weight_map.__dict__} if weight_map else {})},
         )
         worst = max(c["rel_l2"] for c in validation["cases"])
         log(f"  {name}: ok (worst rel_l2 {worst:.2e}, {record.extra['seconds']} s)")
@@ -233,23 +263,30 @@ def drop_stale_variants(manifest: Manifest, name: str, log) -> None:
             log(f"  {name}: dropped the stale {variant} variant (re-run {remake} to rebuild it)")
 
 
-def collect_garbage(manifest: Manifest) -> None:
-    """Remove component folders and side files the manifest no longer references (superseded exports,
-    leftovers of a failed run)."""
-    referenced = manifest.referenced_paths()
-    keep = {Path(p).parent for p in referenced}
-    for name in SPECS:
-        folder = manifest.root / name
-        if folder.is_dir():
-            for child in folder.iterdir():
-                if child.is_dir() and child.relative_to(manifest.root) not in keep:
-                    shutil.rmtree(child, ignore_errors=True)
-    for side in ("tokenizer", "scheduler"):
-        folder = manifest.root / side
-        if folder.is_dir():
-            for child in folder.glob("*.json"):
-                if str(child.relative_to(manifest.root)) not in referenced:
-                    child.unlink(missing_ok=True)
+KEYED_SIDE_FILE = re.compile(r"^(tokenizer|scheduler_config)-([0-9a-f]{12})\.json$")
+
+
+def is_keyed_side_file(path: Path) -> bool:
+    """A side file `_write_keyed` wrote: its name's digest is its content's (a file named so by hand is not)."""
+    match = KEYED_SIDE_FILE.match(path.name)
+    if not match or not path.is_file() or path.stat().st_size > SIDE_FILE_LIMIT:
+        return False
+    try:
+        return sha256_json(path.read_bytes().decode())[:12] == match[2]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+SIDE_FILE_LIMIT = 64 << 20  # a tokenizer.json is a few MB; a bigger file of that name is not one we wrote
+
+
+def collect_garbage(manifest: Manifest, listed_before: set[str], log=None) -> list[str]:
+    """Remove what k3trt wrote that the manifest no longer references (superseded exports, leftovers of a failed
+    run): marked component folders, paths the previous manifest listed, content-keyed side files. A user's own
+    files and folders in the directory are left and reported (runtime/outputs.py: remove_unreferenced)."""
+    return remove_unreferenced(manifest.root, [*SPECS, "tokenizer", "scheduler"],
+                               keep=manifest.referenced_paths(), listed_before=listed_before,
+                               owned_file=is_keyed_side_file, log=log)
 
 
 def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=None,
@@ -362,6 +399,6 @@ def _export_locked(source: ModelSource, out: Path, *, components, keys: dict, op
                 summary["variants"].append(f"{name}.{precision}")
     if staged.data != current.data:
         save_manifest(staged)  # the commit point
-    collect_garbage(staged)
+    collect_garbage(staged, current.referenced_paths(), log)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return summary

@@ -66,16 +66,21 @@ class Pipeline:
                                          pad_id=manifest.data["tokenizer"].get("pad_id", 0))
         self.scheduler_config = json.loads(manifest.path(manifest.data["scheduler"]["path"]).read_text())
         make_scheduler(scheduler, self.scheduler_config)  # fail now, not mid-request
+        self.loras: tuple = ()  # the LoRA adapters in use (runtime/lora.py LoraChoice), none: base weights
 
     @classmethod
     def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "auto",
                        precision: str | Mapping[str, str] | None = "fp32", *, scheduler: str = "ddpm",
-                       min_psnr: float = DEFAULT_MIN_PSNR_DB, **backend_options) -> "Pipeline":
-        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once).
+                       lora=None, min_psnr: float = DEFAULT_MIN_PSNR_DB, **backend_options) -> "Pipeline":
+        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once); `lora`:
+        adapters applied from the start (see `set_lora`).
 
         `backend="auto"` (the default) runs on the fastest fp32-exact backend installed (OpenVINO where present,
         else ONNX Runtime); `precision="auto"` on the fastest precision whose quality recorded by `k3trt qualify`
         meets `min_psnr` dB (runtime/backends/auto.py). `pipeline.backend.auto_choice` says what was chosen."""
+        from k3trt.runtime.lora import load_loras
+
+        loras = load_loras(lora)  # a bad adapter fails before any session opens
         manifest = path if isinstance(path, Manifest) else Manifest.load(check_path("path", path))
         if not isinstance(backend, (str, Backend)):
             raise InvalidArgumentError(f"backend={backend!r}",
@@ -84,7 +89,22 @@ class Pipeline:
         check_choice("scheduler", scheduler, ("ddpm", "ddim"))
         if isinstance(backend, str):
             backend = make_backend(backend, manifest, precision, min_psnr=min_psnr, **backend_options)
-        return cls(manifest, backend, scheduler=scheduler)
+        pipe = cls(manifest, backend, scheduler=scheduler)
+        if loras:
+            pipe.set_lora(loras)
+        return pipe
+
+    def set_lora(self, lora=None) -> None:
+        """Run with these LoRA adapters (None or []: the base weights, bit for bit). `lora`: "PATH[:SCALE]", a
+        Path, (path, scale), or a list of them blended with their own scales; PATH is a PEFT adapter folder or
+        a diffusers/kohya .safetensors file. Nothing is re-exported: the changed weights are computed from the
+        artifacts' weight map and swapped into the backend (runtime/lora.py). Call between generations."""
+        from k3trt.runtime.lora import load_loras, weight_overrides
+
+        choices = load_loras(lora)
+        graphs = {c: self.backend.weight_graph(c) for c in ("unet", "text_encoder") if self.manifest.has_onnx(c)}
+        self.backend.set_weights(weight_overrides(self.manifest, graphs, choices) if choices else {})
+        self.loras = choices
 
     # ------------------------------------------------------------------------------------- stages
     def encode(self, request: Request) -> Conditioning:
@@ -116,7 +136,8 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- API
     def check_request(self, request: Request) -> None:
         """Fail before any work if the request's shapes fall outside what the backend runs: the artifacts' axes,
-        narrowed by the backend (TensorRT: the built engines' optimization profiles, not the ONNX's axes)."""
+        narrowed by the backend (TensorRT: the built engines' optimization profiles, not the ONNX's axes), or a
+        component it needs is damaged or foreign (hashes and I/O signatures, `Backend.ready`)."""
         check_image_request(self.manifest, height=request.height, width=request.width,
                             images=request.latent_shape[0], guided=request.guided, axes=self.backend.axes)
         b, c, h, w = request.latent_shape
@@ -126,6 +147,7 @@ class Pipeline:
             "encoder_hidden_states": (unet_batch, 1, self.manifest.data["pipeline"]["context_dim"]),
             "encoder_attention_mask": (unet_batch, 1)})
         check_shapes(self.backend.limits_record("movq_decoder"), {"latents": (b, c, h, w)})
+        self.backend.ready(("text_encoder", "unet", "movq_decoder"))
 
     def generate(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                  seed: int = 0, steps: int = 25, guidance: float = 3.0, height: int | None = None,

@@ -45,16 +45,17 @@ def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25
             raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts",
                                        accepted="one negative prompt, or one per prompt",
                                        fix="pass one negative prompt as a str, or a list as long as the prompts")
-    check_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 25")
-    check_int("num_images", num_images, 1, MAX_IMAGES, "e.g. num_images=1 (--batch 1 on the command line)")
-    check_float("guidance", guidance, 0.0, 1e4, "e.g. --guidance 3.0 (the default); 1 or less: no CFG")
-    check_seed(seed)
+    steps = check_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 25")  # numpy integers become ints here
+    num_images = check_int("num_images", num_images, 1, MAX_IMAGES,
+                           "e.g. num_images=1 (--batch 1 on the command line)")
+    guidance = check_float("guidance", guidance, 0.0, 1e4, "e.g. --guidance 3.0 (the default); 1 or less: no CFG")
+    seed = check_seed(seed)
     if len(prompts) * num_images > MAX_IMAGES:
         raise InvalidArgumentError(f"{len(prompts)} prompts x {num_images} images", accepted=f"at most {MAX_IMAGES}"
                                    " images per request", fix="split the work into several requests")
     size = []
     for name, value in (("height", height), ("width", width)):
-        check_int(name, value, 1, 1 << 16, "an image side in pixels, e.g. 1024")
+        value = check_int(name, value, 1, 1 << 16, "an image side in pixels, e.g. 1024")
         rounded = round_pixels(value)  # diffusers' downscale_height_and_width
         if rounded != value:
             log.warning("%s %d is not a multiple of %d: the image will be %d px (diffusers rounds up)",

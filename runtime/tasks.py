@@ -12,7 +12,9 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
+from k3trt.contract.arguments import check_options
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.limits import image_limits
 from k3trt.runtime.backends.base import check_shapes
 from k3trt.runtime.denoise_loop import (
     DenoiseState,
@@ -23,9 +25,11 @@ from k3trt.runtime.denoise_loop import (
     denoise,
     prepare_latents,
 )
-from k3trt.runtime.images import check_strength, load_image, load_mask, outpaint_canvas, parse_margins
+from k3trt.runtime.images import (MAX_IMAGE_SIDE, check_strength, load_image, load_mask, margins_text,
+                                  outpaint_canvas, parse_margins)
 from k3trt.runtime.official_sampler import FlashSampler, OfficialSampler, official_timesteps
 from k3trt.runtime.request import make_request
+from k3trt.runtime.seeding import make_generator
 
 TASK_COMPONENTS = {  # what each task runs beside the text encoder and the MoVQ decoder
     "text2img": ("unet",),
@@ -77,27 +81,35 @@ class Img2ImgInputs:
     kind: str = dataclasses.field(default="img2img", init=False)
 
 
-def img2img_inputs(image, strength: float = IMG2IMG_STRENGTH) -> Img2ImgInputs:
+def max_side(pipe) -> int:
+    """The largest image side `pipe`'s artifacts accept: input images and outpainted canvases are refused above
+    it from their header or margins, before they are decoded or allocated."""
+    return image_limits(pipe.manifest).max_px
+
+
+def img2img_inputs(image, strength: float = IMG2IMG_STRENGTH, *, max_side: int = MAX_IMAGE_SIDE) -> Img2ImgInputs:
     """The checked inputs (a path, PIL image or (H, W, 3) array; strength in (0, 1])."""
-    pixels = load_image(image)
-    check_strength(strength, 1 << 30)  # the range only; the step count is checked against the request's steps
+    check_strength(strength, 1 << 30)
+    pixels = load_image(image, max_side)  # the range only; the step count is checked against the request's steps
     return Img2ImgInputs(pixels, float(strength))
 
 
 def task_generator(request) -> torch.Generator:
-    """The image tasks' generator: one per request, seeded as `Pipeline.img2img`/`inpaint` always were."""
-    return torch.Generator("cpu").manual_seed(request.seed)
+    """Every task's generator: one per request, from the one seeding path text to image uses (all 64 bits
+    count; seeds below 2^32 are diffusers' `manual_seed(seed)`, runtime/seeding.py)."""
+    return make_generator(request.seed)
 
 
 def img2img(pipe, prompt: str, image, *, strength: float = IMG2IMG_STRENGTH, negative_prompt: str | None = None,
             seed: int = 0, steps: int = 25, guidance: float = 3.0, num_images: int = 1,
-            callback: StepCallback | None = None, recorder: list | None = None, decode: bool = True) -> np.ndarray:
+            callback: StepCallback | None = None, recorder: list | None = None, decode: bool = True,
+            **unknown) -> np.ndarray:
     """diffusers.Kandinsky3Img2ImgPipeline step for step; float images (N, H, W, 3) in [0, 1] (`decode=False`:
     the final latents (N, 4, H/8, W/8), the MoVQ decoder not run)."""
+    check_options("Pipeline.img2img", unknown, ())
     prompt = single_prompt(prompt)
-    pixels = load_image(image)
     check_strength(strength, steps)
-    inputs = Img2ImgInputs(pixels, float(strength))
+    inputs = Img2ImgInputs(load_image(image, max_side(pipe)), float(strength))
     request = task_request(inputs, prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
                            num_images=num_images)
     check_task(pipe, request, inputs)
@@ -147,32 +159,36 @@ class InpaintInputs:
     kind: str = dataclasses.field(default="inpaint", init=False)
 
 
-def inpaint_inputs(image, mask=None, outpaint: str | dict | None = None, *,
-                   preserve_unmasked: bool = True) -> InpaintInputs:
-    pixels = load_image(image)
-    if outpaint is not None:
-        if mask is not None:
-            raise InvalidArgumentError("both a mask and outpaint margins were given",
-                                       accepted="a mask (inpainting) or margins (outpainting)",
-                                       fix="drop --mask: outpainting repaints exactly the new margins")
-        margins = parse_margins(outpaint) if isinstance(outpaint, str) else parse_margins(
-            ",".join(f"{k}={v}" for k, v in outpaint.items()))
-        pixels, user = outpaint_canvas(pixels, margins)
-        return InpaintInputs(pixels, user, preserve_unmasked)
-    if mask is None:
+def inpaint_inputs(image, mask=None, outpaint: str | dict | None = None, *, preserve_unmasked: bool = True,
+                   max_side: int = MAX_IMAGE_SIDE) -> InpaintInputs:
+    """The checked inputs: the margins are parsed before the image is read, and the canvas they make is
+    refused above `max_side` before it is allocated."""
+    if outpaint is not None and mask is not None:
+        raise InvalidArgumentError("both a mask and outpaint margins were given",
+                                   accepted="a mask (inpainting) or margins (outpainting)",
+                                   fix="drop --mask: outpainting repaints exactly the new margins")
+    if outpaint is None and mask is None:
         raise InvalidArgumentError("inpainting needs a mask", accepted="a mask image (white = repaint)",
                                    fix="pass --mask MASK.png, or --outpaint left=128 to extend the image")
+    if not isinstance(preserve_unmasked, bool):
+        raise InvalidArgumentError(f"preserve_unmasked={preserve_unmasked!r}", accepted="True or False")
+    margins = None if outpaint is None else parse_margins(margins_text(outpaint))
+    pixels = load_image(image, max_side)
+    if margins is not None:
+        pixels, user = outpaint_canvas(pixels, margins, max_side)
+        return InpaintInputs(pixels, user, preserve_unmasked)
     return InpaintInputs(pixels, load_mask(mask, tuple(pixels.shape[-2:])), preserve_unmasked)
 
 
 def inpaint(pipe, prompt: str, image, mask=None, *, outpaint: str | dict | None = None,
             negative_prompt: str | None = None, seed: int = 0, steps: int = 50, guidance: float = 4.0,
             num_images: int = 1, preserve_unmasked: bool = True, callback: StepCallback | None = None,
-            recorder: list | None = None, decode: bool = True) -> np.ndarray:
+            recorder: list | None = None, decode: bool = True, **unknown) -> np.ndarray:
     """The official inpainting pipeline (docs/tasks.md); float images (N, H, W, 3) in [0, 1] (`decode=False`:
     the final latents, nothing pasted)."""
+    check_options("Pipeline.inpaint", unknown, ())
     prompt = single_prompt(prompt)
-    inputs = inpaint_inputs(image, mask, outpaint, preserve_unmasked=preserve_unmasked)
+    inputs = inpaint_inputs(image, mask, outpaint, preserve_unmasked=preserve_unmasked, max_side=max_side(pipe))
     request = task_request(inputs, prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
                            num_images=num_images)
     check_task(pipe, request, inputs)
@@ -250,6 +266,7 @@ def check_task(pipe, request, inputs: TaskInputs) -> None:
         official_timesteps(request.steps)
         require_components(pipe, "inpaint")
         _check_inpaint_shapes(pipe, request, inputs.pixels)
+    pipe.backend.ready(("text_encoder", *TASK_COMPONENTS[kind], "movq_decoder"))  # hashes, I/O: before step 1
 
 
 def start_state(pipe, request, cond, generator: torch.Generator, inputs: TaskInputs) -> DenoiseState:
@@ -264,12 +281,27 @@ def finish_images(inputs: TaskInputs, images: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- Flash
+FLASH_IGNORED = ("steps", "guidance", "negative_prompt")  # fixed by the distilled model: 4 steps, no guidance
+
+
+def check_flash_options(options: dict, flash_steps: int) -> None:
+    """The official Flash pipeline runs its fixed timesteps without guidance whatever it is asked; here asking
+    for something else is a typed error instead of a silently different result. Its own values pass."""
+    check_options("Pipeline.flash", options, FLASH_IGNORED)
+    own = {"steps": flash_steps, "guidance": None, "negative_prompt": None}
+    for name, value in options.items():
+        same = name == "steps" and isinstance(value, int) and not isinstance(value, bool) and value == own[name]
+        if value is not None and not same:
+            raise InvalidArgumentError(f"{name}={value!r} for Flash", accepted=f"{name} left out (Flash runs "
+                                       f"{flash_steps} distilled steps without guidance, so it has no negative "
+                                       "prompt)", fix=f"drop {name}, or use Pipeline.generate for the full U-Net")
 def flash(pipe, prompt: str | Sequence[str], *, seed: int = 0, height: int = 1024, width: int = 1024,
           num_images: int = 1, callback: StepCallback | None = None, recorder: list | None = None,
-          decode: bool = True) -> np.ndarray:
+          decode: bool = True, **options) -> np.ndarray:
     """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (docs/tasks.md); `decode=False`: the
-    final x0 latents."""
+    final x0 latents. Options Flash cannot honour (other steps, guidance, a negative prompt) are refused."""
     sampler = FlashSampler()
+    check_flash_options(options, len(sampler.timesteps))
     require_components(pipe, "flash")
     request = make_request(prompt, None, seed=seed, steps=len(sampler.timesteps), guidance=0.0, height=height,
                            width=width, num_images=num_images)
@@ -279,7 +311,8 @@ def flash(pipe, prompt: str | Sequence[str], *, seed: int = 0, height: int = 102
         "encoder_hidden_states": (b, 1, pipe.manifest.data["pipeline"]["context_dim"]),
         "encoder_attention_mask": (b, 1)})
     check_shapes(pipe.backend.record("movq_decoder"), {"latents": (b, c, h, w)})
-    generator = torch.Generator("cpu").manual_seed(request.seed)
+    pipe.backend.ready(("text_encoder", *TASK_COMPONENTS["flash"], "movq_decoder"))
+    generator = task_generator(request)
     cond = pipe.encode(request)
     x0 = prepare_latents(request.latent_shape, generator, device=pipe.backend.device)
     for i, t in enumerate(sampler.timesteps):

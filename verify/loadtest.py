@@ -43,8 +43,9 @@ def wait_ready(client, url: str, timeout_s: float = 300.0, log=print) -> None:
                 return
         except Exception:  # noqa: BLE001 - not listening yet
             pass
-        time.sleep(0.5)
-    raise InvalidArgumentError(f"{url} did not become ready in {timeout_s:.0f} s", fix="check the server's log")
+        time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+    raise InvalidArgumentError(f"{url} did not become ready in {timeout_s:g} s (--timeout)",
+                               fix="start the server (`k3trt serve ...`) or check --url and the server's log")
 
 
 def drive(url: str, body: dict, requests: int, concurrency: int, timeout_s: float) -> tuple[list, collections.Counter]:
@@ -83,8 +84,8 @@ def run_loadtest(url: str, *, requests: int = 500, concurrency: int = 8, warmup:
     import httpx
 
     url = check_loopback(url)
-    with httpx.Client(timeout=30.0) as client:
-        wait_ready(client, url, log=log)
+    with httpx.Client(timeout=min(30.0, timeout_s)) as client:
+        wait_ready(client, url, timeout_s, log=log)  # --timeout bounds the wait for a dead server too
         if warmup:
             log(f"warm-up: {warmup} requests")
             drive(url, body, warmup, concurrency, timeout_s)

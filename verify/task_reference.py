@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from k3trt.runtime.seeding import make_generator
+
 MAX_LENGTH = 128
 
 
@@ -36,7 +38,7 @@ def run_img2img_reference(pipe, prompt: str, image, *, strength: float, steps: i
     with torch.no_grad():
         out = pipe(prompt, image=image, strength=strength, num_inference_steps=steps, guidance_scale=guidance,
                    negative_prompt=negative_prompt, num_images_per_prompt=num_images,
-                   generator=torch.Generator("cpu").manual_seed(seed), output_type="np")
+                   generator=make_generator(seed), output_type="np")
     return np.asarray(out.images)
 
 
@@ -106,7 +108,7 @@ def inpaint_reference(modules: OfficialModules, prompt: str, image: torch.Tensor
                       steps: int = 50, guidance: float = 4.0, seed: int = 0,
                       preserve_unmasked: bool = True) -> np.ndarray:
     """`image` (1, 3, H, W) in [-1, 1]; `user_mask` (1, 1, H, W), 1 = repaint. Returns (1, H, W, 3) in [0, 1]."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = make_generator(seed)
     with torch.no_grad():
         context, mask = modules.context([prompt])
         uncond, uncond_mask = modules.null_context(context, mask)
@@ -130,7 +132,7 @@ def inpaint_reference(modules: OfficialModules, prompt: str, image: torch.Tensor
 
 def flash_reference(modules: OfficialModules, prompt: str, *, height: int, width: int, seed: int = 0) -> np.ndarray:
     """`p_sample_loop(gan=True)` at t = 979, 729, 479, 229; no guidance. Returns (1, H, W, 3) in [0, 1]."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = make_generator(seed)
     ac = _cosine_alphas_cumprod()
     with torch.no_grad():
         context, mask = modules.context([prompt])

@@ -11,18 +11,22 @@ import contextlib
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from k3trt.contract.cards import COMPONENTS
 from k3trt.contract.errors import ArtifactError
+from k3trt.writing.atomic import make_temp_dir
+from k3trt.writing.ownership import is_part, mark_part
 
 LOCK_NAME = ".k3trt.lock"
-# Temporary names the writers use inside an artifact directory (staging folders, atomic-write temp files).
+# Temporary names the writers use inside an artifact directory (staging folders, atomic-write temp files: mkstemp's
+# `.NAME.` + 8 random characters + `.tmp`). A folder is removed only when it also carries k3trt's part marker
+# (written when it is made) or is empty; anything else with such a name is left and reported.
 STALE_DIRS = re.compile(r"^\.(staging|refit|calib)-")
-STALE_FILES = re.compile(r"^\..+\.tmp$")
+STALE_FILES = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")
 PID_IN_NAME = re.compile(r"^\.staging-.+?-(\d+)-")
-SUBFOLDERS = ("engines", "tokenizer", "scheduler", "calibration", "unet", "text_encoder", "movq_decoder")
+SUBFOLDERS = ("engines", "tokenizer", "scheduler", "calibration", *COMPONENTS)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -38,13 +42,14 @@ def _pid_alive(pid: int) -> bool:
 
 
 def staging_dir(root: Path, label: str) -> Path:
-    """A fresh staging folder in `root` whose name carries this process id (`.staging-LABEL-PID-xxxx`)."""
-    return Path(tempfile.mkdtemp(dir=root, prefix=f".staging-{label}-{os.getpid()}-"))
+    """A fresh staging folder in `root` whose name carries this process id (`.staging-LABEL-PID-xxxx`), marked
+    as k3trt's from the start (so the next writer may remove it if this one dies)."""
+    return mark_part(make_temp_dir(root, f".staging-{label}-{os.getpid()}-"))
 
 
 def remove_stale(root: Path, log: Callable[[str], None] | None = None) -> list[str]:
     """Remove staging folders and temp files left by dead writers. Call only while holding the lock."""
-    removed = []
+    removed, kept = [], []
     for folder in (root, *(root / name for name in SUBFOLDERS)):
         if not folder.is_dir():
             continue
@@ -55,13 +60,18 @@ def remove_stale(root: Path, log: Callable[[str], None] | None = None) -> list[s
                 match = PID_IN_NAME.match(entry.name)
                 if match and _pid_alive(int(match.group(1))):
                     continue  # the lock says it is dead, but its pid lives (reused?): leave it
+                if not (is_part(entry) or not any(entry.iterdir())):
+                    kept.append(str(entry.relative_to(root)))  # not k3trt's marker: not ours to delete
+                    continue
                 shutil.rmtree(entry, ignore_errors=True)
                 removed.append(str(entry.relative_to(root)))
             elif entry.is_file() and STALE_FILES.match(entry.name):
                 entry.unlink(missing_ok=True)
                 removed.append(str(entry.relative_to(root)))
-    if removed and log is not None:
+    if log is not None and removed:
         log(f"removed {len(removed)} leftover(s) of an interrupted run: {', '.join(sorted(removed)[:5])}")
+    if log is not None and kept:
+        log(f"left {len(kept)} folder(s) k3trt did not mark as its own: {', '.join(sorted(kept)[:5])}")
     return removed
 
 

@@ -8,6 +8,7 @@ folders written before the marker existed are recognised by their own stamp (`ma
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -18,7 +19,7 @@ from typing import Any, Iterable
 
 from k3trt.contract.arguments import check_output_file, check_path, writable_ancestor
 from k3trt.contract.errors import OutputPathError
-from k3trt.writing.atomic import atomic_write, atomic_write_bytes, atomic_write_json
+from k3trt.writing.atomic import atomic_write, atomic_write_bytes, atomic_write_json, make_temp_dir
 
 MARKER = ".k3trt-output.json"
 LEGACY_STAMPS = {"artifacts": "manifest.json", "preset": "k3trt_preset.json"}
@@ -59,6 +60,69 @@ def owner_kind(folder: Path) -> str | None:
 
 def mark(folder: Path, kind: str) -> None:
     atomic_write_json(folder / MARKER, {"kind": kind, "written_by": writer_tag()})
+
+
+# ----------------------------------------------------------------------------------------- inside artifacts
+PART = "artifact-part"  # a folder k3trt made inside an artifact directory (a staging or content-keyed folder)
+
+
+def mark_part(folder: Path) -> Path:
+    """Mark a folder k3trt made inside an artifact directory, so garbage collection knows it is k3trt's."""
+    if owner_kind(folder) != PART:
+        mark(folder, PART)
+    return folder
+
+
+def is_part(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and owner_kind(folder) == PART
+
+
+def remove_unreferenced(root: Path, folders: Iterable[str], *, keep: set[str], listed_before: set[str],
+                        owned_file=None, log=None) -> list[str]:
+    """Garbage collection in the subfolders `folders` of the artifact directory `root`: remove what k3trt's own
+    records say it wrote and `keep` (the paths the new manifest references) no longer holds. Those records are
+    the part marker of a folder, `listed_before` (the paths the previous manifest referenced) and, for files,
+    `owned_file(path)` (e.g. a content-keyed name that matches the content). Anything else is left where it
+    is and named in one log line."""
+    keep_dirs = {str(Path(p).parent) for p in keep}
+    removed, foreign = [], []
+    for name in folders:
+        folder = root / name
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        for child in sorted(folder.iterdir()):
+            rel = str(child.relative_to(root))
+            if rel in keep or rel in keep_dirs or child.name == MARKER:
+                continue
+            gone = _remove_if_owned(root, child, listed_before, owned_file)
+            (removed if gone else foreign).append(rel)
+    if foreign and log is not None:
+        log(f"left {len(foreign)} path(s) k3trt did not write (never deleted): {', '.join(foreign[:8])}"
+            f"{' ...' if len(foreign) > 8 else ''}")
+    return removed
+
+
+def _remove_if_owned(root: Path, path: Path, listed_before: set[str], owned_file) -> bool:
+    """Remove `path` if k3trt's records say it wrote it: a marked folder whole; else only the files the previous
+    manifest listed (and the folder, once nothing else is in it)."""
+    if path.is_symlink():
+        return False
+    if path.is_dir():
+        if is_part(path):
+            shutil.rmtree(path, ignore_errors=True)
+            return True
+        listed = [child for child in path.iterdir() if str(child.relative_to(root)) in listed_before
+                  and child.is_file() and not child.is_symlink()]
+        for child in listed:
+            child.unlink(missing_ok=True)
+        if listed:
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only if now empty: a file k3trt did not list stays, with its folder
+        return bool(listed) and not path.exists()
+    if str(path.relative_to(root)) in listed_before or (owned_file is not None and owned_file(path)):
+        path.unlink(missing_ok=True)
+        return True
+    return False
 
 
 def _overlap(a: Path, b: Path) -> bool:
@@ -123,7 +187,7 @@ def claim_output_dir(value: Any, kind: str, **options) -> Path:
 def staging_sibling(out: Path, label: str = "staging") -> Path:
     """A fresh hidden folder next to `out` (same file system, so the final move is a rename)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.{label}-{os.getpid()}-"))
+    return make_temp_dir(out.parent, f".{out.name}.{label}-{os.getpid()}-")
 
 
 def install_dir(staging: Path, out: Path, kind: str) -> Path:

@@ -12,11 +12,11 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from k3trt.contract.cards import COMPONENTS
-from k3trt.contract.errors import InvalidArgumentError, ShapeError
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError, ShapeError
 from k3trt.contract.manifest import Manifest, OnnxRecord
 from k3trt.contract.precision import Precision, Resolved, requested_precision, resolve_precision, variant_of
 
@@ -91,6 +91,24 @@ def check_shapes(record: OnnxRecord, shapes: Mapping[str, tuple]) -> None:
                                  f"{spec.name}", fix="all inputs must agree on shared axes")
 
 
+def check_io_signature(record: OnnxRecord, inputs: Mapping[str, int], outputs: Mapping[str, int],
+                       where: str) -> None:
+    """The names and ranks a loaded model declares (`inputs`/`outputs`: name -> rank) against the manifest's
+    record: a foreign model behind a matching hash is refused before it runs."""
+    for kind, declared, specs in (("inputs", inputs, record.inputs), ("outputs", outputs, record.outputs)):
+        expected = {spec.name: len(spec.shape) for spec in specs}
+        if dict(declared) != expected:
+            raise ArtifactError(f"{record.component} ({record.variant}) in {where} has {kind} "
+                                f"{_signature(declared)}, but the manifest records {_signature(expected)}",
+                                accepted="the model the manifest describes",
+                                fix="re-run the stage that wrote it (`k3trt export`); never replace artifact files "
+                                    "by hand")
+
+
+def _signature(ranks: Mapping[str, int]) -> str:
+    return ", ".join(f"{name} (rank {rank})" for name, rank in sorted(ranks.items())) or "(none)"
+
+
 class Backend(abc.ABC):
     """Runs exported components. Subclasses implement `_run`; `run` adds checks and timing."""
 
@@ -142,6 +160,19 @@ class Backend(abc.ABC):
         """The precision `component` actually runs in (parity picks its tolerance by this)."""
         return self.resolve(component).precision.value
 
+    def ready(self, components: Iterable[str]) -> None:
+        """Open and verify (hashes, I/O signatures) every component a request will run, before its first step:
+        a replaced or foreign file is a typed error before any work, not after the denoising loop. Backends
+        that load lazily override `_ready`; each component is made ready once."""
+        done = self.__dict__.setdefault("_ready_done", set())
+        for component in components:
+            if component not in done:
+                self._ready(component)
+                done.add(component)
+
+    def _ready(self, component: str) -> None:
+        """The default: nothing to open ahead (the torch reference runs modules, not files)."""
+
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feeds(self.record(component), feeds)
         start = time.perf_counter()
@@ -152,6 +183,19 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ...
+
+    def set_weights(self, overrides: Mapping[str, Mapping[str, object]]) -> None:
+        """Run with these initializers replaced: component -> initializer name -> array in the initializer's
+        type (runtime/lora.py). The whole desired state: a component or name left out runs its base weights.
+        Call between generations, not during one."""
+        raise BackendUnavailableError(f"the {self.name} backend cannot change weights by name",
+                                      accepted="backends ort, openvino and trt",
+                                      fix="use --backend ort (or merge the adapter and `k3trt export "
+                                          "--weights-from`)")
+
+    def weight_graph(self, component: str) -> str:
+        """The ONNX file (relative path) whose initializers this backend runs for `component`."""
+        return self.record(component).graph.path
 
     def close(self) -> None:
         """Release sessions/engines; the backend is unusable afterwards."""

@@ -53,6 +53,25 @@ def _openvino():
     return openvino
 
 
+def replace_constants(ov, model, weights: Mapping[str, np.ndarray], component: str) -> None:
+    """Swap the Constants the ONNX frontend made from these initializers (named after them) for new ones."""
+    from k3trt.contract import errors
+
+    constants = {}
+    for op in model.get_ops():
+        if op.get_type_name() == "Constant":
+            for name in op.output(0).get_names() | {op.get_friendly_name()}:
+                constants[name] = op
+    missing = sorted(set(weights) - set(constants))
+    if missing:
+        raise errors.BackendRuntimeError(f"OpenVINO's reading of {component} has no constant for {missing[:4]}",
+                                         fix="use --backend ort for LoRA on this model")
+    for name, array in weights.items():
+        new = ov.op.Constant(np.ascontiguousarray(array))
+        new.set_friendly_name(name)
+        constants[name].output(0).replace(new.output(0))
+
+
 class OpenVinoBackend(Backend):
     name = "openvino"
 
@@ -69,6 +88,7 @@ class OpenVinoBackend(Backend):
         self._verified: set[str] = set()
         self._compile_lock = threading.Lock()  # concurrent first calls compile once
         self._local = threading.local()  # an infer request holds its buffers: one per thread and shape
+        self._overrides: dict[str, dict[str, np.ndarray]] = {}  # component -> initializer -> new weight
 
     def variant_for(self, precision) -> str:
         """OpenVINO always reads the fp32 graph; the precision is how it computes it (a compile hint)."""
@@ -76,8 +96,9 @@ class OpenVinoBackend(Backend):
 
     def config(self, component: str) -> dict:
         config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.effective_precision(component)],
-                  "PERFORMANCE_HINT": "LATENCY", "CPU_DENORMALS_OPTIMIZATION": True,  # as ORT: flush denormals
-                  "CACHE_DIR": str(self.cache_dir)}
+                  "PERFORMANCE_HINT": "LATENCY", "CPU_DENORMALS_OPTIMIZATION": True}  # as ORT: flush denormals
+        if not self._overrides.get(component):  # changed weights are never cached under the files' key
+            config["CACHE_DIR"] = str(self.cache_dir)
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = int(self.threads)
         return config
@@ -92,6 +113,12 @@ class OpenVinoBackend(Backend):
                 self._compiled[key] = self._compile(component, shapes)
         return self._compiled[key]
 
+    def _ready(self, component: str) -> None:
+        """Hashes now; the model compiles per input shape on its first call."""
+        if self.verify and component not in self._verified:
+            self.manifest.verify_onnx(self.record(component))
+            self._verified.add(component)
+
     def _compile(self, component: str, shapes: Mapping[str, tuple]):
         record = self.record(component)
         path = self.manifest.path(record.graph.path)
@@ -100,9 +127,21 @@ class OpenVinoBackend(Backend):
             self._verified.add(component)
         check_external_data_paths(path, self.manifest.root)
         model = self.core.read_model(str(path))
+        if self._overrides.get(component):
+            replace_constants(self.ov, model, self._overrides[component], component)
         model.reshape({name: self.ov.PartialShape(list(shape)) for name, shape in shapes.items()})
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         return self.core.compile_model(model, "CPU", self.config(component))
+
+    def set_weights(self, overrides) -> None:
+        """Recompile the components whose weights change, their Constants replaced in the read model (the
+        other weights stay as read from the files)."""
+        overrides = {c: dict(w) for c, w in overrides.items() if w}
+        with self._compile_lock:
+            changed = set(self._overrides) | set(overrides)
+            self._compiled = {k: v for k, v in self._compiled.items() if k[0] not in changed}
+            self._overrides = overrides
+        self._local = threading.local()
 
     def infer_request(self, component: str, shapes: Mapping[str, tuple]):
         compiled = self.compiled(component, shapes)

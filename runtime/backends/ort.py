@@ -14,7 +14,7 @@ import torch
 from k3trt.contract.arguments import available_cores, check_threads
 from k3trt.contract.errors import ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError
 from k3trt.contract.manifest import check_external_data_paths
-from k3trt.runtime.backends.base import Backend, log
+from k3trt.runtime.backends.base import Backend, check_io_signature, log
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -24,6 +24,17 @@ def default_threads() -> int:
     return available_cores()
 
 
+def onnxruntime():
+    """ONNX Runtime, or a typed error naming the extra that installs it (one of cpu / gpu-cu12 / gpu-cu13)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendUnavailableError("ONNX Runtime is not installed",
+                                      fix="pip install 'kandinsky3-trt[cpu]' (or [gpu-cu12] / [gpu-cu13] on a machine "
+                                          "with an NVIDIA GPU: onnxruntime-gpu)") from None
+    return ort
+
+
 def session_options(*, threads: int | None = None, optimize: bool = True, flush_denormals: bool = True,
                     disable_quant_qdq: bool = False, arena: bool = True):
     """The one place ONNX Runtime CPU session options are made (runtime, export validation, calibration).
@@ -31,7 +42,7 @@ def session_options(*, threads: int | None = None, optimize: bool = True, flush_
     `arena=False` returns freed activations to the OS instead of keeping each session's peak: calibration's
     sessions run once per large shape, where a kept arena only adds to the process's peak (measured at
     1024 x 1024 on the small preset, one 2-step generation: 4714 MB with the arena, 3607 MB without)."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     options = ort.SessionOptions()
     options.enable_cpu_mem_arena = arena
@@ -50,7 +61,7 @@ def session_options(*, threads: int | None = None, optimize: bool = True, flush_
 
 def cpu_session(model, **options):
     """A CPU session for an ONNX path or serialized bytes; keyword options as `session_options`."""
-    import onnxruntime as ort
+    ort = onnxruntime()
 
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, session_options(**options), providers=["CPUExecutionProvider"])
@@ -76,7 +87,7 @@ class OrtBackend(Backend):
         """`disable_quant_qdq` keeps Q/DQ pairs as fake-quant float ops: on some CPUs (AVX2 without VNNI) the fused
         int8 kernels saturate, so accuracy is measured with it on."""
         super().__init__(manifest, precision)
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         threads = check_threads(threads)  # 1..cores: more only oversubscribes (100000 threads hung)
         if not isinstance(provider, str) or provider not in PROVIDERS:
@@ -90,6 +101,7 @@ class OrtBackend(Backend):
         self.disable_quant_qdq, self.verify, self.flush_denormals = disable_quant_qdq, verify, flush_denormals
         self.arena = bool(arena)
         self._sessions: dict[str, object] = {}
+        self._overrides: dict[str, dict[str, np.ndarray]] = {}  # component -> initializer -> new weight
         self._open_lock = threading.Lock()  # concurrent first calls open one session, not several
 
     @property
@@ -107,7 +119,7 @@ class OrtBackend(Backend):
         return session
 
     def _open(self, component: str):
-        import onnxruntime as ort
+        ort = onnxruntime()
 
         record = self.record(component)
         if self.verify:
@@ -120,12 +132,43 @@ class OrtBackend(Backend):
                                   flush_denormals=self.flush_denormals, disable_quant_qdq=self.disable_quant_qdq,
                                   arena=self.arena)
         providers = [PROVIDERS[self.provider]] + (["CPUExecutionProvider"] if self.provider != "cpu" else [])
+        values = self._with_overrides(component, options)
         try:
-            return ort.InferenceSession(str(path), options, providers=providers)
+            session = ort.InferenceSession(str(path), options, providers=providers)
+            session.k3trt_weights = values  # kept alive with the session
+            return session
         except Exception as exc:  # onnxruntime's errors have no common base: a corrupt file is an artifact error
             raise ArtifactError(f"ONNX Runtime cannot load {component} from {str(path)!r}: "
                                 f"{type(exc).__name__}: {str(exc)[:300]}",
                                 fix="re-run `k3trt export` (or the stage that wrote it)") from exc
+
+    def _ready(self, component: str) -> None:
+        """Open the session now (its hash is verified on opening) and check its I/O names and ranks."""
+        session = self.session(component)
+        if hasattr(session, "get_inputs"):
+            check_io_signature(self.record(component), _ranks(session.get_inputs()), _ranks(session.get_outputs()),
+                               str(self.manifest.path(self.record(component).graph.path)))
+
+    def set_weights(self, overrides) -> None:
+        """New sessions for the components whose weights change, with only the changed initializers given to
+        ONNX Runtime (`SessionOptions.add_initializer`); the rest load from the unchanged files as always."""
+        overrides = {c: {n: np.ascontiguousarray(a) for n, a in w.items()} for c, w in overrides.items() if w}
+        for component in overrides:
+            if self.record(component).variant == "bf16" and self.provider == "cpu":
+                raise InvalidArgumentError(f"new weights for the bf16 {component} on the CPU provider",
+                                           accepted="fp32 or fp16 variants", fix="--precision fp32")
+        with self._open_lock:
+            for component in set(self._overrides) | set(overrides):
+                self._sessions.pop(component, None)  # a running call keeps its old session to the end
+            self._overrides = overrides
+
+    def _with_overrides(self, component: str, options):
+        """Attach the component's replaced initializers; the OrtValues must outlive the session."""
+        ort = onnxruntime()
+        values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._overrides.get(component, {}).items()}
+        for name, value in values.items():
+            options.add_initializer(name, value)
+        return values
 
     def _bf16_on_cpu(self, path):
         """bf16 storage emulated on fp32 kernels (runtime/backends/storage.py): each bf16 tensor is rounded to
@@ -166,6 +209,10 @@ class OrtBackend(Backend):
     def close(self) -> None:
         with self._open_lock:
             self._sessions.clear()
+
+
+def _ranks(args) -> dict[str, int]:
+    return {arg.name: len(arg.shape) for arg in args}
 
 
 _NP_DTYPE = {torch.float32: np.float32, torch.float16: np.float16, torch.int32: np.int32, torch.int64: np.int64}

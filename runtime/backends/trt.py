@@ -193,6 +193,9 @@ class TrtBackend(Backend):
                                        fix=f"e.g. {streamable // 2} (half of its weights on the device)")
         setattr(engine, member_name(engine, "weight_streaming_budget"), int(budget))
 
+    def _ready(self, component: str) -> None:
+        self.engine(component)  # deserialized now: the engine file's hash and compatibility checked before step 1
+
     # --- running
     def run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         check_feeds(self.record(component), feeds)
@@ -313,6 +316,38 @@ class TrtBackend(Backend):
         if not context.execute_async_v3(self._device_api.handle(lane.stream)):
             raise BackendRuntimeError(f"TensorRT failed to run engine {eng.name!r}",
                                       fix="see the TensorRT log above; rebuild the engine if it persists")
+
+    # --- weights by name (LoRA, runtime/lora.py)
+    def weight_graph(self, component: str) -> str:
+        """The ONNX variant the engine was parsed from: its initializer names are the engine's weight names."""
+        entry = self.engine(component).entry
+        return self.manifest.onnx(component, entry.get("variant", self.resolve(component).variant)).graph.path
+
+    def set_weights(self, overrides) -> None:
+        """Refit the components' engines in place with only the changed weights (runtime/backends/
+        trt_refit.py); weights changed before and not now get their base values back from the ONNX file."""
+        from k3trt.contract.errors import AdapterError
+        from k3trt.runtime.backends.trt_refit import refit_named
+        from k3trt.runtime.lora import read_initializers
+        from k3trt.runtime.tensorrt_env import trt_logger
+
+        applied = self.__dict__.setdefault("_applied", {})  # component -> names refit away from the base
+        for component in sorted(set(applied) | {c for c, w in overrides.items() if w}):
+            eng, graph = self.engine(component), self.weight_graph(component)
+            if not eng.entry.get("flags", {}).get("refittable"):
+                raise AdapterError(f"engine {eng.name!r} was not built refittable", accepted="refittable engines",
+                                   fix=f"k3trt build --artifacts {self.manifest.root} --components {component} "
+                                       "--refittable --force")
+            new = dict(overrides.get(component, {}))
+            restore = [n for n in applied.get(component, ()) if n not in new]
+            base = lambda names, g=graph: read_initializers(self.manifest, g, list(names))  # noqa: E731
+            new.update(base(restore) if restore else {})
+            with self._device_api.activate():
+                refit_named(self._trt, eng.engine, new, base, eng.name, trt_logger())
+            for lane in self._lanes.drain():  # captured graphs are re-captured with the new weights
+                lane.graphs.pop(eng.name, None)
+                self._lanes.release(lane)
+            applied[component] = set(overrides.get(component, {}))
 
     def close(self) -> None:
         for lane in self._lanes.drain():

@@ -260,14 +260,15 @@ class BatchingEngine:
     def img2img(self, prompt: str, image, *, strength: float = tasks.IMG2IMG_STRENGTH,
                 negative_prompt: str | None = None, timeout_s: float | None = None, **kwargs) -> np.ndarray:
         """`Pipeline.img2img`'s arguments (seed, steps, guidance, num_images) through the batching queue."""
-        inputs = tasks.img2img_inputs(image, strength)
+        inputs = tasks.img2img_inputs(image, strength, max_side=tasks.max_side(self.pipeline))
         request = tasks.task_request(inputs, prompt, negative_prompt, **kwargs)
         return self.submit(request, timeout_s=timeout_s, task=inputs).result()
 
     def inpaint(self, prompt: str, image, mask=None, *, outpaint=None, negative_prompt: str | None = None,
                 preserve_unmasked: bool = True, timeout_s: float | None = None, **kwargs) -> np.ndarray:
         """`Pipeline.inpaint`'s arguments through the batching queue (its defaults: 50 steps, guidance 4)."""
-        inputs = tasks.inpaint_inputs(image, mask, outpaint, preserve_unmasked=preserve_unmasked)
+        inputs = tasks.inpaint_inputs(image, mask, outpaint, preserve_unmasked=preserve_unmasked,
+                                      max_side=tasks.max_side(self.pipeline))
         kwargs = {"steps": 50, "guidance": 4.0, **kwargs}
         request = tasks.task_request(inputs, prompt, negative_prompt, **kwargs)
         return self.submit(request, timeout_s=timeout_s, task=inputs).result()

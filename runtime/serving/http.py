@@ -388,7 +388,7 @@ def check_variation(body: dict) -> None:
                              code="unknown_parameter")
     if body.get("prompt") is None:
         raise FieldError("prompt", "prompt is missing (Kandinsky 3 draws a variation from a text prompt)",
-                         accepted="a non-empty string", fix='send it with the SDK as extra_body={"prompt": "..."}',
+                         accepted="a string (empty is allowed, as for generations)", fix='send it with the SDK as extra_body={"prompt": "..."}',
                          code="missing_required_parameter")
 
 

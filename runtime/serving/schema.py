@@ -226,7 +226,7 @@ def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
     if not isinstance(margins, str):
         raise FieldError("outpaint", f"outpaint={_show(margins)}", accepted='"SIDE=PIXELS,..." with SIDE in left, '
                          "right, top, bottom", fix='e.g. "outpaint": "left=128,right=128"')
-    inputs = _field("outpaint", tasks.inpaint_inputs, image, outpaint=margins)
+    inputs = _field("outpaint", tasks.inpaint_inputs, image, outpaint=margins, max_side=limits.max_side)
     height, width = inputs.pixels.shape[-2:]
     if max(height, width) > limits.max_side:
         raise FieldError("outpaint", f"outpaint={_show(margins)} grows the image to {width}x{height} px",
@@ -327,9 +327,9 @@ def _text(body: dict, name: str, *, required: bool) -> str | None:
     value = body.get(name)
     if value is None and not required:
         return None
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str):  # "" is a prompt, as in diffusers and everywhere in k3trt (docs/reliability.md)
         what = f"{name} is missing" if value is None else f"{name}={_show(value)}"
-        raise FieldError(name, what, accepted="a non-empty string", fix=f'send "{name}": "a red fox in the snow"',
+        raise FieldError(name, what, accepted="a string", fix=f'send "{name}": "a red fox in the snow"',
                          code="missing_required_parameter" if value is None else "invalid_value")
     if len(value) > MAX_PROMPT_CHARS:
         raise FieldError(name, f"{name} has {len(value)} characters", accepted=f"at most {MAX_PROMPT_CHARS}",

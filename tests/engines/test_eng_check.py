@@ -138,9 +138,10 @@ def test_external_data_outside_the_folder_missing_and_protobuf_limit(tmp_path, m
 def test_parse_trt_version():
     assert parse_trt_version(None) == (10, 0)
     assert parse_trt_version("10.3.0.26") == (10, 3)
-    assert parse_trt_version("8") == (8, 0)
-    with pytest.raises(InvalidArgumentError, match="--trt-version"):
-        parse_trt_version("7.2")
+    assert parse_trt_version("11.4") == (11, 4)
+    for outside in ("7.2", "8", "9.0", "12.0"):  # issue 19: 10.0-11.x is the supported range (pyproject.toml)
+        with pytest.raises(InvalidArgumentError, match="supported range"):
+            parse_trt_version(outside)
 
 
 def test_subgraph_nodes_are_checked():

@@ -48,3 +48,22 @@ def test_cuda_python_is_neither_declared_nor_imported():
                 assert not any(a.name.split(".")[0] == "cuda" for a in node.names), path
             elif isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] != "cuda", path
+
+
+def test_onnxruntime_and_onnxruntime_gpu_never_come_together():
+    """Both install the `onnxruntime` package and overwrite each other: core has neither, `cpu` brings one, each
+    GPU extra the other, and no extra (expanded through self-references) reaches both."""
+    core = {Requirement(r).name for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]}
+    assert not core & {"onnxruntime", "onnxruntime-gpu"}
+
+    def expanded(extra: str) -> set[str]:
+        names = set()
+        for r in EXTRAS[extra]:
+            req = Requirement(r)
+            names |= set().union(*(expanded(e) for e in req.extras)) if req.name == "kandinsky3-trt" else {req.name}
+        return names
+
+    assert "onnxruntime" in expanded("cpu") and "onnxruntime" in expanded("dev")
+    for extra in EXTRAS:
+        assert not {"onnxruntime", "onnxruntime-gpu"} <= expanded(extra), extra
+    assert "onnxruntime-gpu" in expanded("gpu-cu12") and "onnxruntime-gpu" in expanded("gpu-cu13")

@@ -59,3 +59,19 @@ def snapshot(root: Path, skip: Path | None = None) -> dict[str, str]:
             continue
         out[str(path.relative_to(root))] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+def only_typed_errors(call) -> str:
+    """Run `call`; 'ok', 'work' (every check passed, a stub stopped real work) or the project error's name.
+    Any other exception fails the property; a hang fails through the watchdog."""
+    from k3trt.contract.errors import K3TRTError
+
+    with watchdog():
+        try:
+            call()
+        except ReachedWork:
+            return "work"
+        except K3TRTError as exc:
+            assert exc.what and str(exc), type(exc)
+            return type(exc).__name__
+    return "ok"

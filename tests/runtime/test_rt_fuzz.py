@@ -1,11 +1,12 @@
 """Issue 11's fuzzing suite (Hypothesis): whatever a user or a damaged disk hands k3trt, the only outcomes are
 a result or one of the project's typed errors, within a time bound, with no file changed outside the output.
 
-Six targets: the API's request fields, the CLI's arguments (generate, export/preset, build/check), manifests
-mutated as JSON values and as bytes (wrong types, missing keys, traversal paths, truncation, bit flips),
-ONNX files mutated the same way behind a matching hash, and the HTTP routes' bodies (raw bytes; fields with
-real and damaged PNG/JPEG/WebP/GIF images). Each target runs `fast` examples in the default run
-and `long` ones under `-m slow` (profiles in fuzz_helpers.py; K3TRT_FUZZ_PROFILE picks another).
+Six targets here (issue 19 added three in test_rt_fuzz_inputs.py): the API's request fields, the CLI's
+arguments (generate, export/preset, build/check), manifests mutated as JSON values and as bytes (wrong types,
+missing keys, traversal paths, truncation, bit flips), ONNX files mutated the same way behind a matching
+hash, and the HTTP routes' bodies (raw bytes; fields with real and damaged PNG/JPEG/WebP/GIF images). Each
+target runs `fast` examples in the default run and `long` ones under `-m slow` (profiles in fuzz_helpers.py;
+K3TRT_FUZZ_PROFILE picks another).
 """
 from __future__ import annotations
 
@@ -17,13 +18,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fuzz_helpers import FAST, LONG, ReachedWork, snapshot, watchdog
+from fuzz_helpers import FAST, LONG, ReachedWork, only_typed_errors, snapshot, watchdog
 from hypothesis import event, given
 from hypothesis import strategies as st
 
 from k3trt.contract.manifest import Manifest, sha256_file
 from k3trt.cli.main import main
-from k3trt.contract.errors import K3TRTError
 from k3trt.writing.atomic import save_manifest
 
 # ------------------------------------------------------------------------------------------- values
@@ -40,20 +40,6 @@ JSON = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2*
                                                                                           max_size=3)), max_leaves=8)
 TRAVERSAL = st.sampled_from(["../../etc/passwd", "/etc/passwd", "unet/../../x.onnx", "..", "", ".", "a\x00b",
                              "unet/fp32-0/../../../manifest.json", "tokenizer/" + "x" * 300, "~/model.onnx"])
-
-
-def only_typed_errors(call) -> str:
-    """Run `call`; 'ok', 'work' (every check passed, a stub stopped real work) or the project error's name.
-    Any other exception fails the property; a hang fails through the watchdog."""
-    with watchdog():
-        try:
-            call()
-        except ReachedWork:
-            return "work"
-        except K3TRTError as exc:
-            assert exc.what and str(exc), type(exc)
-            return type(exc).__name__
-    return "ok"
 
 
 # ------------------------------------------------------------------------------------------- 1. API requests

@@ -134,3 +134,16 @@ def test_runtime_never_imports_model_code(tiny_artifacts):
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'transformers')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_without_onnx_runtime_the_backend_names_the_extra(monkeypatch):
+    """onnxruntime comes from the cpu or a gpu extra (never both: they overwrite each other); missing, it is a
+    typed error naming them, not an ImportError."""
+    import sys
+
+    from k3trt.contract.errors import BackendUnavailableError
+    from k3trt.runtime.backends.ort import onnxruntime
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(BackendUnavailableError, match=r"kandinsky3-trt\[cpu\]"):
+        onnxruntime()

@@ -130,7 +130,7 @@ def test_a_task_the_artifacts_were_not_exported_for(artifacts_copy, picture):
     (artifacts_copy / "manifest.json").write_text(json.dumps(manifest))
     pipe = Pipeline.from_artifacts(artifacts_copy)
     with pytest.raises(ArtifactError, match="not exported for inpaint: unet_inpainting missing") as err:
-        pipe.inpaint(PROMPT, picture, np.zeros((64, 128)))
+        pipe.inpaint(PROMPT, picture, np.ones((64, 128)))
     assert "--components unet_inpainting" in str(err.value)
 
 

@@ -221,11 +221,14 @@ def test_stale_staging_of_a_dead_writer_is_removed_and_a_live_writer_locks(artif
     from k3trt.writing.locking import artifact_lock
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    from k3trt.writing.ownership import mark_part
+
     stale = artifacts_copy / f".staging-unet-{dead.stdout.strip()}-abc"
     (stale / "sub").mkdir(parents=True)
-    legacy = artifacts_copy / ".staging-movq_decoder-x1y2"  # written before names carried a pid
+    mark_part(stale)  # k3trt marks every staging folder it makes (issue 19: only marked ones are removed)
+    legacy = artifacts_copy / ".staging-movq_decoder-x1y2"  # written before names carried a pid (empty)
     legacy.mkdir()
-    temp = artifacts_copy / ".manifest.json.1234.tmp"
+    temp = artifacts_copy / ".manifest.json.a1b2c3d4.tmp"  # mkstemp's name for an atomic write
     temp.write_text("half")
     with artifact_lock(artifacts_copy):
         assert not stale.exists() and not legacy.exists() and not temp.exists()
