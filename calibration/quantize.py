@@ -21,6 +21,7 @@ from ..runtime.artifacts import sha256_json
 from ..runtime.errors import InvalidArgumentError
 from .collect import CACHE_DIR, TrajectorySet
 from .config import CALIBRATION_VERSION, Calibrator, QuantConfig
+from .histograms import calibrator_options
 
 QDQ_FORMAT = 3  # bump when the Q/DQ graph changes for the same ranges (part of the int8 content key); 3: fp16 floats
 QDQ_FP32_NAME = "qdq-fp32.onnx"  # the Q/DQ graph as quantized (fp32 float parts), beside model.onnx
@@ -68,10 +69,11 @@ def resolve_exclusions(model, config: QuantConfig) -> tuple[list[str], dict[str,
 
 
 # ----------------------------------------------------------------------------------------- ranges
-def ranges_path(root: Path, trajectories: TrajectorySet, config: QuantConfig, fp32_export_key: str) -> Path:
+def ranges_path(root: Path, trajectories: TrajectorySet, config: QuantConfig, fp32_export_key: str,
+                collector: str = "ort") -> Path:
     key = sha256_json({"data": trajectories.key(), "ranges": config.range_settings(), "fp32": fp32_export_key,
                        "version": CALIBRATION_VERSION, "ort": _ort_version(),
-                       "format": RANGES_FORMAT})
+                       "format": RANGES_FORMAT, **({} if collector == "ort" else {"collector": collector})})
     return root / CACHE_DIR / f"ranges-{key[:20]}.json"
 
 
@@ -129,9 +131,7 @@ def compute_ranges(fp32_path: Path, trajectories: TrajectorySet, config: QuantCo
         return out
     calls = trajectories.calls
     log(f"calibrating activation ranges ({config.calibrator.value}) over {calls} U-Net calls, one at a time ...")
-    options = {"symmetric": True}
-    if config.calibrator is Calibrator.PERCENTILE:
-        options["percentile"] = float(config.percentile)
+    options = calibrator_options(config)  # the torch collector folds with the same settings
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".calib-") as tmp:
         calibrator = create_calibrator(fp32_path, list(config.op_types), str(Path(tmp) / "augmented.onnx"),
                                        _calibrate_method(config), use_external_data_format=external,
