@@ -17,7 +17,7 @@ from typing import Iterable
 
 import numpy as np
 
-from k3trt.runtime.errors import ModelSourceError
+from k3trt.contract.errors import ModelSourceError
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 

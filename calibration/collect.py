@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-
-from ..runtime.artifacts import Manifest, atomic_write, sha256_json
-from ..runtime.cards import COMPONENTS
-from ..runtime.errors import ArtifactError
-from .config import CALIBRATION_VERSION, TrajectoryConfig
-from .masks import MASK_VERSION, calibration_mask, layout_of
-from .prompts import PromptSet
-from .targets import TEXT_TO_IMAGE, Target
+from k3trt.calibration.config import CALIBRATION_VERSION, TrajectoryConfig
+from k3trt.calibration.masks import MASK_VERSION, calibration_mask, layout_of
+from k3trt.calibration.prompts import PromptSet
+from k3trt.calibration.targets import TEXT_TO_IMAGE, Target
+from k3trt.contract.cards import COMPONENTS
+from k3trt.contract.errors import ArtifactError
+from k3trt.contract.manifest import Manifest, sha256_json
+from k3trt.writing.atomic import atomic_write
 
 CACHE_DIR = Path("calibration") / "cache"  # relative to the artifact directory
 TASK_INPUTS = ("input_image", "user_mask")  # what an inpainting trajectory starts from, stored with it
@@ -197,11 +197,11 @@ class Producer:
 def fp32_pipeline(manifest: Manifest, threads: int | None, producer: Producer = Producer()):
     """ONNX Runtime without its memory arena: at 1024 x 1024 each session's arena would otherwise keep its peak
     (U-Net and MoVQ decoder together) for the whole collection."""
-    from ..runtime.backends.base import make_backend
-    from ..runtime.pipeline import Pipeline
+    from k3trt.runtime.backends.registry import make_backend
+    from k3trt.runtime.pipeline import Pipeline
 
     if producer.name == "torch":
-        from .torch_collector import TorchModulesBackend
+        from k3trt.calibration.torch_collector import TorchModulesBackend
 
         return Pipeline(manifest, TorchModulesBackend(manifest, producer.model_dir, device=producer.device,
                                                         threads=threads))

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from ..runtime.cards import PIXEL_MULTIPLE
-from ..runtime.errors import InvalidArgumentError
+from k3trt.contract.cards import PIXEL_MULTIPLE
+from k3trt.contract.errors import InvalidArgumentError
 
 CALIBRATION_VERSION = 1  # bump when collection or quantization changes, so caches and int8 keys refresh
 QUANTIZED_OP_TYPES = ("Conv", "MatMul", "Gemm")  # TensorRT fuses Q/DQ into exactly these (Linear = MatMul)

@@ -22,9 +22,9 @@ import io
 
 import numpy as np
 
-from k3trt.runtime.errors import NonFiniteError
+from k3trt.contract.errors import NonFiniteError
 
-from .config import Calibrator, QuantConfig
+from k3trt.calibration.config import Calibrator, QuantConfig
 
 PERCENTILE_BINS = 2048  # onnxruntime's create_calibrator default for percentile, passed explicitly to both
 ENTROPY_BINS = 128  # onnxruntime's create_calibrator defaults for entropy (num_bins, num_quantized_bins)

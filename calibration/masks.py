@@ -11,8 +11,7 @@ drawn from `numpy.random.default_rng((MASK_SALT, seed))`: the same seed gives th
 from __future__ import annotations
 
 import numpy as np
-
-from ..runtime.cards import LATENT_FACTOR, PIXEL_MULTIPLE
+from k3trt.contract.cards import LATENT_FACTOR, PIXEL_MULTIPLE
 
 MASK_VERSION = 1  # part of the inpainting trajectory key: bump when a layout changes
 MASK_SALT = 0x6B336D  # keeps mask draws independent of anything else seeded with the same number

@@ -10,7 +10,7 @@ import dataclasses
 import hashlib
 from pathlib import Path
 
-from ..runtime.errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 
 PROMPT_DIR = Path(__file__).with_name("prompts")
 CALIBRATION_FILE = PROMPT_DIR / "calibration_prompts.txt"

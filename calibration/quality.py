@@ -12,15 +12,14 @@ import dataclasses
 import sys
 
 import numpy as np
-
-from ..runtime.artifacts import Manifest, OnnxRecord
-from ..runtime.metrics import compare, psnr
-from .collect import TrajectorySet
+from k3trt.calibration.collect import TrajectorySet
+from k3trt.contract.manifest import Manifest, OnnxRecord
+from k3trt.contract.tensor_metrics import compare, psnr
 
 
 def fake_quant_session(model, threads: int | None = None, *, optimize: bool = True):
     """An ONNX Runtime CPU session (path or serialized bytes) that keeps Q/DQ as float fake-quant ops."""
-    from ..runtime.backends.ort import cpu_session
+    from k3trt.runtime.backends.ort import cpu_session
 
     return cpu_session(model, threads=threads, optimize=optimize, disable_quant_qdq=True, arena=False)
 
@@ -96,10 +95,9 @@ def end_to_end(manifest: Manifest, record: OnnxRecord, heldout: TrajectorySet, c
     """Free-running task (the trajectories' own: text to image, inpainting on the same image and mask, Flash)
     with only the calibrated U-Net in int8, on the first `count` held-out prompts with their fp32 seeds: PSNR
     against the cached fp32 images. `fused=True` uses ONNX Runtime's int8 kernels instead of fake-quant."""
+    from k3trt.runtime.backends.registry import make_backend
+    from k3trt.runtime.pipeline import Pipeline
     from tqdm import tqdm
-
-    from ..runtime.backends.base import make_backend
-    from ..runtime.pipeline import Pipeline
 
     view = int8_manifest(manifest, record)
     backend = make_backend("ort", view, {record.component: record.variant}, threads=threads,

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-
-from ..runtime.artifacts import sha256_json
-from ..runtime.errors import InvalidArgumentError
-from .collect import CACHE_DIR, TrajectorySet
-from .config import CALIBRATION_VERSION, Calibrator, QuantConfig
-from .histograms import calibrator_options
+from k3trt.calibration.collect import CACHE_DIR, TrajectorySet
+from k3trt.calibration.config import CALIBRATION_VERSION, Calibrator, QuantConfig
+from k3trt.calibration.histograms import calibrator_options
+from k3trt.contract.cards import card
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.contract.manifest import sha256_json
 
 QDQ_FORMAT = 3  # bump when the Q/DQ graph changes for the same ranges (part of the int8 content key); 3: fp16 floats
 QDQ_FP32_NAME = "qdq-fp32.onnx"  # the Q/DQ graph as quantized (fp32 float parts), beside model.onnx
@@ -153,8 +153,7 @@ def lean_session(augmented_path: str):
     keeps its name), but without the memory arena: the augmented model returns every Conv/MatMul input of a
     U-Net call, and an arena would keep that peak for the whole run."""
     import onnxruntime as ort
-
-    from ..runtime.backends.ort import session_options
+    from k3trt.runtime.backends.ort import session_options
 
     options = session_options(optimize=False, flush_denormals=False, arena=False)
     return ort.InferenceSession(augmented_path, options, providers=["CPUExecutionProvider"])
@@ -165,9 +164,8 @@ def quantize_model(fp32_path: Path, ranges: Path, out_dir: Path, excluded: list[
                    external_threshold: int, name: str = "model.onnx") -> tuple[Path, Path | None]:
     """Write the Q/DQ model into `out_dir` (`name`, plus `name`.data past the threshold)."""
     import onnx
+    from k3trt.export.onnx_export import save_onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    from ..export.onnx_export import save_onnx
 
     raw = out_dir / "raw.onnx"
     with quiet_library():
@@ -195,9 +193,8 @@ def float_parts_to_fp16(qdq_fp32: Path, out: Path, component: str, *, external_t
     would run them in fp32. Same converter and policy as the fp16 variant (export/variants.py); Q/DQ scales
     become fp16 (allowed from opset 19). Writes `out` (+ `out`.data past the threshold)."""
     import onnx
-
-    from ..export.onnx_export import save_onnx
-    from ..export.variants import convert
+    from k3trt.export.onnx_export import save_onnx
+    from k3trt.export.precision_variants import convert
 
     model = convert(qdq_fp32, "fp16", int8_fp32_nodes(qdq_fp32, component))
     external = save_onnx(model, out, external_threshold=external_threshold)
@@ -208,9 +205,7 @@ def float_parts_to_fp16(qdq_fp32: Path, out: Path, component: str, *, external_t
 def int8_fp32_nodes(graph_path: Path, component: str) -> tuple[str, ...]:
     """The nodes the U-Net's card keeps fp32 in fp16 (the timestep projection), found in `graph_path`."""
     import onnx
-
-    from ..export.fp32_islands import fp32_nodes
-    from ..runtime.cards import card
+    from k3trt.export.fp32_islands import fp32_nodes
 
     return fp32_nodes(card(component).precision.islands("fp16"), onnx.load(str(graph_path), load_external_data=False))
 

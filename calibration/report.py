@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-
-from ..runtime.artifacts import atomic_write_bytes, atomic_write_json
+from k3trt.writing.atomic import atomic_write_bytes, atomic_write_json
+from k3trt.writing.ownership import claim_output_dir
 
 NOT_QUANTIZED = {
     "text_encoder": "fp32: T5 overflows in reduced precision and runs once per prompt (no int8 variant)",
@@ -97,7 +97,6 @@ def write_report(folder: Path, payload: dict, fp32_images: np.ndarray, int8_imag
                  inputs: list[dict] | None = None) -> Path:
     """`inputs`: per held-out prompt, what the task started from (inpainting: input_image, user_mask), shown
     beside the outputs."""
-    from ..runtime.outputs import claim_output_dir
 
     folder = claim_output_dir(folder, "report", name="--report")  # new, empty, or an earlier report
     for i, (ref, ours) in enumerate(zip(fp32_images, int8_images)):

@@ -15,9 +15,8 @@ import dataclasses
 import sys
 
 import numpy as np
-
-from ..runtime.metrics import compare
-from .quality import TimestepOutputs, fake_quant_session, run_calls
+from k3trt.calibration.quality import TimestepOutputs, fake_quant_session, run_calls
+from k3trt.contract.tensor_metrics import compare
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Any U-Net whose card allows int8 (`targets.py`): the base U-Net on text-to-image trajectories, the inpainting
 U-Net on masked inpainting trajectories, the Flash U-Net on Flash trajectories; the same steps and report.
 The int8 model is written to a staging folder, moved to a content-keyed folder (`<component>/int8-<key12>/`)
-that nothing references yet, measured, and only then recorded: `manifest.save()` is the commit point, and any
+that nothing references yet, measured, and only then recorded: `save_manifest` is the commit point, and any
 failure before it removes the new folder and leaves the previous artifacts (and manifest) as they were.
 """
 from __future__ import annotations
@@ -14,15 +14,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, sha256_json
-from ..runtime.errors import ArtifactError, InvalidArgumentError
-from ..runtime.outputs import check_output_dir, install_dir
-from . import collect, quality, quantize
-from .config import CALIBRATION_VERSION, DEFAULT_EXCLUSIONS, QuantConfig, TrajectoryConfig
-from .prompts import calibration_prompts, heldout_prompts
-from .report import unet_label
-from .sensitivity import SensitivityConfig
-from .targets import Target, target_of
+from k3trt.calibration import collect, quality, quantize
+from k3trt.calibration.config import (
+    CALIBRATION_VERSION,
+    DEFAULT_EXCLUSIONS,
+    QuantConfig,
+    TrajectoryConfig,
+)
+from k3trt.calibration.prompts import calibration_prompts, heldout_prompts
+from k3trt.calibration.report import unet_label
+from k3trt.calibration.sensitivity import SensitivityConfig
+from k3trt.calibration.targets import Target, target_of
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, sha256_json
+from k3trt.writing.atomic import save_manifest
+from k3trt.writing.ownership import check_output_dir, install_dir
 
 PROTOBUF_LIMIT = 2 * 1024**3
 KANDINSKY3_NATIVE_SIZE = 1024
@@ -53,7 +59,7 @@ class CalibrationRequest:
     @property
     def producer(self) -> collect.Producer:
         """Who runs the trajectories and the range pass: the collector, on its device."""
-        from .torch_collector import check_collector, collector_device, default_collector
+        from k3trt.calibration.torch_collector import check_collector, collector_device, default_collector
 
         name = check_collector(self.collector or default_collector())
         return collect.Producer(name, collector_device(name), str(self.model_dir) if self.model_dir else None)
@@ -63,7 +69,7 @@ def native_size(manifest: Manifest, model_dir: str | Path | None = None) -> int:
     """The preset's native image side (from the model folder's k3trt_preset.json), else Kandinsky 3's 1024."""
     import json
 
-    from ..export.presets import PRESETS
+    from k3trt.export.presets import PRESETS
 
     folder = model_dir or manifest.data.get("source", {}).get("path")
     stamp = Path(folder) / "k3trt_preset.json" if folder else None
@@ -139,8 +145,7 @@ def build_int8(manifest: Manifest, fp32: OnnxRecord, ranges: Path, excluded: lis
 
 def make_record(root: Path, folder: Path, fp32: OnnxRecord, key: str, extra: dict) -> OnnxRecord:
     import onnx
-
-    from ..export.writer import library_versions
+    from k3trt.export.writer import library_versions
 
     graph = folder / "model.onnx"
     data = folder / "model.onnx.data"
@@ -157,8 +162,7 @@ def float_parts(root: Path, folder: Path, component: str) -> dict:
     """Manifest facts of the int8 graph's float parts: fp16, with the card's fp32 nodes, from the fp32-float Q/DQ
     graph beside it (kept for the sensitivity analysis)."""
     import onnx
-
-    from ..export.variants import CONVERTER
+    from k3trt.export.precision_variants import CONVERTER
 
     if not (folder / quantize.QDQ_FP32_NAME).is_file():
         return {"float_type": "fp32"}
@@ -190,9 +194,13 @@ def collect_ranges(manifest: Manifest, fp32: OnnxRecord, calib, request: Calibra
     producer, fp32_path = request.producer, manifest.path(fp32.graph.path)
     ranges = quantize.ranges_path(manifest.root, calib, request.quant, fp32.export_key, producer.name)
     if producer.name == "torch":
-        from .torch_collector import compute_ranges
+        from k3trt.calibration.torch_collector import compute_ranges
 
-        return compute_ranges(fp32_path, calib, request.quant, ranges, manifest=manifest,
+        import onnx
+
+        candidates = quantize.candidate_nodes(onnx.load(str(fp32_path), load_external_data=False),
+                                              request.quant.op_types)
+        return compute_ranges(fp32_path, calib, request.quant, ranges, candidates, manifest=manifest,
                               model_dir=producer.model_dir, device=producer.device, threads=request.threads,
                               log=log)
     return quantize.compute_ranges(fp32_path, calib, request.quant, ranges, external=fp32.external_data is not None,
@@ -201,7 +209,7 @@ def collect_ranges(manifest: Manifest, fp32: OnnxRecord, calib, request: Calibra
 
 def measure(manifest: Manifest, record: OnnxRecord, folder: Path, heldout, request, summary: dict, log) -> dict:
     """Quality on held-out prompts: per timestep (teacher-forced), end to end, optional sensitivity."""
-    from .sensitivity import analyze
+    from k3trt.calibration.sensitivity import analyze
 
     log(f"quality on {len(heldout.files)} held-out prompts (fake-quant: session.disable_quant_qdq) ...")
     unet, rows = quality.unet_quality(folder / "model.onnx", heldout, threads=request.threads)
@@ -250,8 +258,7 @@ def settings(request: CalibrationRequest, calib, heldout, fp32: OnnxRecord, rang
 def calibrate(request: CalibrationRequest, log=print) -> dict:
     """Run the stage; returns the report payload. Nothing is committed unless every step succeeds."""
     import onnx
-
-    from . import report
+    from k3trt.calibration import report
 
     if request.float_parts not in ("fp16", "fp32"):
         raise InvalidArgumentError(f"float parts {request.float_parts!r}", accepted="fp16 (what TensorRT 11 "
@@ -262,7 +269,7 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
     fp32 = manifest.onnx(target.component)
     manifest.verify_onnx(fp32)
     if request.producer.name == "torch":  # a typed error now, not after the trajectories
-        from .torch_collector import model_folder
+        from k3trt.calibration.torch_collector import model_folder
 
         model_folder(manifest, request.model_dir)
     fp32_path = manifest.path(fp32.graph.path)
@@ -292,7 +299,7 @@ def calibrate(request: CalibrationRequest, log=print) -> dict:
         record = dataclasses.replace(record, validation={"heldout": short},
                                      extra={**record.extra, "quality": short, "report": payload["report"]})
         manifest.put_onnx(record)
-        manifest.save()  # commit point
+        save_manifest(manifest)  # commit point
     except BaseException:
         if created:
             shutil.rmtree(folder, ignore_errors=True)

@@ -10,13 +10,20 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..runtime.cards import CARDS, BatchRule, ComponentCard, card
-from ..runtime.errors import InvalidArgumentError
-from .config import TrajectoryConfig
+from k3trt.calibration.config import TrajectoryConfig
+from k3trt.contract.cards import (
+    BatchRule,
+    ComponentCard,
+    card,
+    quantizable_components,
+)
+from k3trt.contract.errors import InvalidArgumentError
 
 
 def _task_components() -> dict:
-    from ..runtime.tasks import TASK_COMPONENTS  # imports torch: only when a target is used, not for --help
+    from k3trt.runtime.tasks import (
+        TASK_COMPONENTS,  # imports torch: only when a target is used, not for --help
+    )
 
     return TASK_COMPONENTS
 
@@ -25,7 +32,7 @@ QUANTIZED_PRECISION = "int8"
 
 def quantizable() -> tuple[str, ...]:
     """Components whose card allows an int8 Q/DQ variant, in card order."""
-    return tuple(name for name, c in CARDS.items() if QUANTIZED_PRECISION in c.precision.quantized)
+    return quantizable_components(QUANTIZED_PRECISION)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +62,7 @@ class Target:
         return self.card.batch_rule is BatchRule.GUIDED and config.guidance > 1.0
 
     def calls_per_prompt(self, config: TrajectoryConfig) -> int:
-        from ..runtime.official_sampler import FLASH_TIMESTEPS, official_timesteps
+        from k3trt.runtime.official_sampler import FLASH_TIMESTEPS, official_timesteps
 
         if self.task == "flash":
             return len(FLASH_TIMESTEPS)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from k3trt.runtime.backends.base import Backend
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError, ModelSourceError
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError, ModelSourceError
 
 COLLECTORS = ("torch", "ort")
 
@@ -118,16 +118,14 @@ class RangePass:
     exporter merges identical inputs: one SiLU(time embedding) feeds every norm MLP); `result()` is ONNX
     Runtime's TensorsData. Use as a context manager (the hooks are removed on exit)."""
 
-    def __init__(self, fp32_path: Path, source, component: str, config, *, device: str = "cpu",
+    def __init__(self, fp32_path: Path, source, component: str, config, candidates, *, device: str = "cpu",
                  threads: int | None = None):
-        import onnx
-
+        """`candidates`: the Q/DQ placement's candidate nodes of the ONNX at `fp32_path`
+        (`quantize.candidate_nodes`)."""
+        from k3trt.calibration import activation_map, histograms
         from k3trt.export.components import SPECS
 
-        from . import activation_map, histograms, quantize
-
         module = load_module(source, component, "cpu")  # the map hashes weights on the host, once
-        candidates = quantize.candidate_nodes(onnx.load(str(fp32_path), load_external_data=False), config.op_types)
         self.activations = activation_map.derive(fp32_path, module, candidates)
         self.module, self.component, self.device = module.to(device), component, device
         self.threads = threads if device == "cpu" else None
@@ -173,7 +171,7 @@ class RangePass:
         return self.accumulator.result()
 
 
-def compute_ranges(fp32_path: Path, trajectories, config, out: Path, *, manifest, model_dir=None,
+def compute_ranges(fp32_path: Path, trajectories, config, out: Path, candidates, *, manifest, model_dir=None,
                    device: str = "cpu", threads: int | None = None, log=print) -> Path:
     """The torch collector's activation ranges over every calibration U-Net call, saved as ONNX Runtime's
     calibration cache at `out` (reused when present). One call's activations at a time, as `quantize`'s."""
@@ -190,7 +188,7 @@ def compute_ranges(fp32_path: Path, trajectories, config, out: Path, *, manifest
                              variant=manifest.data.get("source", {}).get("variant"))
     log(f"calibrating activation ranges ({config.calibrator.value}) with the torch {component} on {device} over "
         f"{trajectories.calls} U-Net calls ...")
-    with RangePass(fp32_path, source, component, config, device=device, threads=threads) as ranges:
+    with RangePass(fp32_path, source, component, config, candidates, device=device, threads=threads) as ranges:
         for call in tqdm(trajectories.unet_calls(), total=trajectories.calls, desc="calibration (torch)",
                          unit="call", file=sys.stderr):
             ranges.fold(call.feeds)

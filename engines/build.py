@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
-from k3trt.runtime.artifacts import FileRecord, Manifest, atomic_write_bytes, sha256_file
-from k3trt.runtime.errors import ArtifactError
-
-from k3trt.runtime.engine_compat import DeviceEnv, check_precision_supported
-from .plan import BuildPlan, ComponentPlan
+from k3trt.contract.engine_compat import DeviceEnv, check_precision_supported
+from k3trt.contract.errors import ArtifactError
+from k3trt.contract.manifest import FileRecord, Manifest, sha256_file
+from k3trt.engines.plan import BuildPlan, ComponentPlan
 from k3trt.runtime.tensorrt_env import current_env, require_tensorrt, trt_logger
+from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 
 HEARTBEAT_S = 30.0
 
@@ -69,8 +69,8 @@ def _config(plan: ComponentPlan, flags, timing_cache: Path):
 
 def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_cache: Path, report: dict) -> bytes:
     """Parse, configure and build one engine; returns the serialized plan."""
-    from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy import util
+    from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy.exception import PolygraphyException
     from polygraphy.logger import G_LOGGER
 
@@ -169,7 +169,7 @@ def build_engines(plan: BuildPlan, manifest: Manifest, *, log: Callable[[str], N
         old = manifest.data["engines"].get(cp.name, {}).get("file", {}).get("path")
         manifest.data["engines"][cp.name] = engine_entry(plan, cp, FileRecord.of(manifest.root, path), env,
                                                         seconds, report)
-        manifest.save()
+        save_manifest(manifest)
         remove_superseded(manifest, [old] if old != cp.engine_path else [])
         log(f"  {cp.name}: done in {seconds:.0f} s, {len(data) / 2**20:.1f} MiB -> {cp.engine_path}")
         summary["built"].append(cp.name)

@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.arguments import check_path
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, inside
 
 PROTOBUF_LIMIT = 2 * 1024**3
 DEFAULT_TRT_VERSION = (10, 0)
@@ -287,7 +289,6 @@ def lint_model(model, *, trt_version: tuple[int, int] = DEFAULT_TRT_VERSION,
 def _file_findings(model, path: Path, root: Path) -> list[Finding]:
     import onnx
 
-    from k3trt.runtime.artifacts import inside
 
     out, external = [], False
     folder = path.parent.resolve()
@@ -315,7 +316,6 @@ def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION,
                     axes: Mapping | None = None, label: str | None = None) -> CheckResult:
     import onnx
 
-    from k3trt.runtime.validate import check_path
 
     path = check_path("--onnx", path)
     if not path.is_file():
@@ -338,8 +338,6 @@ def check_onnx_file(path: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION,
 
 
 def check_artifacts(artifacts: str | os.PathLike, *, trt_version=DEFAULT_TRT_VERSION) -> list[CheckResult]:
-    from k3trt.runtime.artifacts import Manifest, OnnxRecord
-
     manifest = Manifest.load(artifacts)
     results = integrity_results(manifest)
     for component, variants in manifest.data["onnx"].items():
@@ -368,7 +366,6 @@ def _integrity(manifest, records, label: str, path: str) -> CheckResult:
 def integrity_results(manifest) -> list[CheckResult]:
     """Hash checks of the side files and engines, one result per damaged file (ONNX files are checked with
     their lint)."""
-    from k3trt.runtime.artifacts import FileRecord
 
     results = []
     for key in ("tokenizer", "scheduler"):

@@ -9,15 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterable, Mapping
 
-from k3trt.runtime.artifacts import Manifest, sha256_json
-from k3trt.runtime.cards import COMPONENTS
-from k3trt.runtime.errors import InvalidArgumentError
-from k3trt.runtime.precision import Precision
-
-from k3trt.runtime.precision import resolve_precision
-
-from .precision import QUANTIZED, ComponentPrecision, parse_component_precision, select_precisions
-from .profiles import ComponentProfile, ProfileRequest, derive_profile, make_request
+from k3trt.contract.cards import COMPONENTS
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.contract.manifest import Manifest, sha256_json
+from k3trt.contract.precision import Precision, resolve_precision
+from k3trt.engines.build_precision import QUANTIZED, ComponentPrecision, parse_component_precision, select_precisions
+from k3trt.engines.profiles import ComponentProfile, ProfileRequest, derive_profile, make_request
 
 PLAN_FORMAT = 1
 DEFAULT_OPT_LEVEL = 3  # TensorRT's default; the Diffusion demo's choice for fp16
@@ -109,7 +106,7 @@ def _opt_level(flags: BuildFlags, precision: Precision) -> int:
 
 
 def _pending(manifest: Manifest, cp: ComponentPrecision) -> bool:
-    from k3trt.export.variants import is_current
+    from k3trt.export.precision_variants import is_current
 
     return cp.converted and not is_current(manifest, cp.component, cp.variant)
 
@@ -136,7 +133,7 @@ def plan_component(manifest: Manifest, cp: ComponentPrecision, request: ProfileR
 
 def create_pending_variants(manifest: Manifest, plan: BuildPlan, log) -> int:
     """Make every converted variant `plan` needs (export/variants.py: convert, verify, commit); reload."""
-    from k3trt.export.variants import add_variants
+    from k3trt.export.precision_variants import add_variants
 
     made = []
     for cp in (c for c in plan.components if c.pending):

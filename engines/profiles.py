@@ -4,7 +4,7 @@ Pure functions, no TensorRT. Every derived range is checked against the manifest
 multiples), so a request the exported ONNX cannot serve fails here, naming the value and the accepted range,
 instead of deep inside a 40-minute engine build.
 
-How each axis is derived is the card's business (k3trt.runtime.cards): every dynamic input axis has a role,
+How each axis is derived is the card's business (k3trt.contract.cards): every dynamic input axis has a role,
 and this module turns roles into ranges once for every component:
 - latent: latent_side(pixels) of each requested resolution (diffusers' 64-px rounding, MoVQ's 8x factor);
   pixel: the rounded image side itself.
@@ -23,10 +23,10 @@ import dataclasses
 import re
 from typing import Iterable, Mapping
 
-from k3trt.runtime.artifacts import OnnxRecord
-from k3trt.runtime.cards import MAX_TEXT_LENGTH as MAX_CONTEXT
-from k3trt.runtime.cards import OPT_CONTEXT, AxisRole, card, latent_side, round_pixels
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError, ShapeError
+from k3trt.contract.cards import MAX_TEXT_LENGTH as MAX_CONTEXT
+from k3trt.contract.cards import OPT_CONTEXT, AxisRole, card, latent_side, round_pixels
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError, ShapeError
+from k3trt.contract.manifest import OnnxRecord
 
 DEFAULT_RESOLUTION = "1024x1024"
 

@@ -17,8 +17,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
-from k3trt.runtime.artifacts import FileRecord, Manifest, atomic_write_bytes, sha256_json
-from k3trt.runtime.errors import ArtifactError
+from k3trt.contract.engine_compat import check_engine_compatible
+from k3trt.contract.errors import ArtifactError
+from k3trt.contract.manifest import FileRecord, Manifest, sha256_file, sha256_json
+from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 
 SHOW = 12  # names listed in an error before "... and N more"
 
@@ -143,18 +145,16 @@ def export_weights(source, component: str, out_dir: Path, opset: int, *, variant
     array, graph sha256, graph path)."""
     import onnx
     import torch
-    from onnx import numpy_helper
-
     from k3trt.export.components import SPECS, model_info
     from k3trt.export.onnx_export import export_onnx, save_onnx
-    from k3trt.runtime.artifacts import sha256_file
+    from onnx import numpy_helper
 
     spec = SPECS[component]
     module = source.load(spec.folder)
     inputs = spec.make_inputs(spec.trace, model_info(source, spec), torch.Generator().manual_seed(0))
     graph, _ = export_onnx(spec, module, inputs, out_dir, opset=opset)
     if variant != "fp32":
-        from k3trt.export.variants import convert
+        from k3trt.export.precision_variants import convert
 
         converted = convert(graph, variant, keep_fp32)
         graph = out_dir / f"model.{variant}.onnx"
@@ -208,12 +208,9 @@ def refit_engine_bytes(data: bytes, weights: Mapping, engine_name: str, model_di
 def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str] | None = None,
                     variant: str | None = None, log: Callable[[str], None] = print) -> list[str]:
     import onnx
-
+    from k3trt.engines.build import remove_superseded
     from k3trt.export.components import SPECS
     from k3trt.export.sources import open_model_dir
-
-    from .build import remove_superseded
-    from k3trt.runtime.engine_compat import check_engine_compatible
     from k3trt.runtime.tensorrt_env import current_env
 
     env = current_env()  # TensorRT and a GPU first: nothing else is worth doing without them
@@ -244,7 +241,7 @@ def refit_artifacts(artifacts: str, model_dir: str, *, components: Iterable[str]
                     "refit": {"source": str(model_dir), "source_hash": source.source_hash(folder),
                               "onnx_sha256": onnx_sha, "weights": count,
                               "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}}
-                manifest.save()
+                save_manifest(manifest)
                 remove_superseded(manifest, [old])
                 log(f"  {name}: refit {count} weights -> {path.relative_to(manifest.root)}")
                 done.append(name)

@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from k3trt.contract.cards import card
+from k3trt.contract.engine_compat import MIN_COMPUTE_CAPABILITY
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.precision import Precision
+from k3trt.contract.tensor_metrics import compare
 
-from k3trt.runtime.cards import card
-
-from . import selftest_cuda
+from k3trt.engines import selftest_cuda
 
 # Parity bounds of engines vs the fp32 references are on the cards (`ComponentCard.engine`), not verified on a GPU.
 GRAPH_TOLERANCE = selftest_cuda.GRAPH_TOLERANCE  # a replay runs the same kernels as a direct enqueue
@@ -63,7 +66,6 @@ def _prepare(work: Path, log) -> tuple:
     from k3trt.export.presets import write_preset
     from k3trt.export.sources import open_model_dir
     from k3trt.export.writer import export_artifacts
-    from k3trt.runtime.artifacts import Manifest
 
     model_dir = work / "tiny-model"
     if not (model_dir / "model_index.json").is_file():
@@ -76,8 +78,8 @@ def _prepare(work: Path, log) -> tuple:
 
 
 def cpu_selftest(work: Path, log) -> int:
-    from .check import check_artifacts, format_results
-    from .plan import make_plan
+    from k3trt.engines.check import check_artifacts, format_results
+    from k3trt.engines.plan import make_plan
 
     _, manifest = _prepare(work, log)
     results = check_artifacts(manifest.root)
@@ -114,8 +116,6 @@ def _references(source, manifest, feeds: dict) -> dict:
 
 
 def _compare(component, precision, refs, outputs, bounds) -> list[Row]:
-    from k3trt.runtime.metrics import compare
-
     rows = []
     for reference, expected in refs.items():
         for name, ref in expected.items():
@@ -125,9 +125,6 @@ def _compare(component, precision, refs, outputs, bounds) -> list[Row]:
 
 
 def _precisions(requested, manifest, env, log) -> list[str]:
-    from k3trt.runtime.engine_compat import MIN_COMPUTE_CAPABILITY
-    from k3trt.runtime.precision import Precision
-
     usable = []
     for name in requested or DEFAULT_PRECISIONS:
         need = MIN_COMPUTE_CAPABILITY.get(Precision.parse(name))
@@ -169,7 +166,7 @@ def run_part(name: str, work: Callable[[], list], log, *, missing: str | None = 
 
 
 def _missing(check) -> str | None:
-    from k3trt.runtime.errors import BackendUnavailableError
+    from k3trt.contract.errors import BackendUnavailableError
 
     try:
         check()
@@ -179,10 +176,9 @@ def _missing(check) -> str | None:
 
 
 def _trt_precision(manifest, precision: str, feeds: dict, refs: dict, log) -> list[Row]:
+    from k3trt.engines.build import build_engines
+    from k3trt.engines.plan import make_plan
     from k3trt.runtime.backends.trt import TrtBackend
-
-    from .build import build_engines
-    from .plan import make_plan
 
     plan = make_plan(manifest, precision=precision, components=list(SHAPES), resolutions=[RESOLUTION], batch="1",
                      create_variants=True, log=log)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from k3trt.runtime.cards import card
+from k3trt.contract.cards import card
 
 GRAPH_TOLERANCE = {"cosine": 0.999999, "rel_l2": 1e-5}  # a replay runs the same kernels as an eager call
 CALIBRATION = dict(resolution=1024, steps=4, prompts=2, heldout=1)  # 8 calibration U-Net calls at 1024 x 1024
@@ -84,7 +84,7 @@ def calibration_rows(manifest, model_dir: Path, work: Path, log) -> list:
     from k3trt.calibration.config import TrajectoryConfig
     from k3trt.calibration.stage import CalibrationRequest, calibrate
 
-    from .selftest import Row
+    from k3trt.engines.selftest import Row
 
     root = work / "calibration-art"
     if not root.exists():

@@ -1,4 +1,4 @@
-"""The export recipe of each component, keyed by its card (k3trt.runtime.cards): torch wrapper, sample inputs,
+"""The export recipe of each component, keyed by its card (k3trt.contract.cards): torch wrapper, sample inputs,
 trace and validation shapes. What the component *is* (I/O, axes, multiples, precision, tolerances) is on the card.
 
 `trace` dims are what torch.onnx.export sees; `validate` dims differ from them in every dynamic axis, so a
@@ -10,8 +10,8 @@ import dataclasses
 from typing import Callable
 
 import torch
-
-from ..runtime.cards import CARDS, MAX_TEXT_LENGTH, ComponentCard, TensorSpec
+from k3trt.contract.cards import CARDS, MAX_TEXT_LENGTH, ComponentCard, TensorSpec, card
+from k3trt.contract.errors import ArtifactError
 
 
 class TextEncoderOnnx(torch.nn.Module):
@@ -154,9 +154,6 @@ SPECS: dict[str, ComponentSpec] = {
 
 
 def component_spec(name: str) -> ComponentSpec:
-    from ..runtime.cards import card
-    from ..runtime.errors import ArtifactError
-
     card(name)  # unknown names: the card registry's typed error
     if name not in SPECS:
         raise ArtifactError(f"component {name!r} has a card but no export recipe", accepted=", ".join(SPECS),
@@ -175,8 +172,12 @@ def model_info(source, spec: ComponentSpec) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- task components
-from .task_components import (MoVQEncoderOnnx, movq_encoder_inputs, variant_unet_inputs,  # noqa: E402
-                              variant_unet_wrapper)
+from k3trt.export.task_components import (  # noqa: E402
+    MoVQEncoderOnnx,
+    movq_encoder_inputs,
+    variant_unet_inputs,
+    variant_unet_wrapper,
+)
 
 SPECS["movq_encoder"] = ComponentSpec(
     CARDS["movq_encoder"], "movq", MoVQEncoderOnnx, make_inputs=movq_encoder_inputs,
@@ -186,3 +187,8 @@ SPECS["movq_encoder"] = ComponentSpec(
 for _name, _channels in (("unet_inpainting", 9), ("unet_flash", 4)):
     SPECS[_name] = ComponentSpec(CARDS[_name], _name, variant_unet_wrapper, make_inputs=variant_unet_inputs(_channels),
                                  trace=SPECS["unet"].trace, validate=SPECS["unet"].validate)
+
+
+def default_components(source) -> list[str]:
+    """Every component whose weights the source holds: the inpainting and Flash U-Nets only where present."""
+    return [name for name, spec in SPECS.items() if source.has(spec.folder)]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from ..runtime.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 
 POLICIES = ("none", "t5_norms", "t5_norms_wo_residual", "movq_norms_softmax", "unet_time_projection")
 

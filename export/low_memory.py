@@ -20,9 +20,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..runtime.errors import InvalidArgumentError, ModelSourceError
-from .components import component_spec
-from .streamed import STREAMED, check_free_disk, export_streamed, fp32_data_bytes
+from k3trt.contract.errors import InvalidArgumentError, ModelSourceError
+from k3trt.export.components import component_spec, default_components
+from k3trt.export.low_memory_trace import (
+    STREAMED,
+    check_free_disk,
+    export_streamed,
+    fp32_data_bytes,
+)
 
 # Components without a streamed path that the regular path exports in bounded memory: the MoVQ's weights are
 # 0.27 B parameters at full size (`k3trt preset full --describe`), ~1.1 GB in fp32.
@@ -34,7 +39,7 @@ def is_streamed(name: str) -> bool:
 
 
 def check_low_memory_source(source) -> None:
-    from .sources import ModelSource
+    from k3trt.export.sources import ModelSource
 
     if not isinstance(source, ModelSource):
         raise ModelSourceError(f"--low-memory cannot stream {str(source.root)!r}: it is the official .pt layout, "
@@ -47,8 +52,6 @@ def check_low_memory_source(source) -> None:
 def low_memory_components(source, requested: list[str] | None, log) -> list[str]:
     """The components a low-memory export writes: `requested` if every one is streamed or small, else a typed
     error; by default every component of the model except the large ones without a streamed path."""
-    from .writer import default_components
-
     def fits(name: str) -> bool:
         return is_streamed(name) or component_spec(name).folder in REGULAR_FOLDERS
 
@@ -92,8 +95,7 @@ def check_disk_for_streamed(source, out, pending: list[str]) -> None:
 def export_streamed_files(source, spec, info: dict, staging: Path, *, opset: int, log):
     """(graph, external data, validation, failures) of a streamed export into `staging`."""
     import onnx
-
-    from .validate import validate_streamed
+    from k3trt.export.validate import validate_streamed
 
     log(f"  {spec.name}: weightless trace (opset {opset}), weights streamed from {source.root / spec.folder} ...")
     result = export_streamed(source.root, staging, component=spec.name, opset=opset, variant=source.variant)

@@ -25,11 +25,11 @@ import pickle
 import re
 from pathlib import Path
 
-from ..runtime.artifacts import sha256_file, sha256_json
-from ..runtime.errors import ModelSourceError
-from .official_keys import movq_key, projection_key, remap, unet_key
-from .presets import SCHEDULER_CONFIG
-from .unet_variants import build_unet
+from k3trt.contract.errors import ModelSourceError
+from k3trt.contract.manifest import sha256_file, sha256_json
+from k3trt.export.model_variants import build_unet
+from k3trt.export.official_keys import movq_key, projection_key, remap, unet_key
+from k3trt.export.presets import SCHEDULER_CONFIG
 
 UNET_FILES = {"unet": ("kandinsky3.pt", "projection.pt"),
               "unet_inpainting": ("kandinsky3_inpainting.pt", "projection_inpainting.pt"),

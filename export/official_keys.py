@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping
 
-from ..runtime.errors import ModelSourceError
+from k3trt.contract.errors import ModelSourceError
 
 SHOWN = 12  # how many unmatched keys an error message lists before "... and N more"
 

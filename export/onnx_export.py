@@ -10,14 +10,15 @@ from pathlib import Path
 
 import onnx
 import torch
+from k3trt.export.components import ComponentSpec
+from k3trt.export.onnx_settings import (  # noqa: F401 (re-exported)
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    PROTOBUF_LIMIT,
+)
 
-from .components import ComponentSpec
-
-PROTOBUF_LIMIT = 2 * 1024**3
 FOLD_SIZE_LIMIT = 16 * 1024**2  # never materialize a folded constant past 16 MB (e.g. a broadcast weight)
-DEFAULT_OPSET = 19
-MIN_OPSET = 17  # LayerNormalization/GroupNorm-friendly; TensorRT 10 parses 9..20
-MAX_OPSET = 20  # the newest opset TensorRT 10.0's parser covers (engines/check.py: PARSER_MAX_OPSET)
 
 
 def _pooling_forward_rank_static(self, x, context, context_mask=None):

@@ -15,11 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-from ..runtime.artifacts import sha256_json
-from ..runtime.errors import InvalidArgumentError
-from ..runtime.outputs import check_output_dir, install_dir, staging_sibling
-from ..runtime.seeding import seed_everything
-from ..runtime.validate import check_seed
+from k3trt.contract.arguments import check_seed
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.contract.manifest import sha256_json
+from k3trt.runtime.seeding import seed_everything
+from k3trt.writing.ownership import check_output_dir, install_dir, staging_sibling
 
 CORPUS = Path(__file__).with_name("assets") / "tokenizer_corpus.txt"
 PRESET_FORMAT = 4  # bump when preset construction changes, so caches rebuild (4: inpainting + Flash U-Nets)
@@ -120,7 +120,10 @@ def _randomize_time_conditioning(unet, std: float = 0.02) -> None:
 def damp_residual_branches(unet, factor: float = DAMPING) -> int:
     """Scale the last layer of each residual branch by `factor`; returns how many layers were scaled."""
     import torch
-    from diffusers.models.unets.unet_kandinsky3 import Kandinsky3AttentionBlock, Kandinsky3ResNetBlock
+    from diffusers.models.unets.unet_kandinsky3 import (
+        Kandinsky3AttentionBlock,
+        Kandinsky3ResNetBlock,
+    )
 
     last_layers = []
     for module in unet.modules():
@@ -155,8 +158,7 @@ def build_variant_unets(spec: PresetSpec, *, seed: int, damped: bool) -> dict:
     """The inpainting (9-channel) and Flash U-Nets with their null embeddings, from their own seed so the
     base components stay bit-identical to earlier presets. folder -> (unet, null_embedding, sample_channels)."""
     import torch
-
-    from .unet_variants import VARIANT_FOLDERS, build_unet
+    from k3trt.export.model_variants import VARIANT_FOLDERS, build_unet
 
     out = {}
     for offset, (folder, channels) in enumerate(VARIANT_FOLDERS.items(), start=1):
@@ -199,7 +201,7 @@ def write_preset(name: str, out: str | os.PathLike, *, seed: int = 0, damped: bo
         pipe = Kandinsky3Pipeline(tokenizer=tokenizer, text_encoder=text_encoder, unet=unet,
                                   scheduler=DDPMScheduler(**SCHEDULER_CONFIG), movq=movq)
         pipe.save_pretrained(staging / "model", safe_serialization=True)
-        from .unet_variants import save_variant
+        from k3trt.export.model_variants import save_variant
 
         for folder, (variant, null, channels) in build_variant_unets(spec, seed=seed, damped=damped).items():
             save_variant(staging / "model" / folder, variant, null, sample_channels=channels)

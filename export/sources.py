@@ -8,8 +8,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from ..runtime.artifacts import sha256_file, sha256_json
-from ..runtime.errors import ModelSourceError
+from k3trt.contract.arguments import check_path
+from k3trt.contract.errors import ModelSourceError
+from k3trt.contract.manifest import sha256_file, sha256_json
 
 REQUIRED_FOLDERS = ("tokenizer", "text_encoder", "unet", "movq", "scheduler")
 OPTIONAL_FOLDERS = ("unet_inpainting", "unet_flash")  # k3trt's own layout for the U-Net variants (unet_variants)
@@ -36,7 +37,7 @@ class ModelSource:
 
     def null_embedding(self, folder: str):
         """The learned unconditional embedding of a U-Net variant (None for the diffusers base U-Net)."""
-        from .unet_variants import load_variant
+        from k3trt.export.model_variants import load_variant
 
         return load_variant(self.root / folder)[1] if folder in OPTIONAL_FOLDERS else None
 
@@ -67,7 +68,7 @@ class ModelSource:
         kwargs = dict(torch_dtype=torch.float32, use_safetensors=True, variant=self.variant)
         path = str(self.root / folder)
         if folder in OPTIONAL_FOLDERS:
-            from .unet_variants import load_variant
+            from k3trt.export.model_variants import load_variant
 
             if not self.has(folder):
                 raise ModelSourceError(f"{str(self.root)!r} has no {folder}/ folder",
@@ -113,7 +114,6 @@ def _detect_variant(root: Path, requested: str | None) -> str | None:
 
 def open_model_dir(path: str | Path, *, variant: str | None = None, label: str | None = None) -> ModelSource:
     """Check `path` is a Kandinsky 3 folder in the diffusers layout and return a source for it."""
-    from ..runtime.validate import check_path
 
     root = check_path("model", path)
     fix_layout = ("pass the folder written by `Kandinsky3Pipeline.save_pretrained` (or downloaded from "
@@ -152,7 +152,7 @@ def open_model_dir(path: str | Path, *, variant: str | None = None, label: str |
 
 def open_source_dir(path: str | Path, *, variant: str | None = None):
     """A diffusers-layout folder, or the official `.pt` layout (ai-forever/Kandinsky3.1 `weights/`)."""
-    from .official import is_official_layout, open_official_dir
+    from k3trt.export.official import is_official_layout, open_official_dir
 
     if is_official_layout(path) and not (Path(path) / "model_index.json").is_file():
         return open_official_dir(path)
@@ -160,7 +160,7 @@ def open_source_dir(path: str | Path, *, variant: str | None = None):
 
 
 def preset_source(name: str, *, seed: int = 0, damped: bool = True, log=print) -> ModelSource:
-    from .presets import cached_preset
+    from k3trt.export.presets import cached_preset
 
     folder = cached_preset(name, seed=seed, damped=damped, log=log)
     return open_model_dir(folder, label=f"preset {name}{'' if damped else ' (undamped)'} seed {seed}")

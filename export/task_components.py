@@ -3,8 +3,7 @@ inpainting U-Net and the Flash U-Net. What each component *is* lives on its card
 from __future__ import annotations
 
 import torch
-
-from .unet_variants import official_unet
+from k3trt.export.model_variants import official_unet
 
 
 class MoVQEncoderOnnx(torch.nn.Module):

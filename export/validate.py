@@ -5,10 +5,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from ..runtime.backends.ort import cpu_session
-from ..runtime.metrics import compare
-from .components import ComponentSpec
+from k3trt.contract.tensor_metrics import compare
+from k3trt.export.components import ComponentSpec
+from k3trt.runtime.backends.ort import cpu_session
 
 
 def _record(spec: ComponentSpec, dims: dict, name: str, ref: np.ndarray, out, results: list, failures: list) -> None:
@@ -47,9 +46,9 @@ def validate_streamed(spec: ComponentSpec, model_dir: Path, onnx_path, info: dic
     (`streamed_reference_output`); ONNX Runtime runs without graph optimizations or pre-packing, so the weights
     stay in the memory-mapped external data. The two sides run one after the other, never holding both.
     The card's validation shapes are used unchanged: at full size they are still small (latents up to
-    3 x 24 x 40, up to 128 tokens); the cost is reading every weight once per case (README: ~3-4 min per side
-    for the full U-Net at a small latent), not the arithmetic."""
-    from .streamed import bounded_session, streamed_reference_output
+    3 x 24 x 40, up to 128 tokens); the cost is reading every weight once per case (~3-4 min per side for the
+    full U-Net at a small latent on a shared 2-core CPU), not the arithmetic."""
+    from k3trt.export.low_memory_trace import bounded_session, streamed_reference_output
 
     gen = torch.Generator().manual_seed(seed)
     cases = [(dims, spec.make_inputs(dims, info, gen)) for dims in spec.validate]

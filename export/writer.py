@@ -19,17 +19,47 @@ import time
 from pathlib import Path
 
 import torch
-
-from ..runtime.artifacts import FileRecord, Manifest, OnnxRecord, atomic_write_bytes, sha256_file, sha256_json
-from ..runtime.errors import K3TRTError, ValidationError
-from ..runtime.cards import LATENT_FACTOR, MAX_TEXT_LENGTH
-from ..runtime.locking import artifact_lock, staging_dir
-from ..runtime.outputs import check_output_dir, claim_output_dir
-from .components import SPECS, component_spec, model_info
-from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET, PROTOBUF_LIMIT, export_onnx
-from .sources import ModelSource
-from .streamed import STREAMED
-from .validate import validate_component
+from k3trt.contract.arguments import check_int, parse_list
+from k3trt.contract.cards import LATENT_FACTOR, MAX_TEXT_LENGTH
+from k3trt.contract.errors import (
+    InvalidArgumentError,
+    K3TRTError,
+    ModelSourceError,
+    ValidationError,
+)
+from k3trt.contract.manifest import (
+    FileRecord,
+    Manifest,
+    OnnxRecord,
+    sha256_file,
+    sha256_json,
+)
+from k3trt.export.components import (
+    SPECS,
+    component_spec,
+    default_components,
+    model_info,
+)
+from k3trt.export.low_memory import (
+    check_disk_for_streamed,
+    check_low_memory_precisions,
+    check_low_memory_source,
+    export_streamed_files,
+    low_memory_components,
+)
+from k3trt.export.low_memory_trace import STREAMED
+from k3trt.export.onnx_export import (
+    DEFAULT_OPSET,
+    MAX_OPSET,
+    MIN_OPSET,
+    PROTOBUF_LIMIT,
+    export_onnx,
+)
+from k3trt.export.sources import ModelSource
+from k3trt.export.validate import validate_component
+from k3trt.writing.atomic import atomic_write_bytes, save_manifest
+from k3trt.writing.locking import artifact_lock, staging_dir
+from k3trt.writing.ownership import check_output_dir, claim_output_dir
 
 PACKAGE_VERSION = "0.1.0"
 
@@ -62,10 +92,8 @@ def check_tokenizer(tokenizer_json: bytes, spiece: Path) -> None:
     """The runtime tokenizes with `tokenizer.json` alone: prove it gives sentencepiece's own ids (transformers
     has silently built wrong vocabularies from spiece.model before)."""
     import sentencepiece as spm
+    from k3trt.export.presets import CORPUS
     from tokenizers import Tokenizer
-
-    from ..runtime.errors import ModelSourceError
-    from .presets import CORPUS
 
     fast = Tokenizer.from_str(tokenizer_json.decode())
     reference = spm.SentencePieceProcessor(model_file=str(spiece))
@@ -104,7 +132,7 @@ def write_side_files(source: ModelSource, manifest: Manifest) -> None:
 
 def preset_native_size(root: Path) -> int | None:
     """A preset's native image side (its k3trt_preset.json names it), None for other checkpoints."""
-    from .presets import PRESETS
+    from k3trt.export.presets import PRESETS
 
     try:
         name = json.loads((root / "k3trt_preset.json").read_text()).get("preset")
@@ -167,8 +195,6 @@ def export_component(source: ModelSource, root: Path, name: str, *, source_hash:
         t0 = time.perf_counter()
         info = model_info(source, spec)
         if streamed:
-            from .low_memory import export_streamed_files
-
             graph, external, validation, failures = export_streamed_files(source, spec, info, staging, opset=opset,
                                                                           log=log)
         else:
@@ -226,11 +252,6 @@ def collect_garbage(manifest: Manifest) -> None:
                     child.unlink(missing_ok=True)
 
 
-def default_components(source) -> list[str]:
-    """Every component whose weights the source holds: the inpainting and Flash U-Nets only where present."""
-    return [name for name, spec in SPECS.items() if source.has(spec.folder)]
-
-
 def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=None,
                      opset: int = DEFAULT_OPSET, external_threshold: int = PROTOBUF_LIMIT,
                      force: bool = False, precisions=(), low_memory: bool = False, log=print) -> dict:
@@ -239,7 +260,7 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
     `precisions` (fp16, bf16) adds converted variants of every component (fp32 is always exported).
     `low_memory`: the U-Net and text encoder are streamed, never loaded (export/low_memory.py).
     All-or-nothing: the new manifest is written once, after every component has exported and validated."""
-    from .variants import check_variant_allowed
+    from k3trt.export.precision_variants import check_variant_allowed
 
     components = check_export_request(out, components=components, opset=opset,
                                       external_threshold=external_threshold, source_root=source.root)
@@ -249,8 +270,6 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
             check_variant_allowed(name, precision)
     keys = export_keys(source, components, opset, external_threshold)
     if low_memory:  # before the output folder is even created
-        from .low_memory import check_disk_for_streamed
-
         check_disk_for_streamed(source, out, [n for n in components if force or not _key_matches(out, n, keys[n][1])])
     out = claim_output_dir(out, "artifacts", inputs=(source.root,))
     with artifact_lock(out, log):
@@ -262,8 +281,6 @@ def export_artifacts(source: ModelSource, out: str | os.PathLike, *, components=
 def resolve_components(source, components, *, low_memory: bool, precisions=(), log=print) -> list[str]:
     """`components` (None: every component the model has), checked against `low_memory`'s refusals."""
     if low_memory:
-        from .low_memory import check_low_memory_precisions, check_low_memory_source, low_memory_components
-
         check_low_memory_source(source)
         check_low_memory_precisions(precisions)
         return low_memory_components(source, components, log)
@@ -297,8 +314,6 @@ def check_export_request(out, *, components, opset: int, external_threshold: int
     """Every export argument, before any model is loaded: the output folder (new, empty or k3trt's
     artifacts, never the model folder), the components, the opset and the external-data threshold.
     `components` None means every component the model has (resolved by the caller once the model is open)."""
-    from ..runtime.errors import InvalidArgumentError
-    from ..runtime.validate import check_int, parse_list
 
     check_output_dir(out, "artifacts", inputs=(source_root,) if source_root else ())
     if components is None:
@@ -320,7 +335,7 @@ def check_export_request(out, *, components, opset: int, external_threshold: int
 
 def _export_locked(source: ModelSource, out: Path, *, components, keys: dict, opset: int, external_threshold: int,
                    force: bool, precisions, low_memory: bool, log) -> dict:
-    from .variants import is_current, make_variant
+    from k3trt.export.precision_variants import is_current, make_variant
 
     current = Manifest.load_or_new(out)
     staged = Manifest(out, copy.deepcopy(current.data))
@@ -346,7 +361,7 @@ def _export_locked(source: ModelSource, out: Path, *, components, keys: dict, op
                 staged.put_onnx(make_variant(staged, name, precision, info, log=log))
                 summary["variants"].append(f"{name}.{precision}")
     if staged.data != current.data:
-        staged.save()  # the commit point
+        save_manifest(staged)  # the commit point
     collect_garbage(staged)
     summary["peak_rss_mb"] = round(peak_rss_mb(), 1)
     return summary

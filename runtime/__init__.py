@@ -4,9 +4,9 @@ from __future__ import annotations
 __all__ = ["Pipeline"]
 
 
-def __getattr__(name):  # lazy, so `import k3trt.runtime.errors` stays light
+def __getattr__(name):  # lazy, so `import k3trt.contract.errors` stays light
     if name == "Pipeline":
-        from .pipeline import Pipeline
+        from k3trt.runtime.pipeline import Pipeline
 
         return Pipeline
     raise AttributeError(name)

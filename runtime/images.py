@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from k3trt.contract.cards import PIXEL_MULTIPLE  # noqa: F401  (image sides are multiples of it; written once, on the cards)
+from k3trt.contract.errors import InvalidArgumentError
 
-from .cards import PIXEL_MULTIPLE  # noqa: F401  (image sides are multiples of it; written once, on the cards)
-from .errors import InvalidArgumentError
 GREY_BAND = (0.1, 0.9)  # mask values strictly inside this band are "grey"
 MAX_GREY_FRACTION = 0.05  # anti-aliased edges are fine; a photo or a soft matte is not a mask
 SIDES = ("left", "right", "top", "bottom")

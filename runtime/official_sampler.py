@@ -8,9 +8,8 @@ official loop draws it (start latents, then one draw per step), so a seeded run 
 from __future__ import annotations
 
 import torch
-
-from .errors import InvalidArgumentError
-from .scheduler import SchedulerConfig, make_betas
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.runtime.scheduler import SchedulerConfig, make_betas
 
 TRAIN_STEPS = 1000
 FLASH_TIMESTEPS = (979, 729, 479, 229)  # t2i_pipeline.py with gan=True: range(979, 0, -250)

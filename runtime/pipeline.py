@@ -6,7 +6,6 @@ the CPU generator is consumed in the same order and shapes as the reference, so 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,75 +13,38 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-
-from .artifacts import Manifest
-from .backends.base import Backend, check_shapes, make_backend
-from .cards import LATENT_FACTOR, PIXEL_MULTIPLE, guided_batch, round_pixels
-from .errors import InvalidArgumentError
-from .scheduler import make_scheduler
-from .stages import (Conditioning, DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite,
-                     decode_latents, denoise, encode_prompts, prepare_latents)
-from .limits import check_image_request, default_size
-from .seeding import make_generator
-from .tokenizer import PromptTokenizer
-from .validate import (MAX_IMAGES, MAX_STEPS, check_choice, check_float, check_int, check_options, check_path,
-                       check_seed, check_texts)
+from k3trt.contract.arguments import (
+    check_choice,
+    check_options,
+    check_path,
+)
+from k3trt.contract.cards import guided_batch
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.contract.limits import check_image_request, default_size
+from k3trt.contract.manifest import Manifest
+from k3trt.runtime.backends.base import Backend, check_shapes
+from k3trt.runtime.backends.registry import make_backend
+from k3trt.runtime.denoise_loop import (
+    Conditioning,
+    DenoiseState,
+    GenerationCancelled,
+    StepCallback,
+    StepInfo,
+    check_finite,
+    decode_latents,
+    denoise,
+    encode_prompts,
+    prepare_latents,
+)
+from k3trt.runtime.request import Request, make_request
+from k3trt.runtime.scheduler import make_scheduler
+from k3trt.runtime.seeding import make_generator
+from k3trt.runtime.tasks import flash, img2img, inpaint
+from k3trt.runtime.tokenizer import PromptTokenizer
 
 __all__ = ["Pipeline", "Request", "make_request", "GenerationCancelled", "StepInfo", "check_finite", "to_pil"]
 
 log = logging.getLogger("k3trt")
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """A validated generation request (what `generate` was asked, after diffusers' rounding)."""
-    prompts: tuple[str, ...]
-    negative_prompts: tuple[str, ...] | None
-    seed: int
-    steps: int
-    guidance: float
-    height: int  # actual output size: multiples of PIXEL_MULTIPLE (64), as diffusers rounds
-    width: int
-    num_images: int
-
-    @property
-    def latent_shape(self) -> tuple[int, int, int, int]:
-        return (len(self.prompts) * self.num_images, 4, self.height // LATENT_FACTOR, self.width // LATENT_FACTOR)
-
-    @property
-    def guided(self) -> bool:
-        return self.guidance > 1.0  # diffusers: classifier-free guidance only when g > 1
-
-
-def make_request(prompt, negative_prompt=None, *, seed: int = 0, steps: int = 25, guidance: float = 3.0,
-                 height: int = 1024, width: int = 1024, num_images: int = 1) -> Request:
-    prompts = check_texts("prompt", prompt)
-    negatives = None
-    if negative_prompt is not None:
-        negatives = check_texts("negative_prompt", negative_prompt)
-        if isinstance(negative_prompt, str):
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise InvalidArgumentError(f"{len(negatives)} negative prompts for {len(prompts)} prompts",
-                                       accepted="one negative prompt, or one per prompt",
-                                       fix="pass one negative prompt as a str, or a list as long as the prompts")
-    check_int("steps", steps, 1, MAX_STEPS, "e.g. --steps 25")
-    check_int("num_images", num_images, 1, MAX_IMAGES, "e.g. num_images=1 (--batch 1 on the command line)")
-    check_float("guidance", guidance, 0.0, 1e4, "e.g. --guidance 3.0 (the default); 1 or less: no CFG")
-    check_seed(seed)
-    if len(prompts) * num_images > MAX_IMAGES:
-        raise InvalidArgumentError(f"{len(prompts)} prompts x {num_images} images", accepted=f"at most {MAX_IMAGES}"
-                                   " images per request", fix="split the work into several requests")
-    size = []
-    for name, value in (("height", height), ("width", width)):
-        check_int(name, value, 1, 1 << 16, "an image side in pixels, e.g. 1024")
-        rounded = round_pixels(value)  # diffusers' downscale_height_and_width
-        if rounded != value:
-            log.warning("%s %d is not a multiple of %d: the image will be %d px (diffusers rounds up)",
-                        name, value, PIXEL_MULTIPLE, rounded)
-        size.append(rounded)
-    return Request(tuple(prompts), tuple(negatives) if negatives else None, seed, steps, float(guidance),
-                   size[0], size[1], num_images)
 
 
 def to_pil(images: np.ndarray) -> list:
@@ -190,21 +152,15 @@ class Pipeline:
     # ------------------------------------------------------------------------------------- tasks
     def img2img(self, prompt: str, image, *, output_type: str = "pil", **kwargs):
         """Image to image, diffusers.Kandinsky3Img2ImgPipeline step for step (`runtime/tasks.py: img2img`)."""
-        from .tasks import img2img
-
         return _as_output(img2img, output_type, self, prompt, image, **kwargs)
 
     def inpaint(self, prompt: str, image, mask=None, *, output_type: str = "pil", **kwargs):
         """Inpainting (`mask`: white = repaint) or outpainting (`outpaint="left=128"`), the official pipeline's
         semantics (`runtime/tasks.py: inpaint`, docs/tasks.md)."""
-        from .tasks import inpaint
-
         return _as_output(inpaint, output_type, self, prompt, image, mask, **kwargs)
 
     def flash(self, prompt: str | Sequence[str], *, output_type: str = "pil", **kwargs):
         """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (`runtime/tasks.py: flash`)."""
-        from .tasks import flash
-
         return _as_output(flash, output_type, self, prompt, **kwargs)
 
     def close(self) -> None:

@@ -10,8 +10,7 @@ import dataclasses
 import math
 
 import torch
-
-from .errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 
 SUPPORTED_SPACING = ("leading", "trailing", "linspace")
 

@@ -9,15 +9,14 @@ torch's CPU generator keeps only the low 32 bits of `manual_seed` (its Mersenne 
   hash of all 64 bits, so no two seeds share a state (and none collides with a 32-bit seed's state in
   practice: 19968 bits of state against 2^64 seeds).
 
-Anything else is refused by `k3trt.runtime.validate.check_seed`.
+Anything else is refused by `k3trt.contract.arguments.check_seed`.
 """
 from __future__ import annotations
 
 import struct
 
 import torch
-
-from .validate import check_seed
+from k3trt.contract.arguments import check_seed
 
 _MT_WORDS = 624
 _HEADER = struct.Struct("<QiiQ")  # the_initial_seed, left, seeded, next (torch's CPUGeneratorImplState)

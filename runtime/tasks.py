@@ -12,13 +12,20 @@ from typing import Sequence, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-from .backends.base import check_shapes
-from .errors import ArtifactError, InvalidArgumentError
-from .images import check_strength, load_image, load_mask, outpaint_canvas, parse_margins
-from .official_sampler import FlashSampler, OfficialSampler, official_timesteps
-from .stages import (DenoiseState, GenerationCancelled, StepCallback, StepInfo, check_finite, denoise,
-                     prepare_latents)
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.runtime.backends.base import check_shapes
+from k3trt.runtime.denoise_loop import (
+    DenoiseState,
+    GenerationCancelled,
+    StepCallback,
+    StepInfo,
+    check_finite,
+    denoise,
+    prepare_latents,
+)
+from k3trt.runtime.images import check_strength, load_image, load_mask, outpaint_canvas, parse_margins
+from k3trt.runtime.official_sampler import FlashSampler, OfficialSampler, official_timesteps
+from k3trt.runtime.request import make_request
 
 TASK_COMPONENTS = {  # what each task runs beside the text encoder and the MoVQ decoder
     "text2img": ("unet",),
@@ -218,8 +225,6 @@ ENGINE_TASKS = ("img2img", "inpaint")  # Flash (no guidance, its own U-Net and s
 
 def task_request(inputs: TaskInputs, prompt: str, negative_prompt: str | None = None, **kwargs):
     """The Request of a task: its size is the input's (the canvas when outpainting)."""
-    from .pipeline import make_request
-
     h, w = inputs.pixels.shape[-2:]
     return make_request(single_prompt(prompt), negative_prompt, height=int(h), width=int(w), **kwargs)
 
@@ -264,8 +269,6 @@ def flash(pipe, prompt: str | Sequence[str], *, seed: int = 0, height: int = 102
           decode: bool = True) -> np.ndarray:
     """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (docs/tasks.md); `decode=False`: the
     final x0 latents."""
-    from .pipeline import make_request
-
     sampler = FlashSampler()
     require_components(pipe, "flash")
     request = make_request(prompt, None, seed=seed, steps=len(sampler.timesteps), guidance=0.0, height=height,

@@ -13,9 +13,8 @@ import importlib.metadata as md
 import re
 from pathlib import Path
 
-from k3trt.runtime.errors import BackendUnavailableError, TensorRTVersionError
-
-from .engine_compat import DeviceEnv
+from k3trt.contract.engine_compat import DeviceEnv
+from k3trt.contract.errors import BackendUnavailableError, TensorRTVersionError
 
 DISTRIBUTION = "kandinsky3-trt"
 INSTALL_HINT = ("pip install 'kandinsky3-trt[gpu]' on a Linux machine with an NVIDIA GPU and driver "

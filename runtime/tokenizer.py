@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import torch
+from k3trt.contract.errors import ArtifactError
 
 log = logging.getLogger("k3trt")
 
@@ -19,7 +20,6 @@ class PromptTokenizer:
         self._tok = Tokenizer.from_file(str(path))
         pad_token = self._tok.id_to_token(pad_id)
         if pad_token is None:
-            from .errors import ArtifactError
 
             raise ArtifactError(f"the tokenizer's pad id {pad_id} is not in its vocabulary ({path})",
                                 fix="re-run `k3trt export`; never edit the manifest by hand")

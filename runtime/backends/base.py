@@ -11,14 +11,13 @@ import collections
 import logging
 import threading
 import time
-from typing import Callable, Mapping
+from typing import Mapping
 
 import torch
-
-from ..artifacts import Manifest, OnnxRecord
-from ..cards import COMPONENTS
-from ..errors import BackendUnavailableError, InvalidArgumentError, ShapeError
-from ..precision import Precision, Resolved, resolve_precision
+from k3trt.contract.cards import COMPONENTS
+from k3trt.contract.errors import InvalidArgumentError, ShapeError
+from k3trt.contract.manifest import Manifest, OnnxRecord
+from k3trt.contract.precision import Precision, Resolved, resolve_precision
 
 log = logging.getLogger("k3trt")
 
@@ -97,7 +96,7 @@ class Backend(abc.ABC):
     """Runs exported components. Subclasses implement `_run`; `run` adds checks and timing."""
 
     name = "abstract"
-    baseline = "fp32"  # what "default" means on this backend (see k3trt.runtime.precision.resolve_precision)
+    baseline = "fp32"  # what "default" means on this backend (see k3trt.contract.precision.resolve_precision)
 
     def __init__(self, manifest: Manifest, precision: str | Mapping[str, str] | None = "fp32"):
         self.manifest = manifest
@@ -150,47 +149,3 @@ class Backend(abc.ABC):
     def __exit__(self, *exc):
         self.close()
 
-
-_REGISTERED: dict[str, "Callable[..., Backend]"] = {}
-
-
-def register_backend(name: str, factory) -> None:
-    """Make `make_backend(name, ...)` call `factory(manifest, precision, **options)`. The torch reference
-    backend registers itself this way (k3trt.export), so the runtime never imports model code."""
-    _REGISTERED[name] = factory
-
-
-def make_backend(name: str, manifest: Manifest, precision: str | Mapping[str, str] = "fp32",
-                 **options) -> Backend:
-    """Backends by name; each is imported only when asked for. Others (the torch reference) register."""
-    if name in _REGISTERED:
-        return _REGISTERED[name](manifest, precision, **options)
-    if name == "ort":
-        from .ort import OrtBackend
-
-        return _construct(OrtBackend, name, manifest, precision, options)
-    if name == "trt":
-        from .trt import TrtBackend
-
-        return _construct(TrtBackend, name, manifest, precision, options)
-    if name == "openvino":
-        from .openvino import OpenVinoBackend
-
-        return _construct(OpenVinoBackend, name, manifest, precision, options)
-    if name == "torch":
-        raise BackendUnavailableError(
-            "the torch reference backend is not registered in this process",
-            fix="import k3trt.export first (it registers the torch backend; it needs the [export] extra)")
-    raise InvalidArgumentError(f"unknown backend {name!r}", accepted=", ".join(["ort", "trt", "openvino", *_REGISTERED]),
-                               fix="--backend ort (ONNX Runtime) works everywhere")
-
-
-def _construct(cls, name: str, manifest: Manifest, precision, options: Mapping) -> Backend:
-    """Unknown keyword options are a typed error listing the real ones, not a TypeError."""
-    import inspect
-
-    from ..validate import check_options
-
-    params = inspect.signature(cls.__init__).parameters.values()
-    check_options(f"the {name!r} backend", options, [p.name for p in params if p.kind is p.KEYWORD_ONLY])
-    return cls(manifest, precision, **options)

@@ -18,11 +18,10 @@ from typing import Mapping
 
 import numpy as np
 import torch
-
-from ..artifacts import check_external_data_paths
-from ..cpuinfo import cpu_info
-from ..errors import BackendUnavailableError, InvalidArgumentError
-from .base import Backend
+from k3trt.contract.errors import BackendUnavailableError, InvalidArgumentError
+from k3trt.contract.manifest import check_external_data_paths
+from k3trt.runtime.backends.base import Backend
+from k3trt.runtime.cpuinfo import cpu_info
 
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}  # our names -> OpenVINO's element types
 

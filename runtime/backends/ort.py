@@ -11,11 +11,10 @@ from typing import Mapping
 
 import numpy as np
 import torch
-
-from ..artifacts import check_external_data_paths
-from ..errors import ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError
-from ..validate import available_cores, check_threads
-from .base import Backend, log
+from k3trt.contract.arguments import available_cores, check_threads
+from k3trt.contract.errors import ArtifactError, BackendRuntimeError, BackendUnavailableError, InvalidArgumentError
+from k3trt.contract.manifest import check_external_data_paths
+from k3trt.runtime.backends.base import Backend, log
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
              "tensorrt": "TensorrtExecutionProvider"}
@@ -55,6 +54,17 @@ def cpu_session(model, **options):
 
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, session_options(**options), providers=["CPUExecutionProvider"])
+
+
+def storage_session(model, *, threads: int | None = None):
+    """An ONNX Runtime CPU session over the storage-emulating rewrite of `model` (runtime/backends/storage.py;
+    optimizations off, so the rounding casts stay where they are)."""
+    from k3trt.runtime.backends.storage import emulate_storage  # imports onnx: only variant runs need it
+
+    emulated, _ = emulate_storage(model)
+    if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in emulated.opset_import):
+        raise ValueError("storage emulation needs opset >= 13 (bf16 Cast)")
+    return cpu_session(emulated.SerializeToString(), threads=threads, optimize=False, flush_denormals=False)
 
 
 class OrtBackend(Backend):
@@ -121,8 +131,6 @@ class OrtBackend(Backend):
         """bf16 storage emulated on fp32 kernels (runtime/backends/storage.py): each bf16 tensor is rounded to
         bf16 where it is made, so results match a bf16 device's up to accumulation order."""
         import onnx
-
-        from .storage import storage_session
 
         log.info("running %s with bf16 storage emulated on the CPU provider", path)
         return storage_session(onnx.load(str(path)), threads=self.threads)

@@ -11,7 +11,7 @@ import queue
 import threading
 from typing import Callable, Generic, Iterator, TypeVar
 
-from ..errors import BackendBusyError
+from k3trt.contract.errors import BackendBusyError
 
 T = TypeVar("T")
 

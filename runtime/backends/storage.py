@@ -102,13 +102,3 @@ def emulate_storage(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out, _rewrite(out.graph, types, main=True)
-
-
-def storage_session(model: onnx.ModelProto, *, threads: int | None = None):
-    """An ONNX Runtime CPU session over the storage-emulating rewrite of `model` (optimizations off)."""
-    from .ort import cpu_session
-
-    emulated, _ = emulate_storage(model)
-    if not any(op.domain in ("", "ai.onnx") and op.version >= 13 for op in emulated.opset_import):
-        raise ValueError("storage emulation needs opset >= 13 (bf16 Cast)")
-    return cpu_session(emulated.SerializeToString(), threads=threads, optimize=False, flush_denormals=False)

@@ -17,10 +17,11 @@ import time
 from typing import Mapping
 
 import torch
-
-from ..errors import ArtifactError, BackendUnavailableError
-from .base import Backend, StageTimings, check_feeds
-from .pool import ResourcePool
+from k3trt.contract.engine_compat import check_engine_compatible, check_feeds_in_profile, select_engine
+from k3trt.contract.errors import ArtifactError, BackendUnavailableError
+from k3trt.contract.manifest import FileRecord
+from k3trt.runtime.backends.base import Backend, StageTimings, check_feeds
+from k3trt.runtime.backends.pool import ResourcePool
 
 
 class _Buffers:
@@ -56,7 +57,7 @@ class _Slot:
 class _Engine:
     def __init__(self, name: str, entry: Mapping, engine, max_contexts: int, device: torch.device,
                  context_timeout: float | None = 30.0):
-        from ..tensorrt_env import require_tensorrt, torch_dtype
+        from k3trt.runtime.tensorrt_env import require_tensorrt, torch_dtype
 
         trt = require_tensorrt()
         self.name, self.entry, self.engine, self.device = name, entry, engine, device
@@ -79,7 +80,7 @@ class TrtBackend(Backend):
         """`precision`: one name, a per-component map, or None / "default" for the engines' defaults (bf16 text
         encoder, fp16 U-Net and MoVQ: what a plain `k3trt build` makes). `context_timeout`: seconds a call waits
         for a free execution context before BackendBusyError (None: forever)."""
-        from ..tensorrt_env import current_env, require_cuda, require_tensorrt
+        from k3trt.runtime.tensorrt_env import current_env, require_cuda, require_tensorrt
 
         self._trt = require_tensorrt()
         require_cuda()
@@ -107,9 +108,7 @@ class TrtBackend(Backend):
             return self._engines[component]
 
     def _load(self, component: str) -> _Engine:
-        from ..engine_compat import check_engine_compatible, select_engine
-        from ..tensorrt_env import trt_logger
-        from ..artifacts import FileRecord
+        from k3trt.runtime.tensorrt_env import trt_logger
 
         resolved = self.resolve(component)
         name, entry = select_engine(self.manifest.data.get("engines", {}), component, resolved.precision.value,
@@ -140,8 +139,6 @@ class TrtBackend(Backend):
         return out
 
     def _run(self, component: str, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        from ..engine_compat import check_feeds_in_profile
-
         eng = self.engine(component)
         check_feeds_in_profile(eng.name, eng.profile, {k: tuple(v.shape) for k, v in feeds.items()})
         with eng.pool.slot() as slot:

@@ -32,14 +32,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import torch
-
-from ..cards import guided_batch
-from ..errors import InvalidArgumentError, K3TRTError
-from .. import tasks
-from ..pipeline import Pipeline, Request
-from ..seeding import make_generator
-from ..stages import (DenoiseState, GenerationCancelled, context_lengths_fit, decode_latents, encode_prompts,
-                      run_unet)
+from k3trt.contract.cards import guided_batch
+from k3trt.contract.errors import InvalidArgumentError, K3TRTError
+from k3trt.runtime import tasks
+from k3trt.runtime.denoise_loop import (
+    DenoiseState,
+    GenerationCancelled,
+    context_lengths_fit,
+    decode_latents,
+    encode_prompts,
+    run_unet,
+)
+from k3trt.runtime.pipeline import Pipeline, Request
+from k3trt.runtime.seeding import make_generator
 
 log = logging.getLogger("k3trt")
 
@@ -208,7 +213,7 @@ class BatchingEngine:
 
     def generate(self, prompt, negative_prompt=None, *, timeout_s: float | None = None, **kwargs) -> np.ndarray:
         """`Pipeline.generate`'s arguments through the batching queue; float images (N, H, W, 3)."""
-        from ..pipeline import make_request
+        from k3trt.runtime.pipeline import make_request
 
         return self.submit(make_request(prompt, negative_prompt, **kwargs), timeout_s=timeout_s).result()
 
@@ -374,7 +379,7 @@ class BatchingEngine:
 
 
 def _texts(request: Request) -> list[str]:
-    from ..stages import prompt_texts
+    from k3trt.runtime.denoise_loop import prompt_texts
 
     return prompt_texts(request)
 

@@ -22,13 +22,26 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
-from ..errors import ArtifactError, BackendBusyError, K3TRTError
-from ..stages import GenerationCancelled
-from .engine import BatchingEngine, DeadlineExceededError, EngineConfig, NotAcceptingError, QueueFullError
-from .schema import (MAX_BODY_BYTES, MAX_EDIT_BODY_BYTES, BodyError, FieldError, Limits, parse_body, to_edit,
-                     to_request)
-from .telemetry import ServiceMetrics
+from k3trt.contract.errors import ArtifactError, BackendBusyError, K3TRTError
+from k3trt.runtime.denoise_loop import GenerationCancelled
+from k3trt.runtime.serving.engine import (
+    BatchingEngine,
+    DeadlineExceededError,
+    EngineConfig,
+    NotAcceptingError,
+    QueueFullError,
+)
+from k3trt.runtime.serving.schema import (
+    MAX_BODY_BYTES,
+    MAX_EDIT_BODY_BYTES,
+    BodyError,
+    FieldError,
+    Limits,
+    parse_body,
+    to_edit,
+    to_request,
+)
+from k3trt.runtime.serving.telemetry import ServiceMetrics
 
 log = logging.getLogger("k3trt")
 DISCONNECT_POLL_S = 0.25
@@ -72,7 +85,7 @@ class ImageService:
     def load(self) -> None:
         """Open the artifacts, start the engine, warm up at the smallest size; errors are kept for /readyz."""
         try:
-            from ..pipeline import Pipeline
+            from k3trt.runtime.pipeline import Pipeline
 
             s = self.settings
             if self.pipeline is None:
@@ -242,7 +255,7 @@ def create_app(service: ImageService, *, load_in_background: bool = True):
 
 async def _read_capped(request, limit: int = MAX_BODY_BYTES) -> bytes:
     """The body, read no further than one chunk past `limit` (a huge body is refused, not buffered)."""
-    from .schema import too_large
+    from k3trt.runtime.serving.schema import too_large
 
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -257,7 +270,7 @@ async def _read_capped(request, limit: int = MAX_BODY_BYTES) -> bytes:
 
 
 def _png_items(images, seed: int) -> list[dict]:
-    from ..pipeline import to_pil
+    from k3trt.runtime.pipeline import to_pil
 
     items = []
     for image in to_pil(images):

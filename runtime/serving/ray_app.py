@@ -14,8 +14,8 @@ import dataclasses
 import os
 import sys
 
-from ..errors import BackendUnavailableError, InvalidArgumentError
-from .http import ServeSettings
+from k3trt.contract.errors import BackendUnavailableError, InvalidArgumentError
+from k3trt.runtime.serving.http import ServeSettings
 
 
 def require_ray():
@@ -56,7 +56,7 @@ def build_application(settings: ServeSettings, *, replicas: int = 1, max_replica
     _, serve = require_ray()
 
     def build_asgi_app():  # runs in each replica process
-        from .http import ImageService, create_app
+        from k3trt.runtime.serving.http import ImageService, create_app
 
         return create_app(ImageService(settings), load_in_background=False)
 

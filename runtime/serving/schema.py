@@ -21,11 +21,11 @@ import math
 import re
 import secrets
 
-from ..cards import PIXEL_MULTIPLE
-from .. import tasks
-from ..errors import InvalidArgumentError
-from ..images import check_strength, decode_errors, load_image
-from ..pipeline import Request, make_request
+from k3trt.contract.cards import PIXEL_MULTIPLE
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.runtime import tasks
+from k3trt.runtime.images import check_strength, decode_errors, load_image
+from k3trt.runtime.pipeline import Request, make_request
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_EDIT_BODY_BYTES = 16 * 1024 * 1024  # /v1/images/edits: the image and mask inline, base64 (4/3 of their bytes)

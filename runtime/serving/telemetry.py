@@ -5,7 +5,7 @@ One registry per service (tests run several in a process); the process collector
 """
 from __future__ import annotations
 
-from .engine import EngineObserver
+from k3trt.runtime.serving.engine import EngineObserver
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300)
 

@@ -1,7 +1,7 @@
 """`k3trt bench --precision int8` times the int8 and the fp32 U-Net in the same run."""
 import json
 
-from k3trt.runtime.cli import main
+from k3trt.cli.main import main
 
 
 def test_bench_int8_reports_int8_and_fp32_unet_medians(calibrated, tiny_model_dir, tmp_path, capsys):

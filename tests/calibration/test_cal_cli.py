@@ -1,5 +1,5 @@
 """`k3trt calibrate`: parsing, the native size from the manifest's source, cache reuse, typed errors."""
-from k3trt.runtime.cli import main
+from k3trt.cli.main import main
 
 ARGS = ["--num-prompts", "2", "--heldout-prompts", "2", "--steps", "3", "--threads", "2"]
 

@@ -5,7 +5,7 @@ import pytest
 from k3trt.calibration import collect
 from k3trt.calibration.config import TrajectoryConfig
 from k3trt.calibration.prompts import PromptSet
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 
 PROMPTS = PromptSet("calibration", ("a red fox in the snow", "кот на подоконнике"), "test")
 
@@ -38,7 +38,7 @@ def test_capture_then_reuse_from_cache(artifacts_copy, monkeypatch):
 def test_calibration_prompts_skip_the_decode_and_keep_the_same_unet_calls(artifacts_copy, monkeypatch):
     """decode=False (calibration prompts) records the same U-Net calls and final latents without running the
     MoVQ decoder, under its own cache key; asking it for images is a typed error."""
-    from k3trt.runtime.errors import ArtifactError
+    from k3trt.contract.errors import ArtifactError
 
     manifest = Manifest.load(artifacts_copy)
     config, prompts = TrajectoryConfig(steps=2, height=64, width=64), PromptSet("c", PROMPTS.prompts[:1], "t")
@@ -80,7 +80,7 @@ def test_recorded_feeds_reproduce_the_recorded_output(artifacts_copy):
 
 
 def test_invalid_trajectory_settings_are_typed_errors():
-    from k3trt.runtime.errors import InvalidArgumentError
+    from k3trt.contract.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="multiple of 64"):
         TrajectoryConfig(height=100)

@@ -10,12 +10,12 @@ import onnx
 import pytest
 
 from k3trt.calibration.quantize import QDQ_FP32_NAME, qdq_summary
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.ort import cpu_session
-from k3trt.runtime.backends.storage import storage_session
-from k3trt.runtime.cards import card
-from k3trt.runtime.errors import InvalidArgumentError
-from k3trt.runtime.metrics import compare
+from k3trt.runtime.backends.ort import storage_session
+from k3trt.contract.cards import card
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.contract.tensor_metrics import compare
 
 
 def test_int8_record_has_fp16_float_parts(calibrated):
@@ -41,7 +41,7 @@ def test_fp16_float_parts_keep_int8_quality(calibrated):
     fp32-float Q/DQ graph. Activations quantized from fp16 land on the other side of an int8 rounding boundary
     now and then, so the fp16 graph differs from the fp32-float one by about the quantization noise itself;
     both must stay within the int8 bound of the fp32 U-Net."""
-    from k3trt.export.variants import verification_inputs
+    from k3trt.export.precision_variants import verification_inputs
 
     manifest = Manifest.load(calibrated[0])
     record = manifest.onnx("unet", "int8")

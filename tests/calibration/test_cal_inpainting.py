@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from k3trt.calibration import collect
 from k3trt.calibration.masks import LAYOUTS, calibration_mask, layout_of
 from k3trt.calibration.targets import quantizable, target_of
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 
 from cal_helpers import checked_int8_record, tiny_request
 
@@ -106,9 +106,9 @@ def test_quality_json_structure_and_bounds(calibrated_inpainting):
 def test_inpaint_task_runs_the_int8_unet(calibrated_inpainting, tmp_path):
     from PIL import Image
 
-    from k3trt.export.task_demo import demo_image, demo_mask
+    from k3trt.verify.task_demo import demo_image, demo_mask
     from k3trt.runtime import Pipeline
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     pipe = Pipeline.from_artifacts(calibrated_inpainting[0], "ort", "int8", disable_quant_qdq=True)
     images = pipe.inpaint("a lighthouse", demo_image(), demo_mask(), steps=2, output_type="np")
@@ -132,7 +132,7 @@ def test_engine_dry_run_plan_accepts_the_int8_inpainting_unet(calibrated_inpaint
 
 
 def test_unknown_or_missing_component_fails_before_any_trajectory(artifacts_copy, capsys, monkeypatch):
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     def no_pipeline(*_args, **_kwargs):
         raise AssertionError("a trajectory ran")

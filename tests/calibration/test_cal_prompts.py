@@ -2,7 +2,7 @@
 import pytest
 
 from k3trt.calibration import prompts as P
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 
 
 def test_shipped_sets_load_and_are_disjoint():

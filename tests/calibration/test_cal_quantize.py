@@ -7,8 +7,8 @@ import pytest
 
 from k3trt.calibration.config import DEFAULT_EXCLUSIONS, QuantConfig
 from k3trt.calibration.quantize import activation_matmuls, qdq_summary, resolve_exclusions
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.errors import InvalidArgumentError
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from k3trt.calibration.prompts import heldout_prompts
 from k3trt.calibration.quality import fake_quant_session
 from k3trt.calibration.quantize import qdq_summary
 from k3trt.calibration.stage import qdq_fp32_graph
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 
 from cal_helpers import TINY
 

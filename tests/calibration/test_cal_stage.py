@@ -7,7 +7,7 @@ import pytest
 
 from k3trt.calibration import quality, stage
 from k3trt.calibration.config import QuantConfig
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 
 from cal_helpers import checked_int8_record, tiny_request
 
@@ -30,7 +30,7 @@ def test_manifest_records_the_int8_variant(calibrated):
 
 def test_runtime_selects_int8_and_generates_finite_images(calibrated, tmp_path):
     from k3trt.runtime import Pipeline
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     pipe = Pipeline.from_artifacts(calibrated[0], "ort", "int8", disable_quant_qdq=True)
     assert pipe.backend.record("unet").variant == "int8" and pipe.backend.record("movq_decoder").variant == "fp32"

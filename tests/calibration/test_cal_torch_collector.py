@@ -23,7 +23,7 @@ from k3trt.calibration import collect, quality, quantize
 from k3trt.calibration.config import Calibrator, QuantConfig, TrajectoryConfig
 from k3trt.calibration.histograms import MinMaxRanges, PercentileHistograms, calibrator_options
 from k3trt.calibration.prompts import PromptSet
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 
 RANGE_BINS = 2
 COSINE_ATOL = 1e-3
@@ -76,7 +76,7 @@ def test_minmax_is_onnx_runtimes_symmetric_range():
 
 
 def test_non_finite_activations_are_a_typed_error():
-    from k3trt.runtime.errors import NonFiniteError
+    from k3trt.contract.errors import NonFiniteError
 
     ours = PercentileHistograms(calibrator_options(QuantConfig()))
     with pytest.raises(NonFiniteError, match="'x'"):
@@ -110,7 +110,7 @@ def test_a_model_folder_with_other_weights_is_a_typed_error(tiny_artifacts, tiny
     import onnx
 
     from k3trt.calibration.activation_map import derive
-    from k3trt.runtime.errors import ModelSourceError
+    from k3trt.contract.errors import ModelSourceError
 
     manifest = Manifest.load(tiny_artifacts)
     path = manifest.path(manifest.onnx("unet").graph.path)
@@ -137,7 +137,10 @@ def both_collectors(root: Path, model_dir: Path, config: QuantConfig, trajectory
     heldout = collect.collect(manifest, HELDOUT, trajectory, **quiet)
     ort_path = quantize.compute_ranges(fp32_path, calib, config, tmp / "ort.json", external=False,
                                        log=lambda *_: None)
-    with RangePass(fp32_path, open_source_dir(model_dir), "unet", config, threads=1) as ranges:
+    import onnx
+
+    candidates = quantize.candidate_nodes(onnx.load(str(fp32_path), load_external_data=False), config.op_types)
+    with RangePass(fp32_path, open_source_dir(model_dir), "unet", config, candidates, threads=1) as ranges:
         for call in calib.unet_calls():
             ranges.fold(call.feeds)
         save_tensors_data(ranges.result(), tmp / "torch.json")
@@ -228,7 +231,7 @@ def test_small_preset_calibrates_at_1024_with_8_prompts_x_10_steps_within_15_min
     import shutil
     import time
 
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     root = tmp_path / "art"
     shutil.copytree(small_artifacts[0], root)

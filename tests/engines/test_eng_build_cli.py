@@ -6,11 +6,12 @@ import json
 import pytest
 
 from k3trt.engines.build import build_engines, engine_entry, is_current, remove_superseded
-from k3trt.runtime.engine_compat import DeviceEnv
+from k3trt.contract.engine_compat import DeviceEnv
 from k3trt.engines.plan import BuildFlags, make_plan
-from k3trt.runtime.artifacts import FileRecord, Manifest, sha256_file
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import BackendUnavailableError, InvalidArgumentError
+from k3trt.writing.atomic import save_manifest
+from k3trt.contract.manifest import FileRecord, Manifest, sha256_file
+from k3trt.cli.main import main
+from k3trt.contract.errors import BackendUnavailableError, InvalidArgumentError
 
 FAKE_ENV = DeviceEnv("10.3.0", "NVIDIA A100-SXM4-80GB", (8, 0))
 
@@ -98,7 +99,7 @@ def test_engine_entry_is_a_manifest_record(artifacts_copy):
     path.write_bytes(b"not a real engine")
     entry = engine_entry(plan, cp, FileRecord.of(artifacts_copy, path), FAKE_ENV, 12.3, {"pinned_layers": 0})
     manifest.data["engines"][cp.name] = entry
-    manifest.save()
+    save_manifest(manifest)
     reloaded = Manifest.load(artifacts_copy)
     assert cp.engine_path in reloaded.referenced_paths()
     reloaded.verify([FileRecord(**reloaded.data["engines"]["unet-fp32"]["file"])])

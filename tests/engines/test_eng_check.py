@@ -8,8 +8,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from k3trt.engines import check
 from k3trt.engines.check import check_artifacts, check_onnx_file, lint_model, parse_trt_version
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.cli.main import main
+from k3trt.contract.errors import InvalidArgumentError
 
 
 def model_of(nodes, inputs, outputs, initializers=(), opset=19, functions=()):

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from k3trt.runtime.engine_compat import (DeviceEnv, check_engine_compatible, check_feeds_in_profile,
+from k3trt.contract.engine_compat import (DeviceEnv, check_engine_compatible, check_feeds_in_profile,
                                          check_precision_supported, rebuild_command, select_engine)
-from k3trt.runtime.errors import ArtifactError, EngineCompatibilityError, ShapeError
+from k3trt.contract.errors import ArtifactError, EngineCompatibilityError, ShapeError
 
 ENV = DeviceEnv("10.3.0", "NVIDIA A100-SXM4-80GB", (8, 0))
 

@@ -29,7 +29,7 @@ def built(gpu, request, tmp_path_factory):
     The session's tiny export is requested only after the GPU check, so skipping costs nothing."""
     from k3trt.engines.build import build_engines
     from k3trt.engines.plan import BuildFlags, make_plan
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     root = tmp_path_factory.mktemp("gpu") / "art"
     shutil.copytree(request.getfixturevalue("tiny_artifacts"), root)
@@ -50,7 +50,7 @@ def _feeds(component):
 
 
 def test_build_records_engines(built, gpu):
-    from k3trt.runtime.artifacts import FileRecord, Manifest
+    from k3trt.contract.manifest import FileRecord, Manifest
 
     root, plan = built
     manifest = Manifest.load(root)
@@ -67,18 +67,18 @@ def test_build_records_engines(built, gpu):
 
 def test_rebuild_is_skipped_when_up_to_date(built):
     from k3trt.engines.build import build_engines
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     root, plan = built
     assert build_engines(plan, Manifest.load(root), log=print)["up_to_date"] == [c.name for c in plan.components]
 
 
 def test_trt_matches_onnx_runtime(built):
-    from k3trt.runtime.cards import card
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.cards import card
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.ort import OrtBackend
     from k3trt.runtime.backends.trt import TrtBackend
-    from k3trt.runtime.metrics import compare
+    from k3trt.contract.tensor_metrics import compare
 
     manifest = Manifest.load(built[0])
     with TrtBackend(manifest) as trt, OrtBackend(manifest, "fp32") as ort:
@@ -93,9 +93,9 @@ def test_trt_matches_onnx_runtime(built):
 
 
 def test_feeds_outside_the_profile_are_refused(built):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
-    from k3trt.runtime.errors import ShapeError
+    from k3trt.contract.errors import ShapeError
 
     with TrtBackend(Manifest.load(built[0])) as trt:
         feeds = _feeds("movq_decoder")
@@ -105,7 +105,7 @@ def test_feeds_outside_the_profile_are_refused(built):
 
 
 def test_cuda_graph_replay_matches_direct_runs(built):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
 
     manifest = Manifest.load(built[0])
@@ -123,9 +123,9 @@ def test_refit_to_another_seed(built, tmp_path):
     from k3trt.export.components import SPECS
     from k3trt.export.presets import write_preset
     from k3trt.export.sources import open_model_dir
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
-    from k3trt.runtime.metrics import compare
+    from k3trt.contract.tensor_metrics import compare
 
     root = built[0]
     model_dir = write_preset("tiny", tmp_path / "seed1", seed=1)
@@ -145,15 +145,16 @@ def test_refit_to_another_seed(built, tmp_path):
 
 
 def test_engine_from_another_tensorrt_is_refused(built, tmp_path):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
-    from k3trt.runtime.errors import EngineCompatibilityError
+    from k3trt.contract.errors import EngineCompatibilityError
+    from k3trt.writing.atomic import save_manifest
 
     root = tmp_path / "art"
     shutil.copytree(built[0], root)
     manifest = Manifest.load(root)
     manifest.data["engines"]["unet-fp16"]["tensorrt"] = "9.9.9"
-    manifest.save()
+    save_manifest(manifest)
     with TrtBackend(Manifest.load(root)) as trt, pytest.raises(EngineCompatibilityError, match="9.9.9"):
         trt.run("unet", _feeds("unet"))
 
@@ -170,7 +171,7 @@ def test_int8_qdq_unet_builds_and_runs(gpu, request, tmp_path):
     from k3trt.calibration.stage import CalibrationRequest, calibrate
     from k3trt.engines.build import build_engines
     from k3trt.engines.plan import make_plan
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
     from k3trt.runtime.backends.trt import TrtBackend
 
     root = tmp_path / "art"

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from k3trt.runtime import tensorrt_env as trt_env
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.backends.base import make_backend
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import BackendUnavailableError
+from k3trt.contract.manifest import Manifest
+from k3trt.runtime.backends.registry import make_backend
+from k3trt.cli.main import main
+from k3trt.contract.errors import BackendUnavailableError
 
 
 def _tensorrt_importable() -> bool:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import onnx
 import pytest
 
-from k3trt.engines.precision import parse_component_precision, select_precisions
+from k3trt.engines.build_precision import parse_component_precision, select_precisions
 from k3trt.export.fp32_islands import (fp32_nodes, norm_and_softmax_nodes, t5_ffn_output_matmuls, t5_residual_adds,
                                        t5_rms_norm_nodes)
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
-from k3trt.runtime.precision import Precision
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.precision import Precision
 
 ALL = ("text_encoder", "unet", "movq_decoder")
 

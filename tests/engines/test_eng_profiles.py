@@ -6,8 +6,8 @@ import dataclasses
 import pytest
 
 from k3trt.engines.profiles import (derive_profile, latent_size, make_request, parse_batch, parse_resolution)
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.errors import InvalidArgumentError, ShapeError
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.errors import InvalidArgumentError, ShapeError
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import torch
 from onnx import numpy_helper
 
 from k3trt.engines.refit import (match_weights, raise_on_mismatch, refittable_engines, suggest_renames)
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.errors import ArtifactError
+from k3trt.contract.manifest import Manifest
+from k3trt.contract.errors import ArtifactError
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,7 @@ def fp16_layouts(tiny_artifacts, tmp_path_factory):
     from k3trt.export.fp32_islands import fp32_nodes
     from k3trt.export.presets import write_preset
     from k3trt.export.sources import open_model_dir
-    from k3trt.export.variants import convert
+    from k3trt.export.precision_variants import convert
 
     manifest = Manifest.load(tiny_artifacts)
     fp32 = manifest.path(manifest.onnx("text_encoder").graph.path)

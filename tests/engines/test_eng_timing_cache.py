@@ -17,7 +17,7 @@ from polygraphy import util  # noqa: E402
 from polygraphy.exception import PolygraphyException  # noqa: E402
 
 from k3trt.engines import build  # noqa: E402
-from k3trt.runtime.errors import ArtifactError  # noqa: E402
+from k3trt.contract.errors import ArtifactError  # noqa: E402
 
 
 class FakeBuilder:

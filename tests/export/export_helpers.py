@@ -33,7 +33,7 @@ def copy_model_without_weights(src: Path, dst: Path) -> Path:
 def impossible_fp32_bound(monkeypatch, owner, name: str) -> None:
     """Make `owner.name` (a validation function taking the component spec first) fail for real: the genuine
     comparison against torch, with an fp32 bound no export can meet."""
-    from k3trt.runtime.cards import Tolerance
+    from k3trt.contract.cards import Tolerance
 
     real = getattr(owner, name)
 

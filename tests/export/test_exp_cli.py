@@ -7,12 +7,12 @@ import sys
 
 import pytest
 
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 
 
 def k3trt(*args: str, cache) -> subprocess.CompletedProcess:
     env = {**os.environ, "K3TRT_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "k3trt.runtime.cli", *args], env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "k3trt.cli.main", *args], env=env, capture_output=True,
                           text=True, timeout=300)
 
 
@@ -58,7 +58,7 @@ def capture_export_call(monkeypatch) -> dict:
 
 def test_cli_flags_reach_export_artifacts(tiny_model_dir, tmp_path, monkeypatch):
     from k3trt.export.onnx_export import DEFAULT_OPSET, PROTOBUF_LIMIT
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     seen = capture_export_call(monkeypatch)
     base = ["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "A")]
@@ -74,7 +74,7 @@ def test_cli_flags_reach_export_artifacts(tiny_model_dir, tmp_path, monkeypatch)
 
 
 def test_cli_zero_external_data_threshold_is_honoured(tiny_model_dir, tmp_path, monkeypatch):
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     seen = capture_export_call(monkeypatch)
     assert main(["export", "--model", str(tiny_model_dir), "--out", str(tmp_path / "A"),

@@ -12,7 +12,7 @@ import pytest
 from k3trt.export.components import SPECS
 from k3trt.export.onnx_export import DEFAULT_OPSET
 from k3trt.export.presets import SCHEDULER_CONFIG
-from k3trt.runtime.artifacts import Manifest, TensorSpec, sha256_file, sha256_json
+from k3trt.contract.manifest import Manifest, TensorSpec, sha256_file, sha256_json
 
 # What the tiny preset's manifest must say, written out by hand from export/components.py and the preset's
 # config (d_model = encoder_hid_dim = 64): constants resolved to numbers, dynamic axes kept as names.

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from k3trt.export.components import SPECS
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.base import check_feeds
-from k3trt.runtime.metrics import compare
+from k3trt.contract.tensor_metrics import compare
 
 BOUND = 1e-4
 

@@ -9,8 +9,8 @@ import pytest
 from k3trt.export.presets import preset_spec, write_preset
 from k3trt.export.sources import ModelSource, open_model_dir
 from k3trt.export.writer import export_artifacts
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import InvalidArgumentError, K3TRTError, ModelSourceError
+from k3trt.cli.main import main
+from k3trt.contract.errors import InvalidArgumentError, K3TRTError, ModelSourceError
 
 from export_helpers import WEIGHT_FOLDERS, copy_model_without_weights, quiet
 

@@ -13,10 +13,10 @@ import torch
 
 from k3trt.export.components import SPECS
 from k3trt.export.writer import export_artifacts
-from k3trt.runtime.artifacts import Manifest, check_external_data_paths, sha256_file
+from k3trt.contract.manifest import Manifest, check_external_data_paths, sha256_file
 from k3trt.runtime.backends.ort import OrtBackend
-from k3trt.runtime.errors import ArtifactError
-from k3trt.runtime.metrics import compare
+from k3trt.contract.errors import ArtifactError
+from k3trt.contract.tensor_metrics import compare
 
 from export_helpers import quiet
 

@@ -10,9 +10,9 @@ import k3trt.export.writer as writer
 from k3trt.export.components import SPECS
 from k3trt.export.sources import open_model_dir
 from k3trt.export.writer import export_artifacts
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import ValidationError
+from k3trt.contract.manifest import Manifest
+from k3trt.cli.main import main
+from k3trt.contract.errors import ValidationError
 
 from export_helpers import impossible_fp32_bound, quiet, snapshot
 

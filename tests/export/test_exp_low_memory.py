@@ -11,16 +11,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-import k3trt.export.streamed as streamed
+import k3trt.export.low_memory_trace as streamed
 import k3trt.export.validate as validate
 from k3trt.export.components import SPECS
 from k3trt.export.sources import open_model_dir
 from k3trt.export.writer import export_artifacts
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.ort import cpu_session
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import InvalidArgumentError, ModelSourceError, ValidationError
-from k3trt.runtime.metrics import compare
+from k3trt.cli.main import main
+from k3trt.contract.errors import InvalidArgumentError, ModelSourceError, ValidationError
+from k3trt.contract.tensor_metrics import compare
 
 from export_helpers import impossible_fp32_bound, quiet, snapshot
 

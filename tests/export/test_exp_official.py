@@ -13,7 +13,7 @@ from official_helpers import TINY_OVERRIDES, fill_random, layout, write_official
 def _mapped_unet(component: str):
     from k3trt.export.official import infer_unet_config
     from k3trt.export.official_keys import remap, unet_key
-    from k3trt.export.unet_variants import build_unet
+    from k3trt.export.model_variants import build_unet
 
     state = fill_random(component, 0)
     config, channels = infer_unet_config(state, {"0.weight": torch.zeros(64, 64)}, TINY_OVERRIDES["unet"])
@@ -85,7 +85,7 @@ class _RunsCode:
 
 def test_a_pickle_that_needs_code_execution_is_refused(tmp_path):
     from k3trt.export.official import safe_torch_load
-    from k3trt.runtime.errors import ModelSourceError
+    from k3trt.contract.errors import ModelSourceError
 
     marker = tmp_path / "pwned"
     path = tmp_path / "movq.pt"

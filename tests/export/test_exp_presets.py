@@ -130,7 +130,7 @@ def test_artifact_tokenizer_json_pads_like_transformers(tiny_model_dir, tiny_art
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     manifest = Manifest.load(tiny_artifacts)
     fast = Tokenizer.from_file(str(manifest.path(manifest.file_record("tokenizer").path)))

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from k3trt.export.components import SPECS
-from k3trt.export.streamed import _config_json as streamed_config_json
-from k3trt.export.streamed import (export_streamed, export_unet_streamed, fp32_compute, load_fp16_unet,
+from k3trt.export.low_memory_trace import _config_json as streamed_config_json
+from k3trt.export.low_memory_trace import (export_streamed, export_unet_streamed, fp32_compute, load_fp16_unet,
                                    onnx_runtime_output, reference_output, streamed_reference_output,
                                    write_random_unet, write_random_weights)
 
@@ -93,7 +93,7 @@ def test_streamed_text_encoder_export_matches_the_layer_streamed_fp32_reference(
 def test_streamed_export_refuses_before_writing_when_the_disk_is_too_small(tmp_path, monkeypatch):
     import shutil
 
-    from k3trt.runtime.errors import InvalidArgumentError
+    from k3trt.contract.errors import InvalidArgumentError
 
     write_random_weights(tmp_path / "model", "text_encoder", _tiny_t5_config(), log=lambda *_: None)
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
@@ -167,7 +167,7 @@ def test_full_size_weightless_trace_and_cleanup(component, tmp_path):
     import onnx
 
     from k3trt.export.presets import PRESETS
-    from k3trt.export.streamed import STREAMED, _cleaned, trace_weightless
+    from k3trt.export.low_memory_trace import STREAMED, _cleaned, trace_weightless
 
     full = PRESETS["full"]
     config = dict(in_channels=4, **full.unet) if component == "unet" else dict(full.t5, vocab_size=full.vocab_size)

@@ -7,9 +7,9 @@ import os
 import pytest
 
 from k3trt.export.writer import export_artifacts
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.ort import OrtBackend
-from k3trt.runtime.errors import ArtifactError
+from k3trt.contract.errors import ArtifactError
 
 from export_helpers import quiet
 

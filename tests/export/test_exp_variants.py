@@ -13,13 +13,14 @@ from onnx.reference import ReferenceEvaluator
 from k3trt.export.components import SPECS, model_info
 from k3trt.export.fp32_islands import fp32_nodes
 from k3trt.export.onnx_export import export_onnx
-from k3trt.export.variants import (add_variants, check_variant_allowed, convert, parse_precisions, remove_dead_nodes,
+from k3trt.export.precision_variants import (add_variants, check_variant_allowed, convert, parse_precisions, remove_dead_nodes,
                                    variant_opset)
-from k3trt.runtime.artifacts import Manifest
-from k3trt.runtime.backends.storage import emulate_storage, storage_session
-from k3trt.runtime.cards import card
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError, ValidationError
-from k3trt.runtime.metrics import compare
+from k3trt.contract.manifest import Manifest
+from k3trt.runtime.backends.ort import storage_session
+from k3trt.runtime.backends.storage import emulate_storage
+from k3trt.contract.cards import card
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError, ValidationError
+from k3trt.contract.tensor_metrics import compare
 
 from export_helpers import quiet, snapshot
 
@@ -113,7 +114,7 @@ def test_movq_islands_stay_fp32_in_the_graph(variant_artifacts):
 
 
 def test_reference_evaluator_confirms_the_tiny_variants(variant_artifacts):
-    from k3trt.export.variants import verification_inputs
+    from k3trt.export.precision_variants import verification_inputs
 
     manifest = Manifest.load(variant_artifacts)
     for component in ("text_encoder", "movq_decoder"):
@@ -143,7 +144,7 @@ def test_variants_are_up_to_date_and_stale_ones_refused(variant_artifacts, tmp_p
 
 
 def test_failed_conversion_leaves_the_manifest_and_files(artifacts_copy, monkeypatch):
-    import k3trt.export.variants as variants
+    import k3trt.export.precision_variants as variants
 
     before = snapshot(artifacts_copy)
     monkeypatch.setattr(variants, "verify_variant", lambda *a, **k: ({}, ["text_encoder bf16 (storage): forced"]))

@@ -19,7 +19,7 @@ def serve_process(artifacts, *options: str):
     """`k3trt serve --artifacts ART --port P OPTIONS...`; yields (base URL, Popen). stdout+stderr go to a pipe
     (read it after the process ended)."""
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "k3trt.runtime.cli", "serve", "--artifacts", str(artifacts),
+    server = subprocess.Popen([sys.executable, "-m", "k3trt.cli.main", "serve", "--artifacts", str(artifacts),
                                "--port", str(port), *options],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

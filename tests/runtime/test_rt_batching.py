@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.metrics import psnr
+from k3trt.contract.tensor_metrics import psnr
 from k3trt.runtime.pipeline import make_request
 from k3trt.runtime.serving.engine import (BatchingEngine, DeadlineExceededError, EngineConfig, EngineObserver,
                                           NotAcceptingError, QueueFullError)
-from k3trt.runtime.stages import GenerationCancelled
+from k3trt.runtime.denoise_loop import GenerationCancelled
 
 BATCHED_PSNR_DB = 60.0  # the issue's bound; measured 120-136 dB (batched GEMMs round differently, nothing more)
 
@@ -116,7 +116,7 @@ def test_full_queue_and_stopped_engine_refuse_with_typed_errors(pipe):
 # ----------------------------------------------------------------------------------------- image tasks
 @pytest.fixture(scope="module")
 def picture():
-    from k3trt.export.task_demo import demo_image
+    from k3trt.verify.task_demo import demo_image
 
     return demo_image()  # 64 x 128
 
@@ -128,7 +128,7 @@ INPAINT = dict(prompt="a fox in the snow", steps=4, guidance=4.0, seed=12)
 def test_image_tasks_through_the_engine_equal_the_library_calls(pipe, picture):
     """One img2img, one inpainting and one outpainting job queued together with a text-to-image job of the
     img2img's size: img2img shares the base U-Net's calls with text to image, inpainting runs its own U-Net."""
-    from k3trt.export.task_demo import demo_mask
+    from k3trt.verify.task_demo import demo_mask
     from k3trt.runtime import tasks
 
     t2i = dict(prompt="a fox in the snow", seed=6, height=64, width=128, steps=4)  # same context length
@@ -182,7 +182,7 @@ def test_a_task_the_artifacts_lack_is_refused_at_submit(artifacts_copy, picture)
     import json
 
     from k3trt.runtime import tasks
-    from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
+    from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 
     manifest = json.loads((artifacts_copy / "manifest.json").read_text())
     del manifest["onnx"]["unet_inpainting"]

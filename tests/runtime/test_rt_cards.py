@@ -6,10 +6,10 @@ from types import MappingProxyType
 
 import pytest
 
-from k3trt.runtime import cards
-from k3trt.runtime.cards import (CARDS, Axis, AxisRole, BatchRule, ComponentCard, PrecisionPolicy, TensorSpec, card,
+from k3trt.contract import cards
+from k3trt.contract.cards import (CARDS, Axis, AxisRole, BatchRule, ComponentCard, PrecisionPolicy, TensorSpec, card,
                                  guided_batch, latent_side, round_pixels)
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 
 
 def test_geometry_is_written_once_and_follows_diffusers():

@@ -1,7 +1,7 @@
 """The `k3trt generate | parity | bench` commands on the tiny artifacts."""
 import json
 
-from k3trt.runtime.cli import main
+from k3trt.cli.main import main
 
 
 def test_generate_writes_numbered_pngs(tiny_artifacts, tmp_path, capsys):

@@ -1,24 +1,15 @@
-"""The performance experiments the README quotes (docs/experiments/) run, and what they claim holds on the tiny
+"""The performance experiments docs/performance.md quotes (verify/experiments/) run, and what they claim holds on the tiny
 preset: hoisting the conditional-norm MLPs is exact, and OpenVINO keeps IR operations marked `precise` in fp32."""
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import pytest
 
 from k3trt.runtime.cpuinfo import cpu_info
 
-EXPERIMENTS = Path(__file__).resolve().parents[2] / "docs" / "experiments"
-
-
 def experiment(name: str):
-    sys.path.insert(0, str(EXPERIMENTS))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(EXPERIMENTS))
+    return importlib.import_module(f"k3trt.verify.experiments.{name}")
 
 
 def test_hoisting_the_mlps_is_exact_and_removes_them(tiny_artifacts):

@@ -4,7 +4,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from k3trt.runtime.cpuinfo import parse_cpuinfo
-from k3trt.runtime.flops import count_file, count_model
+from k3trt.verify.flops import count_file, count_model
 
 
 def _graph_with_every_counted_op():
@@ -37,7 +37,7 @@ def test_hand_counted_flops_at_the_requested_batch():
 
 
 def test_unet_export_has_no_rank_unknown_if_and_every_node_counts(tiny_artifacts):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     manifest = Manifest.load(tiny_artifacts)
     path = manifest.path(manifest.onnx("unet").graph.path)

@@ -21,9 +21,10 @@ from fuzz_helpers import FAST, LONG, ReachedWork, snapshot, watchdog
 from hypothesis import event, given
 from hypothesis import strategies as st
 
-from k3trt.runtime.artifacts import Manifest, sha256_file
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import K3TRTError
+from k3trt.contract.manifest import Manifest, sha256_file
+from k3trt.cli.main import main
+from k3trt.contract.errors import K3TRTError
+from k3trt.writing.atomic import save_manifest
 
 # ------------------------------------------------------------------------------------------- values
 TEXT = st.one_of(st.text(max_size=40), st.text(alphabet=st.characters(codec=None), max_size=20),
@@ -103,12 +104,12 @@ def sandbox(tmp_path_factory, monkeypatch):
     """A folder with a user's files, an existing image and a text file; commands run inside it, and every
     entry point that would load a model or export stops with ReachedWork."""
     import k3trt.engines.build as build
-    import k3trt.export.cli as export_cli
+    import k3trt.cli.export as export_cli
     import k3trt.export.presets as presets
-    import k3trt.runtime.commands as commands
+    import k3trt.cli.arguments as commands
     import k3trt.runtime.pipeline as pipeline
-    import k3trt.runtime.serving.cli as serving_cli
-    import k3trt.runtime.serving.loadtest as loadtest
+    import k3trt.cli.serve as serving_cli
+    import k3trt.verify.loadtest as loadtest
 
     root = tmp_path_factory.mktemp("sandbox")
     (root / "user").mkdir()
@@ -370,7 +371,7 @@ def onnx_property(art: Path, mutated: bytes):
     try:
         graph.write_bytes(mutated)
         record["graph"].update(sha256=sha256_file(graph), bytes=len(mutated))
-        manifest.save()
+        save_manifest(manifest)
         exercise_artifacts(art, run_text_encoder=True)
     finally:
         graph.write_bytes(original)

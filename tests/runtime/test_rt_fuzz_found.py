@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
-from k3trt.runtime.validate import check_path
+from k3trt.cli.main import main
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.arguments import check_path
 
 
 @pytest.mark.parametrize("path", ["\ud800", "out/\ud800.json", "a" * 256, "x/" * 2100])
@@ -65,7 +65,7 @@ def test_multiples_in_the_manifest_are_checked(artifacts_copy):
     data["onnx"]["unet"]["fp32"]["extra"]["multiples"] = None
     path.write_text(json.dumps(data))
     with pytest.raises(ArtifactError, match=r"extra\.multiples"):
-        from k3trt.runtime.artifacts import Manifest
+        from k3trt.contract.manifest import Manifest
 
         Manifest.load(artifacts_copy)
 

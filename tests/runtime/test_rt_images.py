@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 from k3trt.runtime.images import check_strength, load_image, load_mask, outpaint_canvas, parse_margins
 
 

@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from k3trt.runtime.metrics import compare, psnr
+from k3trt.contract.tensor_metrics import compare, psnr
 
 
 def test_known_values():

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from k3trt.runtime.cpuinfo import CpuInfo, cpu_info
-from k3trt.runtime.errors import BackendUnavailableError, InvalidArgumentError
-from k3trt.runtime.metrics import psnr
+from k3trt.contract.errors import BackendUnavailableError, InvalidArgumentError
+from k3trt.contract.tensor_metrics import psnr
 from k3trt.runtime.pipeline import Pipeline
 
 pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'kandinsky3-trt[openvino]')")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import OutputPathError
-from k3trt.runtime.outputs import MARKER, check_output_dir, install_dir, mark, owner_kind
+from k3trt.cli.main import main
+from k3trt.contract.errors import OutputPathError
+from k3trt.writing.ownership import MARKER, check_output_dir, install_dir, mark, owner_kind
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -105,7 +105,7 @@ def test_outputs_that_are_files_or_other_kinds_are_refused(tiny_artifacts, tmp_p
 
 def test_report_and_selftest_and_calibrate_folders(tiny_artifacts, tiny_model_dir, user_folder, capsys,
                                                    monkeypatch):
-    import k3trt.runtime.commands as commands
+    import k3trt.cli.arguments as commands
 
     monkeypatch.setattr(commands, "open_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     before = snapshot(user_folder)
@@ -145,8 +145,8 @@ def test_install_dir_never_removes_a_folder_that_is_not_its_kind(tmp_path, user_
 def test_bench_serve_and_loadtest_json_are_checked_before_work_and_replace_only_their_own(
         tiny_artifacts, tmp_path, capsys, monkeypatch):
     """`bench-serve --json` and `loadtest --json` used to overwrite any file, after the whole run."""
-    import k3trt.runtime.serving.bench as bench
-    import k3trt.runtime.serving.loadtest as loadtest
+    import k3trt.verify.serving_bench as bench
+    import k3trt.verify.loadtest as loadtest
     from k3trt.runtime.pipeline import Pipeline
 
     ran = []
@@ -183,8 +183,8 @@ def test_bench_serve_and_loadtest_json_are_checked_before_work_and_replace_only_
     (["serve", "--grace", "-1"], "--grace=-1"),
 ])
 def test_serving_commands_check_arguments_before_work(argv, needle, tiny_artifacts, capsys, monkeypatch):
-    import k3trt.runtime.serving.cli as serving_cli
-    import k3trt.runtime.serving.loadtest as loadtest
+    import k3trt.cli.serve as serving_cli
+    import k3trt.verify.loadtest as loadtest
     from k3trt.runtime.pipeline import Pipeline
 
     for target, name in ((Pipeline, "from_artifacts"), (loadtest, "run_loadtest"), (serving_cli, "run_uvicorn")):

@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.parity import compare_runs, write_report
+from k3trt.verify.parity import compare_runs, write_report
 from k3trt.runtime.pipeline import make_request
 
 
 def _parity(pipe, model_dir, **kwargs):
-    from k3trt.export.reference import load_reference, run_reference
+    from k3trt.verify.torch_reference import load_reference, run_reference
 
     request = make_request(**kwargs)
     recorded = []

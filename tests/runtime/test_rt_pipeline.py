@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ShapeError
-from k3trt.runtime.metrics import psnr
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError, NonFiniteError, ShapeError
+from k3trt.contract.tensor_metrics import psnr
 from k3trt.runtime.pipeline import GenerationCancelled
 
 E2E_PSNR_DB = 40.0  # fp32 bound from the runtime issue; measured ~120 dB on the damped tiny preset
@@ -20,7 +20,7 @@ def pipe(tiny_artifacts):
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_dir):
-    from k3trt.export.reference import load_reference
+    from k3trt.verify.torch_reference import load_reference
 
     return load_reference(tiny_model_dir)
 
@@ -113,7 +113,7 @@ def test_nan_from_a_stage_names_the_stage(tiny_artifacts):
 
 
 def test_tampered_and_missing_artifacts(artifacts_copy):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     manifest = Manifest.load(artifacts_copy)
     tok = manifest.path(manifest.data["tokenizer"]["path"])

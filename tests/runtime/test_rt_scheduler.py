@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from k3trt.export.presets import SCHEDULER_CONFIG
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 from k3trt.runtime.scheduler import make_scheduler
 
 

@@ -9,9 +9,9 @@ from serve_helpers import serve_process
 httpx = pytest.importorskip("httpx", reason="the HTTP tests need httpx (in `dev`)")
 pytest.importorskip("fastapi", reason="the HTTP service needs the `serve` extra (in `dev`)")
 
-from k3trt.runtime.cli import main  # noqa: E402
-from k3trt.runtime.errors import InvalidArgumentError  # noqa: E402
-from k3trt.runtime.serving.loadtest import check_loopback, run_loadtest  # noqa: E402
+from k3trt.cli.main import main  # noqa: E402
+from k3trt.contract.errors import InvalidArgumentError  # noqa: E402
+from k3trt.verify.loadtest import check_loopback, run_loadtest  # noqa: E402
 
 
 def test_serve_loadtest_and_graceful_sigterm(tiny_artifacts):

@@ -13,7 +13,7 @@ pytest.importorskip("fastapi", reason="the HTTP service needs the `serve` extra 
 httpx = pytest.importorskip("httpx", reason="the HTTP tests need httpx (in `dev`)")
 
 from k3trt.runtime import Pipeline  # noqa: E402
-from k3trt.runtime.metrics import psnr  # noqa: E402
+from k3trt.contract.tensor_metrics import psnr  # noqa: E402
 from k3trt.runtime.serving.http import ImageService, ServeSettings, create_app  # noqa: E402
 
 URL = "/v1/images/generations"
@@ -225,14 +225,14 @@ def png_claiming(width: int, height: int) -> str:
 
 @pytest.fixture(scope="module")
 def picture():
-    from k3trt.export.task_demo import demo_image
+    from k3trt.verify.task_demo import demo_image
 
     return demo_image()  # 64 x 128
 
 
 @pytest.fixture(scope="module")
 def mask():
-    from k3trt.export.task_demo import demo_mask
+    from k3trt.verify.task_demo import demo_mask
 
     return demo_mask()  # 64 x 128, 255 = repaint
 

@@ -21,7 +21,7 @@ def test_deployment_options_expose_replicas_and_autoscaling():
     scaled = deployment_options(ServeSettings("art", backend="trt"), 1, 4)
     assert scaled["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4}
     assert scaled["ray_actor_options"]["num_gpus"] == 1 and "num_replicas" not in scaled
-    from k3trt.runtime.errors import InvalidArgumentError
+    from k3trt.contract.errors import InvalidArgumentError
 
     with pytest.raises(InvalidArgumentError, match="--max-replicas 1 < --replicas 2"):
         deployment_options(settings, 2, 1)
@@ -35,7 +35,7 @@ def test_two_replicas_spread_requests_and_match_the_single_process_service(tiny_
     from PIL import Image
 
     from k3trt.runtime import Pipeline
-    from k3trt.runtime.metrics import psnr
+    from k3trt.contract.tensor_metrics import psnr
     from k3trt.runtime.serving.ray_app import build_application
 
     settings = ServeSettings(str(tiny_artifacts), default_size="64x64", default_steps=2, max_batch=2,

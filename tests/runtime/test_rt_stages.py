@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.errors import InvalidArgumentError
-from k3trt.runtime.metrics import compare
+from k3trt.contract.errors import InvalidArgumentError
+from k3trt.contract.tensor_metrics import compare
 from k3trt.runtime.pipeline import make_request
-from k3trt.runtime.stages import context_lengths_fit, denoise, run_unet, tile_context
+from k3trt.runtime.denoise_loop import context_lengths_fit, denoise, run_unet, tile_context
 
 SMALL = dict(steps=3, height=64, width=64)
 

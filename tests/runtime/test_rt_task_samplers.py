@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from k3trt.export.presets import SCHEDULER_CONFIG
-from k3trt.runtime.errors import InvalidArgumentError
+from k3trt.contract.errors import InvalidArgumentError
 from k3trt.runtime.official_sampler import FlashSampler, OfficialSampler, official_timesteps
 from k3trt.runtime.scheduler import make_scheduler
 
@@ -39,7 +39,7 @@ def test_official_timesteps():
 
 def test_official_sampler_matches_the_reference_restatement():
     """The runtime's sampler and the torch reference's `_p_sample` are written separately from diffusion.py."""
-    from k3trt.export.task_reference import _cosine_alphas_cumprod, _p_sample
+    from k3trt.verify.task_reference import _cosine_alphas_cumprod, _p_sample
 
     sampler = OfficialSampler()
     times = sampler.set_timesteps(10)

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from k3trt.runtime import Pipeline
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError
-from k3trt.runtime.metrics import psnr
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.contract.tensor_metrics import psnr
 
 E2E_PSNR_DB = 40.0
 PROMPT = "a red fox in a snowy forest, watercolor"
@@ -23,13 +23,13 @@ def pipe(tiny_artifacts):
 
 @pytest.fixture(scope="module")
 def picture():
-    from k3trt.export.task_demo import demo_image
+    from k3trt.verify.task_demo import demo_image
 
     return demo_image()  # 64 x 128
 
 
 def test_img2img_matches_diffusers(pipe, picture, tiny_model_dir):
-    from k3trt.export.task_reference import load_img2img_reference, run_img2img_reference
+    from k3trt.verify.task_reference import load_img2img_reference, run_img2img_reference
 
     kwargs = dict(strength=0.6, steps=10, guidance=3.0, seed=5, num_images=2)
     ours = pipe.img2img(PROMPT, Image.fromarray(picture), output_type="np", **kwargs)
@@ -45,14 +45,14 @@ def test_img2img_matches_diffusers(pipe, picture, tiny_model_dir):
 @pytest.fixture(scope="module")
 def inpaint_modules(tiny_model_dir):
     from k3trt.export.sources import open_model_dir
-    from k3trt.export.task_reference import OfficialModules
+    from k3trt.verify.task_reference import OfficialModules
 
     return OfficialModules(open_model_dir(tiny_model_dir), "unet_inpainting")
 
 
 def test_inpaint_matches_the_official_semantics(pipe, picture, inpaint_modules):
-    from k3trt.export.task_demo import demo_mask
-    from k3trt.export.task_reference import inpaint_reference
+    from k3trt.verify.task_demo import demo_mask
+    from k3trt.verify.task_reference import inpaint_reference
     from k3trt.runtime.images import load_image, load_mask
 
     user = demo_mask()
@@ -79,7 +79,7 @@ def test_outpaint_grows_the_canvas_and_keeps_the_image(pipe, picture):
 
 def test_flash_matches_the_official_semantics(pipe, tiny_model_dir):
     from k3trt.export.sources import open_model_dir
-    from k3trt.export.task_reference import OfficialModules, flash_reference
+    from k3trt.verify.task_reference import OfficialModules, flash_reference
 
     ours = pipe.flash(PROMPT, seed=4, height=64, width=64, output_type="np")
     ref = flash_reference(OfficialModules(open_model_dir(tiny_model_dir), "unet_flash"), PROMPT,
@@ -135,8 +135,8 @@ def test_a_task_the_artifacts_were_not_exported_for(artifacts_copy, picture):
 
 
 def test_cli_tasks(tiny_artifacts, picture, tmp_path):
-    from k3trt.export.task_demo import demo_mask
-    from k3trt.runtime.cli import main
+    from k3trt.verify.task_demo import demo_mask
+    from k3trt.cli.main import main
 
     Image.fromarray(picture).save(tmp_path / "in.png")
     Image.fromarray(demo_mask()).save(tmp_path / "mask.png")
@@ -154,7 +154,7 @@ def test_demo_report_shows_input_mask_and_output(task, tiny_model_dir, tiny_arti
     """The demo's task step on the session's artifacts (the CLI run below adds the preset and the export)."""
     import json
 
-    from k3trt.export.task_demo import DEMOS
+    from k3trt.verify.task_demo import DEMOS
 
     metrics = DEMOS[task](tiny_model_dir, tiny_artifacts, PROMPT, tmp_path / "report", lambda *_: None)
     assert metrics["ok"] and metrics["psnr_db_vs_reference"] >= E2E_PSNR_DB
@@ -172,7 +172,7 @@ def test_demo_report_shows_input_mask_and_output(task, tiny_model_dir, tiny_arti
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["img2img", "inpaint", "outpaint", "flash"])
 def test_demo_task_writes_a_report(task, tmp_path, capsys):
-    from k3trt.runtime.cli import main
+    from k3trt.cli.main import main
 
     assert main(["demo", "--task", task, "--out", str(tmp_path / "demo")]) == 0
     report = tmp_path / "demo" / f"report-{task}"

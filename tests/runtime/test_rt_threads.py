@@ -8,8 +8,8 @@ import pytest
 from k3trt.runtime import Pipeline
 from k3trt.runtime.backends.base import StageTimings
 from k3trt.runtime.backends.pool import ResourcePool
-from k3trt.runtime.errors import BackendBusyError
-from k3trt.runtime.metrics import psnr
+from k3trt.contract.errors import BackendBusyError
+from k3trt.contract.tensor_metrics import psnr
 
 REQUESTS = [dict(prompt="a red fox", seed=1, height=64, width=64),
             dict(prompt="a ship at sea", seed=2, height=64, width=128, guidance=1.0),
@@ -30,7 +30,7 @@ def test_concurrent_generate_equals_each_request_alone(tiny_artifacts):
 
 def test_sessions_open_once_under_concurrent_first_calls(tiny_artifacts):
     from k3trt.runtime.backends.ort import OrtBackend
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     backend = OrtBackend(Manifest.load(tiny_artifacts), threads=1)
     opened, real = [], backend._open

@@ -1,7 +1,7 @@
 """The runtime tokenizer (tokenizers library, artifact tokenizer.json) against transformers' tokenizer."""
 import logging
 
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 from k3trt.runtime.tokenizer import PromptTokenizer
 
 PROMPTS = ["a red fox in a snowy forest, watercolor", "Кот сидит на окне", "", "x " * 300]

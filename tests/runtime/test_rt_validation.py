@@ -10,16 +10,17 @@ import sys
 import pytest
 import torch
 
-from k3trt.runtime.cli import main
-from k3trt.runtime.errors import ArtifactError, InvalidArgumentError, K3TRTError
+from k3trt.cli.main import main
+from k3trt.contract.errors import ArtifactError, InvalidArgumentError, K3TRTError
 from k3trt.runtime.seeding import make_generator
+from k3trt.writing.atomic import save_manifest
 
 
 @pytest.fixture()
 def no_model_loading(monkeypatch):
     """Fail the test if a command gets as far as opening a pipeline or the diffusers reference."""
-    import k3trt.export.reference as reference
-    import k3trt.runtime.commands as commands
+    import k3trt.verify.torch_reference as reference
+    import k3trt.cli.arguments as commands
 
     monkeypatch.setattr(commands, "open_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
     monkeypatch.setattr(reference, "load_reference", lambda *a, **k: pytest.fail("the reference was loaded"))
@@ -64,7 +65,7 @@ def test_generate_rejects_before_any_model_loads(extra, needle, tiny_artifacts, 
 
 
 def test_unwritable_output_folder(tiny_artifacts, tmp_path, capsys, no_model_loading, monkeypatch):
-    import k3trt.runtime.validate as validate
+    import k3trt.contract.arguments as validate
 
     locked = tmp_path / "locked"
     locked.mkdir()
@@ -75,7 +76,7 @@ def test_unwritable_output_folder(tiny_artifacts, tmp_path, capsys, no_model_loa
 
 
 def test_invalid_utf8_on_the_real_command_line(tiny_artifacts, tmp_path):
-    argv = [sys.executable, "-m", "k3trt.runtime.cli", "generate", "--artifacts", str(tiny_artifacts),
+    argv = [sys.executable, "-m", "k3trt.cli.main", "generate", "--artifacts", str(tiny_artifacts),
             "--prompt", b"caf\xe9 \xff".decode("utf-8", "surrogateescape"), "--out", str(tmp_path / "x.png")]
     run = subprocess.run([os.fsencode(a) for a in argv], capture_output=True, timeout=120)
     assert run.returncode == 2, run.stderr
@@ -133,7 +134,7 @@ def test_api_bad_input_raises_only_typed_errors(tiny_artifacts):
 
 
 def test_generate_default_size_is_the_artifacts_native_size(tiny_artifacts):
-    from k3trt.runtime.limits import default_size, image_limits
+    from k3trt.contract.limits import default_size, image_limits
     from k3trt.runtime.pipeline import Pipeline
 
     pipe = Pipeline.from_artifacts(tiny_artifacts)
@@ -179,7 +180,7 @@ def _write_manifest(root, data):
     (lambda d: {**d, "tokenizer": {**d["tokenizer"], "sha256": 5}}, "tokenizer.sha256"),
 ])
 def test_malformed_manifests_are_artifact_errors(mutate, needle, artifacts_copy, tmp_path, capsys):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     data = json.loads((artifacts_copy / "manifest.json").read_text())
     _write_manifest(artifacts_copy, mutate(data))
@@ -191,20 +192,20 @@ def test_malformed_manifests_are_artifact_errors(mutate, needle, artifacts_copy,
 
 
 def test_corrupt_onnx_with_a_matching_hash_is_an_artifact_error(artifacts_copy, tmp_path, capsys):
-    from k3trt.runtime.artifacts import Manifest, sha256_file
+    from k3trt.contract.manifest import Manifest, sha256_file
 
     manifest = Manifest.load(artifacts_copy)
     record = manifest.data["onnx"]["text_encoder"]["fp32"]
     graph = artifacts_copy / record["graph"]["path"]
     graph.write_bytes(graph.read_bytes()[: graph.stat().st_size // 3])  # truncated ...
     record["graph"].update(sha256=sha256_file(graph), bytes=graph.stat().st_size)  # ... and re-hashed
-    manifest.save()
+    save_manifest(manifest)
     exit_2(["generate", "--artifacts", str(artifacts_copy), "--prompt", "a", "--steps", "1",
             "--out", str(tmp_path / "x.png")], capsys, "not a readable ONNX model")
 
 
 def test_check_verifies_hashes(artifacts_copy, capsys):
-    from k3trt.runtime.artifacts import Manifest
+    from k3trt.contract.manifest import Manifest
 
     manifest = Manifest.load(artifacts_copy)
     graph = artifacts_copy / manifest.data["onnx"]["movq_decoder"]["fp32"]["graph"]["path"]
@@ -217,7 +218,7 @@ def test_check_verifies_hashes(artifacts_copy, capsys):
 
 
 def test_stale_staging_of_a_dead_writer_is_removed_and_a_live_writer_locks(artifacts_copy):
-    from k3trt.runtime.locking import artifact_lock
+    from k3trt.writing.locking import artifact_lock
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = artifacts_copy / f".staging-unet-{dead.stdout.strip()}-abc"
@@ -237,7 +238,7 @@ def test_stale_staging_of_a_dead_writer_is_removed_and_a_live_writer_locks(artif
 
 # ------------------------------------------------------------------------------------------- boundary
 def test_unexpected_errors_are_short_with_a_saved_traceback(tiny_artifacts, tmp_path, capsys, monkeypatch):
-    import k3trt.runtime.commands as commands
+    import k3trt.cli.generate as commands
     from tqdm import tqdm
 
     def broken(args):
@@ -258,7 +259,7 @@ def test_unexpected_errors_are_short_with_a_saved_traceback(tiny_artifacts, tmp_
 
 
 def test_every_project_error_is_exit_2(capsys, monkeypatch):
-    import k3trt.runtime.commands as commands
+    import k3trt.cli.generate as commands
 
     def raises(args):
         raise K3TRTError("something the user can fix", fix="do that")
@@ -272,8 +273,8 @@ def test_version_and_help_show_defaults_and_describe_every_option(capsys):
     the only hidden options are old spellings that are refused."""
     import argparse
 
-    from k3trt.runtime.cli import build_parser
-    from k3trt.runtime.commands import RenamedOption
+    from k3trt.cli.main import build_parser
+    from k3trt.cli.arguments import RenamedOption
 
     with pytest.raises(SystemExit) as info:
         main(["--version"])

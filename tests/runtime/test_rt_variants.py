@@ -4,9 +4,10 @@ import logging
 import pytest
 
 from k3trt.export.writer import drop_stale_variants
-from k3trt.runtime.artifacts import Manifest
+from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.ort import OrtBackend
-from k3trt.runtime.errors import ArtifactError
+from k3trt.contract.errors import ArtifactError
+from k3trt.writing.atomic import save_manifest
 
 
 def _with_int8_unet(root, derived_from: str) -> Manifest:
@@ -14,7 +15,7 @@ def _with_int8_unet(root, derived_from: str) -> Manifest:
     record = dict(manifest.data["onnx"]["unet"]["fp32"], variant="int8")
     record["extra"] = {**record["extra"], "fp32_export_key": derived_from}
     manifest.data["onnx"]["unet"]["int8"] = record
-    manifest.save()
+    save_manifest(manifest)
     return Manifest.load(root)
 
 
@@ -52,7 +53,7 @@ def test_export_drops_stale_variants_only(artifacts_copy):
 def test_unavailable_and_unknown_ort_providers_are_typed_errors(tiny_artifacts):
     import onnxruntime
 
-    from k3trt.runtime.errors import BackendUnavailableError, InvalidArgumentError
+    from k3trt.contract.errors import BackendUnavailableError, InvalidArgumentError
 
     manifest = Manifest.load(tiny_artifacts)
     with pytest.raises(InvalidArgumentError, match="provider 'rocm'"):

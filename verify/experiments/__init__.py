@@ -1,0 +1,1 @@
+"""Measured experiments, runnable as scripts (`python3 verify/experiments/NAME.py --help`)."""
