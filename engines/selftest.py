@@ -226,8 +226,9 @@ def cuda_parts(source, manifest, feeds, refs, work: Path, log, missing: str | No
                      missing=missing),
             run_part("torch CUDA graph", lambda: selftest_cuda.graph_rows(source, feeds, _compare), log,
                      missing=missing),
-            run_part("calibration on CUDA", lambda: selftest_cuda.calibration_rows(manifest, source.root, work, log),
-                     log, missing=missing)]
+            run_part("calibration on CUDA",
+                     lambda: selftest_cuda.calibration_rows(manifest, source.root, work, log, Row), log,
+                     missing=missing)]
 
 
 def report(parts: list[Part], log) -> int:

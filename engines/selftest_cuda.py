@@ -78,13 +78,12 @@ def graph_rows(source, feeds: dict, compare_rows) -> list:
     return rows
 
 
-def calibration_rows(manifest, model_dir: Path, work: Path, log) -> list:
+def calibration_rows(manifest, model_dir: Path, work: Path, log, make_row) -> list:
     """`k3trt calibrate --collector torch` at 1024 x 1024 on a copy of the artifacts; one row: the int8 U-Net's
-    held-out mean cosine / rel L2 against fp32, within the card's int8 bound."""
+    held-out mean cosine / rel L2 against fp32, within the card's int8 bound (`make_row`: the table's Row)."""
     from k3trt.calibration.config import TrajectoryConfig
     from k3trt.calibration.stage import CalibrationRequest, calibrate
 
-    from k3trt.engines.selftest import Row
 
     root = work / "calibration-art"
     if not root.exists():
@@ -102,5 +101,5 @@ def calibration_rows(manifest, model_dir: Path, work: Path, log) -> list:
         f"{time.perf_counter() - start:.1f} s")
     bound = card("unet").engine_tolerance("int8")
     ok = summary["finite"] and summary["mean_cosine"] >= bound.cosine and summary["mean_rel_l2"] <= bound.rel_l2
-    return [Row("unet", "int8", "fp32", "noise_pred", float("nan"), summary["mean_rel_l2"], summary["mean_cosine"],
+    return [make_row("unet", "int8", "fp32", "noise_pred", float("nan"), summary["mean_rel_l2"], summary["mean_cosine"],
                 bool(ok))]
