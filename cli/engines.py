@@ -143,7 +143,7 @@ def register(sub) -> None:
     p.add_argument("--no-guidance", action="store_true",
                    help="pipelines without classifier-free guidance (e.g. Kandinsky 3.1 Flash): U-Net batch x1")
     p.add_argument("--timing-cache", metavar="FILE.cache", help="load and update this timing cache "
-                   "(default ART/engines/timing.cache)")
+                   "(default ART/engines/timing-trt<VERSION>-sm<CC>.cache: one per TensorRT version and GPU)")
     p.add_argument("--refittable", action="store_true", help="build engines `k3trt refit` can update")
     p.add_argument("--builder-optimization-level", type=int, default=None, metavar="N",
                    help="0-5 (default 3, 4 for int8/fp8)")

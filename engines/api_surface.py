@@ -5,7 +5,8 @@ The `tensorrt-cu12-bindings` / `tensorrt-cu13-bindings` wheels on PyPI hold the 
 symbols from them (`createInferBuilder_INTERNAL`, `getPluginRegistry`, ...), none called while the module
 registers its classes. So this script compiles three tiny stub libraries that define those symbols, imports the
 real module against them, and writes every module attribute and every class's members (enum members included)
-to `engines/api/tensorrt-<version>.json`. tests/engines/test_eng_api_conformance.py checks every TensorRT call
+to `engines/api/tensorrt-<version>.json`, with each member's kind and, for methods and functions, the parameter
+names of every overload (read from pybind11's signature lines; `name=` marks a parameter with a default). tests/engines/test_eng_api_conformance.py checks every TensorRT call
 the project makes against the oldest and newest of these files.
 
 Regenerate (needs gcc and PyPI; ~10 MB download):
@@ -35,17 +36,59 @@ void* getPluginRegistry(void) { return 0; }
 int initLibNvInferPlugins(void* a, const char* b) { return 0; }
 int getInferLibVersion(void) { return 0; }
 """
-PROBE = """
-import importlib.machinery, importlib.util, json, sys
+PROBE = r"""
+import importlib.machinery, importlib.util, json, re, sys
 loader = importlib.machinery.ExtensionFileLoader("tensorrt", sys.argv[1])
 module = importlib.util.module_from_spec(importlib.util.spec_from_loader("tensorrt", loader))
 loader.exec_module(module)
-members = {}
+
+
+def overloads(name, doc):
+    # pybind11 docstrings open with `name(self: T, arg: type = default, ...) -> R`, one line per overload
+    out = []
+    for line in (doc or "").splitlines():
+        found = re.match(r"\s*(?:\d+\.\s*)?" + re.escape(name) + r"\((.*)\)\s*(?:->.*)?$", line)
+        if not found or found.group(1).strip() == "*args, **kwargs":
+            continue
+        params, depth, part = [], 0, ""
+        for ch in found.group(1) + ",":  # split on top-level commas (types hold brackets)
+            depth += ch in "[(<" and 1 or (ch in "])>" and -1 or 0)
+            if ch == "," and depth == 0:
+                params.append(part.strip()); part = ""
+            else:
+                part += ch
+        names = [re.split(r"[:=]", p)[0].strip() + ("=" if "=" in p else "") for p in params if p]
+        out.append([n for n in names if n not in ("self", "")])
+    return out
+
+
+def details(cls):
+    out = {}
+    for member in (n for n in dir(cls) if not n.startswith("_") or n == "__init__"):
+        raw = next((base.__dict__[member] for base in cls.__mro__ if member in base.__dict__), None)
+        if isinstance(raw, property):
+            out[member] = "rw" if raw.fset is not None else "ro"
+        elif isinstance(raw, cls) or (isinstance(raw, int) and not callable(raw)):
+            out[member] = "value"
+        elif isinstance(raw, type):
+            out[member] = "class"
+        elif callable(raw) or isinstance(raw, (staticmethod, classmethod)):
+            out[member] = overloads(member, getattr(raw, "__doc__", ""))
+        else:
+            out[member] = "value"
+    return out
+
+
+members, signatures, functions = {}, {}, {}
 for name in dir(module):
     value = getattr(module, name)
     if isinstance(value, type):
         members[name] = sorted(n for n in dir(value) if not n.startswith("__"))
-json.dump({"module": sorted(n for n in dir(module) if not n.startswith("__")), "members": members}, sys.stdout)
+        signatures[name] = details(value)
+    elif callable(value) and not name.startswith("_"):
+        functions[name] = overloads(name, getattr(value, "__doc__", ""))
+json.dump({"module": sorted(n for n in dir(module) if not n.startswith("__")), "members": members,
+           "signatures": signatures, "functions": functions}, sys.stdout)
 """
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from k3trt.contract.engine_compat import DeviceEnv, check_precision_supported
-from k3trt.contract.errors import ArtifactError
+from k3trt.contract.errors import ArtifactError, BackendUnavailableError
 from k3trt.contract.manifest import FileRecord, Manifest, sha256_file
 from k3trt.engines.plan import BuildPlan, ComponentPlan
 from k3trt.runtime.tensorrt_env import current_env, require_tensorrt, trt_logger
@@ -67,8 +67,50 @@ def _config(plan: ComponentPlan, flags, timing_cache: Path):
         builder_optimization_level=plan.builder_optimization_level, memory_pool_limits=pools)
 
 
-def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_cache: Path, report: dict) -> bytes:
-    """Parse, configure and build one engine; returns the serialized plan."""
+# CUDA's minimum drivers (CUDA Toolkit release notes, "CUDA Toolkit and Corresponding Driver Versions"): what a
+# TensorRT wheel built for that CUDA major needs. TensorRT 11's `tensorrt` meta package installs the cu13 build.
+DRIVER_FOR_CUDA = {12: "R525 (525.60.13) or newer", 13: "R580 (580.65.06) or newer"}
+
+
+def installed_cuda_major() -> int | None:
+    """The CUDA major of the installed TensorRT wheel (tensorrt-cu12 / tensorrt-cu13 and their -libs)."""
+    import importlib.metadata as md
+
+    for major in (13, 12):
+        for name in (f"tensorrt-cu{major}", f"tensorrt-cu{major}-libs", f"tensorrt_cu{major}_libs"):
+            try:
+                md.version(name)
+                return major
+            except md.PackageNotFoundError:
+                continue
+    return None
+
+
+def null_factory_error(what: str, trt_version: str) -> BackendUnavailableError:
+    """TensorRT returns a null Builder/Runtime when the driver is too old for the CUDA its wheel was built with;
+    Python sees pybind11's TypeError "factory function returned nullptr". Say which driver the wheel needs."""
+    major = installed_cuda_major()
+    wheel = f"the CUDA {major} build of TensorRT {trt_version}" if major else f"TensorRT {trt_version}"
+    needs = "; ".join(f"CUDA {m} builds need driver {d}" for m, d in DRIVER_FOR_CUDA.items())
+    return BackendUnavailableError(
+        f"TensorRT could not create a {what} (it returned null): the NVIDIA driver is too old for {wheel} or no "
+        f"GPU is usable", accepted=needs,
+        fix="update the NVIDIA driver (`nvidia-smi` shows its version), or install the TensorRT build for the "
+            "CUDA your driver supports: pip install 'kandinsky3-trt[gpu-cu12]' (driver R525+) or "
+            "'kandinsky3-trt[gpu-cu13]' (driver R580+)")
+
+
+def timing_cache_path(root: Path, env: DeviceEnv) -> Path:
+    """The default timing cache, one per TensorRT version and compute capability: a cache is valid only for
+    the TensorRT version and GPU that timed it (developer guide, "Timing Cache")."""
+    major, minor = env.compute_capability
+    version = "".join(c if c.isalnum() or c in "._" else "_" for c in env.trt_version)
+    return root / "engines" / f"timing-trt{version}-sm{major}{minor}.cache"
+
+
+def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_cache: Path, report: dict):
+    """Parse, configure and build one engine; returns the serialized plan as TensorRT's host memory (a buffer:
+    written out as it is, never copied into `bytes`, which would double host RAM for a ~17 GB plan)."""
     from polygraphy import util
     from polygraphy.backend.trt import EngineBytesFromNetwork
     from polygraphy.exception import PolygraphyException
@@ -85,7 +127,11 @@ def build_engine_bytes(plan: ComponentPlan, manifest: Manifest, flags, timing_ca
         build = EngineBytesFromNetwork(network, config=_config(plan, flags, timing_cache),
                                        save_timing_cache=cache_out)
         try:
-            engine = bytes(build())
+            engine = build()
+        except TypeError as exc:  # pybind11: "factory function returned nullptr" (a null Builder)
+            if "nullptr" not in str(exc):
+                raise
+            raise null_factory_error("Builder", require_tensorrt().__version__) from exc
         except PolygraphyException as exc:  # parser errors, builder failures (often out of memory)
             raise ArtifactError(f"TensorRT could not build {plan.name} from {plan.onnx_path}: {exc}",
                                 fix="run `k3trt check --artifacts ART` for parser problems; for out-of-memory "
@@ -148,7 +194,7 @@ def build_engines(plan: BuildPlan, manifest: Manifest, *, log: Callable[[str], N
                                 "`k3trt export ... --precision fp16,bf16`")
     for cp in plan.components:
         check_precision_supported(cp.precision.precision, env.compute_capability, env.gpu_name)
-    cache = Path(plan.flags.timing_cache) if plan.flags.timing_cache else manifest.root / "engines" / "timing.cache"
+    cache = Path(plan.flags.timing_cache) if plan.flags.timing_cache else timing_cache_path(manifest.root, env)
     summary = {"built": [], "up_to_date": []}
     log(f"building {len(plan.components)} engine(s) with TensorRT {env.trt_version} on {env.gpu_name} "
         f"(compute capability {env.compute_capability[0]}.{env.compute_capability[1]})")
@@ -171,6 +217,6 @@ def build_engines(plan: BuildPlan, manifest: Manifest, *, log: Callable[[str], N
                                                         seconds, report)
         save_manifest(manifest)
         remove_superseded(manifest, [old] if old != cp.engine_path else [])
-        log(f"  {cp.name}: done in {seconds:.0f} s, {len(data) / 2**20:.1f} MiB -> {cp.engine_path}")
+        log(f"  {cp.name}: done in {seconds:.0f} s, {memoryview(data).nbytes / 2**20:.1f} MiB -> {cp.engine_path}")
         summary["built"].append(cp.name)
     return summary

@@ -4,7 +4,8 @@ TensorRT 11 builds every network strongly typed (each layer runs in the type of 
 FP16/BF16/INT8 builder flags, precision constraints and per-layer precision setters; on TensorRT 10 the
 STRONGLY_TYPED network flag does the same. So an engine's precision is the precision of the variant it is parsed
 from: fp16/bf16 variants (with their fp32 islands, export/variants.py) or the int8 Q/DQ variant (calibration).
-TF32 is the one math mode left as a builder flag: the fp32 variant with TF32 allowed.
+TF32 is the one math mode left as a builder flag: allowed for every build but strict fp32 (the tf32 precision is
+the fp32 variant with it; fp16/bf16/int8 builds use it for their fp32 islands).
 
 The resolution itself (request -> compute precision + variant, from the card and the manifest) is
 `k3trt.contract.precision.choose_precision` / `resolve_precision`, shared with the runtime's backends.
@@ -26,7 +27,7 @@ class ComponentPrecision:
     component: str
     precision: Precision  # what the engine computes in
     variant: str  # the ONNX variant it is parsed from (onnx.<component>.<variant>)
-    tf32: bool  # TF32 math for the fp32 parts (a builder flag on TensorRT 10 and 11)
+    tf32: bool  # TF32 math for the fp32 parts, islands included (a builder flag on TensorRT 10 and 11)
     fp32_policy: str  # the card's fp32-island policy baked into the variant ("none" for fp32/int8)
 
     @property
@@ -37,6 +38,14 @@ class ComponentPrecision:
     def to_dict(self) -> dict:
         return {"precision": self.precision.value, "variant": self.variant, "tf32": self.tf32,
                 "strongly_typed": True, "fp32_policy": self.fp32_policy}
+
+
+def allows_tf32(precision: Precision) -> bool:
+    """TF32 for the fp32 parts of an engine: everything but a strict fp32 build. The fp32 islands of fp16/bf16
+    variants (norms, the T5 `wo` projections) and the unquantized layers of Q/DQ graphs then run on tensor cores,
+    as TensorRT does by default (NvInfer.h, BuilderFlag::kTF32: "Enabled by default"); Polygraphy clears the flag
+    unless asked (`CreateConfig(tf32=False)` is its default), so the plan asks."""
+    return precision is not Precision.FP32
 
 
 def parse_component_precision(text: str | None) -> dict[str, Precision]:
@@ -70,6 +79,6 @@ def select_precisions(components: Iterable[str], precision: str | Precision | No
         chosen = choose_precision(name, overrides[name] if explicit else precision, baseline="default",
                                   explicit=explicit)
         variant = variant_of(chosen)
-        out[name] = ComponentPrecision(name, chosen, variant, chosen is Precision.TF32,
+        out[name] = ComponentPrecision(name, chosen, variant, allows_tf32(chosen),
                                        card(name).precision.islands(variant))
     return out

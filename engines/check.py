@@ -15,43 +15,15 @@ from typing import Iterable, Mapping
 from k3trt.contract.arguments import check_path
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 from k3trt.contract.manifest import FileRecord, Manifest, OnnxRecord, inside
+from k3trt.engines.parser_support import ADDED_IN, SUPPORTED, UNSUPPORTED, parser_rejects, type_problem  # noqa: F401
 
 PROTOBUF_LIMIT = 2 * 1024**3
 DEFAULT_TRT_VERSION = (10, 0)
 
 # --------------------------------------------------------------------------------------- operator table
-# Sources: onnx/onnx-tensorrt docs/operators.md, "Operator Support Matrix" (the TensorRT 8.5 GA table, commit
-# 6d0ab7b: rows marked Y / N), updated from onnx/onnx-tensorrt docs/Changelog.md for the operators each later
-# release added (8.6 EA: GroupNormalization, LayerNormalization, IsInf; 9.2: Hardmax; 10.1: DeformConv;
-# 10.4: BlackmanWindow, HammingWindow, HannWindow; 10.5: real-valued STFT). The TensorRT 10.0 matrix states
-# "TensorRT 10.0 supports operators in the inclusive range of opset 9 to opset 20".
-# https://github.com/onnx/onnx-tensorrt/blob/main/docs/operators.md
-SUPPORTED = frozenset("""
-Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization Cast Ceil Celu Clip
-Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh CumSum DepthToSpace DequantizeLinear Div Dropout
-Einsum Elu Equal Erf Exp Expand EyeLike Flatten Floor Gather GatherElements GatherND Gemm GlobalAveragePool
-GlobalLpPool GlobalMaxPool Greater GreaterOrEqual GridSample GRU HardSigmoid HardSwish Identity If ImageScaler
-InstanceNormalization IsNaN LeakyRelu Less LessOrEqual Log LogSoftmax Loop LRN LSTM LpNormalization LpPool
-MatMul Max MaxPool Mean MeanVarianceNormalization Min Mod Mul Neg NonMaxSuppression NonZero Not OneHot Or Pad
-ParametricSoftplus Pow PRelu QuantizeLinear RandomNormal RandomNormalLike RandomUniform RandomUniformLike Range
-Reciprocal ReduceL1 ReduceL2 ReduceLogSum ReduceLogSumExp ReduceMax ReduceMean ReduceMin ReduceProd ReduceSum
-ReduceSumSquare Relu Reshape Resize ReverseSequence RNN RoiAlign Round ScaledTanh Scan Scatter ScatterElements
-ScatterND Selu Shape Shrink Sigmoid Sign Sin Sinh Size Slice Softmax Softplus Softsign SpaceToDepth Split Sqrt
-Squeeze Sub Sum Tan Tanh ThresholdedRelu Tile TopK Transpose Trilu Unsqueeze Upsample Where Xor
-""".split())
-ADDED_IN = {"GroupNormalization": (8, 6), "LayerNormalization": (8, 6), "IsInf": (8, 6), "Hardmax": (9, 2),
-            "DeformConv": (10, 1), "BlackmanWindow": (10, 4), "HammingWindow": (10, 4), "HannWindow": (10, 4),
-            "STFT": (10, 5)}
-# 'N' rows of the same matrix that no changelog entry up to 10.6 lifts, plus opset 18-20 operators a later
-# TensorRT 11.2 derived table still lists as unsupported (AffineGrid ... StringSplit).
-UNSUPPORTED = frozenset("""
-Bernoulli BitShift Compress ConcatFromSequence ConvInteger DFT Det DynamicQuantizeLinear MatMulInteger MaxRoiPool
-MaxUnpool MelWeightMatrix Multinomial NegativeLogLikelihoodLoss Optional OptionalGetElement OptionalHasElement
-QLinearConv QLinearMatMul SequenceAt SequenceConstruct SequenceEmpty SequenceErase SequenceInsert SequenceLength
-SequenceMap SoftmaxCrossEntropyLoss SplitToSequence StringNormalizer TfIdfVectorizer Unique
-AffineGrid BitwiseAnd BitwiseNot BitwiseOr BitwiseXor CenterCropPad Col2Im ImageDecoder RegexFullMatch
-StringConcat StringSplit
-""".split())
+# Operator and data-type support live in engines/parser_support.py (with their sources), shared with the
+# TensorRT stand-in the tests build against; the names are re-exported here for the lint's readers.
+
 # The newest ONNX opset each TensorRT release's parser covers, from the sources named per row; a release reads
 # the row of the newest release at or below it. The parser refuses only opsets below 7 (onnx-tensorrt
 # ModelImporter.cpp, 10.1) and parses newer ones op by op, so an opset past the row is a warning, not an error.
@@ -173,8 +145,36 @@ def _attribute_findings(node, label: str, consts: set[str], version: tuple[int, 
     return out
 
 
-def _node_findings(graph, version: tuple[int, int], functions: set[str], outer: set[str], prefix="") -> list:
+def tensor_types(model) -> dict[str, int]:
+    """ONNX element type of every tensor whose type ONNX shape inference (or the graph itself) states."""
     import onnx
+
+    try:  # types only: a model loaded without its external data infers as well
+        graph = onnx.shape_inference.infer_shapes(model, strict_mode=False).graph
+    except Exception:  # a graph ONNX cannot infer: what it declares is still usable
+        graph = model.graph
+    values = list(graph.value_info) + list(graph.input) + list(graph.output)
+    types = {v.name: v.type.tensor_type.elem_type for v in values if v.type.tensor_type.elem_type}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def _type_findings(node, label: str, types: Mapping[str, int]) -> list[Finding]:
+    """An op/type pair TensorRT has no implementation for (engines/parser_support.py: the same table the
+    tests' TensorRT stand-in builds with): the parser accepts it, the build fails minutes later."""
+    if node.domain not in ("", "ai.onnx"):
+        return []
+    first_in = types.get(node.input[0]) if node.input and node.input[0] else None
+    first_out = types.get(node.output[0]) if node.output and node.output[0] else None
+    problem = type_problem(node.op_type, first_in, first_out)
+    return [Finding("error", "unsupported-type-for-op", label, node.op_type, problem)] if problem else []
+
+
+def _node_findings(graph, version: tuple[int, int], functions: set[str], outer: set[str], prefix="",
+                   types: Mapping[str, int] | None = None) -> list:
+    import onnx
+
+    types = types or {}
 
     consts = set(outer) | {t.name for t in graph.initializer}
     consts |= {o for n in graph.node if n.op_type == "Constant" for o in n.output}
@@ -186,24 +186,20 @@ def _node_findings(graph, version: tuple[int, int], functions: set[str], outer: 
             if (node.domain, op) not in functions:
                 out.append(Finding("error", "custom-op", label, op, f"domain {node.domain!r} needs a TensorRT "
                                    "plugin registered under this op name"))
-        elif op in UNSUPPORTED:
-            out.append(Finding("error", "unsupported-op", label, op, "not supported by TensorRT's ONNX parser "
-                               "(onnx-tensorrt docs/operators.md)"))
-        elif op in ADDED_IN and version < ADDED_IN[op]:
-            need = ADDED_IN[op]
-            out.append(Finding("error", "unsupported-op", label, op,
-                               f"parsed only from TensorRT {need[0]}.{need[1]}"))
+        elif parser_rejects(op, version):
+            out.append(Finding("error", "unsupported-op", label, op, parser_rejects(op, version)))
         elif op not in SUPPORTED and op not in ADDED_IN and (node.domain, op) not in functions:
             out.append(Finding("warning", "unknown-op", label, op, "not in k3trt's operator table; the parser "
                                "may or may not accept it"))
         if op == "Cast" and _attr(node, "to") in UNSUPPORTED_TYPES:
             out.append(Finding("error", "unsupported-type", label, op,
                                f"casts to {UNSUPPORTED_TYPES[_attr(node, 'to')]}"))
+        out += _type_findings(node, label, types)
         out += _attribute_findings(node, label, consts, version)
         for attr in node.attribute:  # If/Loop/Scan bodies
             bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
             for body in bodies:
-                out += _node_findings(body, version, functions, consts, f"{label}/{attr.name}/")
+                out += _node_findings(body, version, functions, consts, f"{label}/{attr.name}/", types)
     return out
 
 
@@ -281,7 +277,7 @@ def lint_model(model, *, trt_version: tuple[int, int] = DEFAULT_TRT_VERSION,
     functions = {(f.domain, f.name) for f in model.functions}
     out += _io_findings(model.graph, trt_version, axes)
     out += _initializer_findings(model.graph, trt_version)
-    out += _node_findings(model.graph, trt_version, functions, set())
+    out += _node_findings(model.graph, trt_version, functions, set(), types=tensor_types(model))
     return out
 
 

@@ -137,7 +137,7 @@ def create_pending_variants(manifest: Manifest, plan: BuildPlan, log) -> int:
 
     made = []
     for cp in (c for c in plan.components if c.pending):
-        made += add_variants(manifest.root, [cp.component], [cp.variant], log=log)
+        made += add_variants(manifest.root, [cp.component], [cp.precision.variant], log=log)
     if made:
         manifest.data = Manifest.load(manifest.root).data
     return len(made)

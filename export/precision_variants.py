@@ -88,15 +88,25 @@ def require_autocast():
     return convert_to_mixed_precision
 
 
+# Operators TensorRT has no kernel for in a precision, kept fp32 (AutoCast casts their inputs to fp32 and their
+# outputs back): TensorRT has no bf16 Resize ("TRT does not support BF16 for the Resize operator", NVIDIA/TensorRT
+# demo/Diffusion base_model.py, whose `cast_resize_io` does the same for strongly typed bf16 builds). The same
+# pairs are engines/parser_support.py's BUILDER_HAS_NO_KERNEL (a test keeps the two equal; export may not import
+# engines).
+FP32_ONLY_OPS = {"fp16": (), "bf16": ("Resize",)}
+
+
 def convert(fp32_path: Path, precision: str, keep_fp32: tuple[str, ...]) -> onnx.ModelProto:
-    """The mixed-precision model: everything in `precision` except the `keep_fp32` nodes; fp32 I/O; the fp32
-    export's opset unless an op needs a newer one to accept `precision` (`variant_opset`)."""
+    """The mixed-precision model: everything in `precision` except the `keep_fp32` nodes and the ops TensorRT
+    cannot run in `precision` (FP32_ONLY_OPS); fp32 I/O; the fp32 export's opset unless an op needs a newer one to
+    accept `precision` (`variant_opset`)."""
     autocast = require_autocast()
     exclude = [f"^{re.escape(name)}$" for name in keep_fp32]
     opset = variant_opset(onnx.load(str(fp32_path), load_external_data=False), precision)
     # data_max=inf: the islands are the written policy, not a guess from one random batch
     with _one_scan_dead_node_cleanup(), _without_opset_advice():
-        return autocast(str(fp32_path), precision, nodes_to_exclude=exclude, data_max=np.inf,
+        return autocast(str(fp32_path), precision, nodes_to_exclude=exclude,
+                        op_types_to_exclude=list(FP32_ONLY_OPS.get(precision, ())) or None, data_max=np.inf,
                         keep_io_types=True, opset=opset)
 
 

@@ -17,8 +17,9 @@ from k3trt.contract.engine_compat import DeviceEnv
 from k3trt.contract.errors import BackendUnavailableError, TensorRTVersionError
 
 DISTRIBUTION = "kandinsky3-trt"
-INSTALL_HINT = ("pip install 'kandinsky3-trt[gpu]' on a Linux machine with an NVIDIA GPU and driver "
-                "(it brings a supported tensorrt, polygraphy and cuda-python); a CUDA build of torch is needed too")
+INSTALL_HINT = ("pip install 'kandinsky3-trt[gpu-cu13]' (NVIDIA driver R580+) or 'kandinsky3-trt[gpu-cu12]' "
+                "(driver R525+) on a Linux machine with an NVIDIA GPU: it brings a supported TensorRT for that CUDA "
+                "major and Polygraphy; a CUDA build of torch of the same CUDA major is needed too")
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,8 +33,8 @@ def supported_tensorrt() -> str:
     if not requirements:
         pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
         requirements = re.findall(r'"(tensorrt[^"]*)"', pyproject.read_text()) if pyproject.is_file() else []
-    for requirement in requirements:
-        found = re.match(r"\s*tensorrt\s*([<>=!~][^;]*)", requirement)
+    for requirement in requirements:  # tensorrt, tensorrt-cu12 or tensorrt-cu13 (the gpu-cu* extras)
+        found = re.match(r"\s*tensorrt(?:[-_]cu\d+)?\s*([<>=!~][^;]*)", requirement)
         if found:
             return found.group(1).strip()
     raise BackendUnavailableError("pyproject.toml declares no supported TensorRT range (gpu extra)",
