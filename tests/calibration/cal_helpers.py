@@ -12,6 +12,7 @@ def tiny_request(artifacts: Path, **overrides):
 
     quant = overrides.pop("quant", QuantConfig())
     overrides.setdefault("float_parts", "fp32")  # the fp16 conversion costs ~1-2 min: only the session fixture pays it
+    overrides.setdefault("collector", "ort")  # the stage tests' collector; test_cal_torch_collector.py runs torch's
     return CalibrationRequest(artifacts=Path(artifacts), trajectory=TrajectoryConfig(**TINY), quant=quant,
                               num_prompts=2, heldout=2, threads=2, **overrides)
 
