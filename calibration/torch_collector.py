@@ -21,7 +21,8 @@ COLLECTORS = ("torch", "ort")
 
 
 def default_collector() -> str:
-    """torch: on a GPU by far the faster, and on 2 CPU cores too (docs/calibration.md has the measurement)."""
+    """torch: the collector that can use a GPU, and on 2 shared CPU cores the faster one per calibration call
+    (trajectory call + range pass; docs/results/calibration_collectors.json)."""
     return "torch"
 
 
