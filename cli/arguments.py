@@ -102,7 +102,7 @@ def checked_request(args):
     from k3trt.runtime.pipeline import make_request
 
     check_threads(getattr(args, "threads", None), "--threads")
-    manifest = Manifest.load(args.artifacts)
+    manifest = args.manifest = Manifest.load(args.artifacts)  # loaded once: open_pipeline reuses it
     resolve_size(args, default_size(manifest))
     kwargs = generation_kwargs(args)
     request = make_request(kwargs.pop("prompt"), kwargs.pop("negative_prompt"), **kwargs)
@@ -111,8 +111,9 @@ def checked_request(args):
     return request
 
 
-def resolved_precision(args) -> str:
-    return args.precision or ("default" if args.backend == "trt" else "fp32")
+def resolved_precision(args) -> str | None:
+    """--precision as given: the backend resolves it once, None meaning its own baseline (k3trt.contract.precision)."""
+    return args.precision
 
 
 def open_pipeline(args, model_dir: str | None = None):
@@ -130,8 +131,8 @@ def open_pipeline(args, model_dir: str | None = None):
 
         register_torch_backend()
         options = {"model_dir": model_dir or getattr(args, "model", None)}
-    return Pipeline.from_artifacts(args.artifacts, args.backend, resolved_precision(args), scheduler=args.scheduler,
-                                   **options)
+    return Pipeline.from_artifacts(getattr(args, "manifest", None) or args.artifacts, args.backend,
+                                   resolved_precision(args), scheduler=args.scheduler, **options)
 
 
 def progress_callback(total: int, label: str = "denoising"):

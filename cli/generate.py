@@ -24,7 +24,7 @@ def cmd_generate(args) -> int:
     pipe = arguments.open_pipeline(args)
     kwargs = generation_kwargs(args)
     if task == "text2img":
-        images = pipe.generate(**kwargs, callback=progress_callback(args.steps))
+        images = pipe.run(request, callback=progress_callback(request.steps))
     else:
         images = to_pil(run_task(pipe, task, args, kwargs, progress_callback(task_steps(task, args), task)))
     for image, path in zip(images, paths):

@@ -8,11 +8,11 @@ import logging
 import os
 import sys
 
-from k3trt.cli import calibrate, engines, export, generate, serve, verify
+from k3trt.cli import animate, calibrate, engines, export, generate, serve, verify
 from k3trt.cli.error_boundary import run_guarded
 from k3trt.writing.ownership import package_version
 
-COMMAND_GROUPS = (export, calibrate, engines, generate, verify, serve)  # the order `k3trt --help` lists them in
+COMMAND_GROUPS = (export, calibrate, engines, generate, animate, verify, serve)  # the order `k3trt --help` lists them in
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -27,14 +27,16 @@ def log(message: str) -> None:
 
 def _positive(kind):
     def parse(text: str):
+        import math
+
         try:
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or value <= 0:
+        if value is None or not math.isfinite(value) or value <= 0:  # float("nan") <= 0 is False: check finite
             import argparse
 
-            raise argparse.ArgumentTypeError(f"{text!r} is not a positive {kind.__name__}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a positive finite {kind.__name__}")
         return value
     return parse
 
@@ -55,21 +57,38 @@ def backend_options(args) -> tuple:
     return (("provider", args.provider), ("threads", args.threads)) if args.backend == "ort" else ()
 
 
-def serve_settings(args):
-    from k3trt.runtime.serving.http import ServeSettings
-    from k3trt.runtime.serving.schema import SIZE_PATTERN
+API_KEY_ENV = "K3TRT_API_KEY"
+
+
+def serve_settings(args, manifest=None):
+    """The checked settings; with `manifest`, the defaults are checked against the sizes the artifacts allow."""
+    import os
+
+    from k3trt.runtime.serving.http import MAX_RETRY_AFTER_S, ServeSettings, check_defaults, limits_for
+    from k3trt.runtime.serving.schema import SIZE_PATTERN, Limits
 
     check_threads(args.threads, "--threads")
     check_int("--port", args.port, 0, 65535, "e.g. --port 8000 (0: any free port)")
-    check_float("--grace", args.grace, 0, 3600, "e.g. --grace 30")
-    check_int("--default-steps", args.default_steps, 1, MAX_STEPS)
+    for flag, value, hi in (("--grace", args.grace, 3600), ("--drain", args.drain, 3600),
+                            ("--body-timeout", args.body_timeout, 3600), ("--job-ttl", args.job_ttl, 86_400)):
+        check_float(flag, value, 0, hi, f"e.g. {flag} 30")
+    check_float("--keep-alive", args.keep_alive, MAX_RETRY_AFTER_S + 1, 3600,
+                f"e.g. --keep-alive 75 (longer than the longest Retry-After, {MAX_RETRY_AFTER_S} s)")
     if not SIZE_PATTERN.match(args.default_resolution):
         raise InvalidArgumentError(f"--default-resolution {args.default_resolution!r}",
                                    accepted="WxH in pixels, e.g. 1024x1024")
+    limits = Limits(default_size=args.default_resolution, default_steps=args.default_steps)
+    if manifest is not None:
+        limits_for(manifest.onnx("unet").axes, limits)
+    else:
+        check_defaults(limits)
+    origins = tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip())
     return ServeSettings(artifacts=args.artifacts, backend=args.backend, precision=args.precision,
                          backend_options=backend_options(args), max_batch=args.max_batch, max_queue=args.max_queue,
                          timeout_s=args.timeout, default_size=args.default_resolution, default_steps=args.default_steps,
-                         grace_s=args.grace)
+                         grace_s=args.grace, drain_s=args.drain, body_timeout_s=args.body_timeout,
+                         keep_alive_s=args.keep_alive, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+                         cors_allow_origins=origins, max_jobs=args.max_jobs, job_ttl_s=args.job_ttl)
 
 
 def require_serve_extra() -> None:
@@ -84,8 +103,11 @@ def require_serve_extra() -> None:
 
 def cmd_serve(args) -> int:
     require_serve_extra()
-    Manifest.load(args.artifacts)  # a typed error now, not a failed background load
-    settings = serve_settings(args)
+    manifest = Manifest.load(args.artifacts)  # a typed error now, not a failed background load
+    settings = serve_settings(args, manifest)
+    from k3trt.runtime.serving.middleware import configure_logging
+
+    configure_logging(json_logs=args.json_logs)
     if args.ray:
         from k3trt.runtime.serving.ray_app import run_ray
 
@@ -94,9 +116,13 @@ def cmd_serve(args) -> int:
     return run_uvicorn(settings, args.host, args.port)
 
 
+ABORT_MARGIN_S = 10.0  # past the grace: time for the cancelled requests' JSON 503 to go out before uvicorn stops
+
+
 def run_uvicorn(settings, host: str, port: int) -> int:
-    """Serve until SIGTERM/SIGINT: stop admitting at once (/readyz 503), let running requests finish for up to
-    `settings.grace_s`, cancel the rest, exit 0."""
+    """Serve until SIGTERM/SIGINT, then drain: /readyz 503 and new requests 503 at once while the socket stays
+    open for `settings.drain_s`; then the socket closes and running requests finish for up to `settings.grace_s`;
+    past it the rest are cancelled and answered with the JSON 503. Exit 0 (a second signal: at once)."""
     import signal
 
     import uvicorn
@@ -106,12 +132,21 @@ def run_uvicorn(settings, host: str, port: int) -> int:
     app = create_app(service)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            service.stop_admitting()
-            super().handle_exit(sig, frame)
+        draining = False
 
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning",
-                            timeout_graceful_shutdown=int(settings.grace_s) or None)
+        def handle_exit(self, sig, frame):
+            if self.draining:
+                return super().handle_exit(sig, frame)
+            self.draining = True
+            service.begin_drain()
+            log(f"k3trt serve: draining ({settings.drain_s:g} s, then up to {settings.grace_s:g} s for running "
+                "requests)")
+            _after(settings.drain_s, super().handle_exit, sig, frame)
+            _after(settings.drain_s + settings.grace_s, service.abort)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", log_config=None,
+                            timeout_keep_alive=int(settings.keep_alive_s),
+                            timeout_graceful_shutdown=int(settings.grace_s + ABORT_MARGIN_S))
     # uvicorn re-raises the signal after a graceful shutdown; with a no-op handler here it ends as exit 0
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
@@ -119,6 +154,14 @@ def run_uvicorn(settings, host: str, port: int) -> int:
     Server(config).run()
     log("k3trt serve: stopped")
     return 0
+
+
+def _after(seconds: float, fn, *args) -> None:
+    import threading
+
+    timer = threading.Timer(seconds, fn, args)
+    timer.daemon = True
+    timer.start()
 
 
 MAX_CLIENTS = 256  # each client is a thread; more only measures the queue
@@ -206,7 +249,21 @@ def register(sub) -> None:
     add_renamed(p, "--default-size", "--default-resolution WxH")
     p.add_argument("--default-steps", type=_positive(int), default=25, help="steps for requests that give none")
     p.add_argument("--grace", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM: how long running requests may finish")
+                   help="on SIGTERM: how long running requests may finish (then they get a JSON 503)")
+    p.add_argument("--drain", type=float, default=0.0, metavar="SECONDS", help="on SIGTERM: how long /readyz "
+                   "answers 503 with the socket still open, so a load balancer stops sending (e.g. 5)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="a request body must arrive within this (else 408)")
+    p.add_argument("--keep-alive", type=float, default=75.0, metavar="SECONDS",
+                   help="idle keep-alive connections; longer than any Retry-After (at most 30 s)")
+    p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` (or set {API_KEY_ENV}); "
+                   "/healthz, /readyz and /metrics stay open")
+    p.add_argument("--cors-allow-origins", default=None, metavar="ORIGIN,...",
+                   help="browser origins allowed to call the API (comma list, * for any)")
+    p.add_argument("--json-logs", action="store_true", help="log one JSON object per line (access lines included)")
+    p.add_argument("--max-jobs", type=_positive(int), default=64, help="asynchronous jobs held at once")
+    p.add_argument("--job-ttl", type=float, default=600.0, metavar="SECONDS",
+                   help="how long a finished job's result is kept")
     p.add_argument("--ray", action="store_true", help="scale out with Ray Serve (one runtime per replica)")
     p.add_argument("--replicas", type=_positive(int), default=1, help="Ray Serve replicas (initial/min)")
     p.add_argument("--max-replicas", type=_positive(int), default=None,

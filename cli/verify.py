@@ -14,7 +14,6 @@ from k3trt.cli.arguments import (
     generation_kwargs,
     log,
     progress_callback,
-    resolved_precision,
 )
 from k3trt.contract.arguments import MAX_REPEATS, check_int, check_text
 from k3trt.contract.errors import InvalidArgumentError
@@ -28,10 +27,9 @@ def run_parity_command(args, report_dir: str | None) -> "object":
     check_report_args(args)
     request = checked_request(args)
     pipe = arguments.open_pipeline(args, model_dir=args.model)
-    log(f"runtime ({args.backend}, {resolved_precision(args)}): {request.steps} steps ...")
+    log(f"runtime ({args.backend}, {args.precision or pipe.backend.baseline}): {request.steps} steps ...")
     recorded: list = []
-    images = pipe.generate(**generation_kwargs(args), output_type="np", recorder=recorded,
-                           callback=progress_callback(request.steps, "runtime"))
+    images = pipe.run(request, output_type="np", recorder=recorded, callback=progress_callback(request.steps, "runtime"))
     log("reference (diffusers.Kandinsky3Pipeline, torch fp32) ...")
     reference = run_reference(load_reference(args.model), request)
     report = compare_runs(pipe, reference, request, images, recorded)
@@ -74,7 +72,7 @@ def cmd_bench(args) -> int:
     log(f"benchmarking {args.repeats} interleaved repeats at {request.width}x{request.height}, {request.steps} "
         f"steps, torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
     result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend,
-              "precision": resolved_precision(args),
+              "precision": args.precision or pipe.backend.baseline,
               **run_benchmark(pipe, load_reference(args.model), request, kwargs, repeats=args.repeats,
                               threads=args.threads, extra=extra, also=also)}
     if int8:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Mapping
+from typing import Callable, Mapping
 
 from k3trt.contract.cards import card
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
@@ -79,28 +79,35 @@ def choose_precision(component: str, requested: "str | Precision | None", *, bas
     came from one global --precision, and is a typed error when it was asked for this component (`explicit`)."""
 
     policy = card(component).precision
-    word = "default" if requested in (None, "default", "auto") else Precision.parse(requested).value
-    if word == "default":
-        word = policy.default if baseline == "default" else baseline
-    precision = Precision.parse(word)
+    asked = requested_precision(requested)
+    if asked is None:
+        asked = Precision.parse(policy.default if baseline == "default" else baseline)
     allowed = set(policy.variants) | {"tf32"}
-    if precision.value in allowed:
-        return precision
+    if asked.value in allowed:
+        return asked
     if explicit:
-        raise InvalidArgumentError(f"{component}={precision} is not a precision {component} can run in",
+        raise InvalidArgumentError(f"{component}={asked} is not a precision {component} can run in",
                                    accepted=", ".join(sorted(allowed)),
                                    fix=f"drop the {component} override, or pick an accepted precision")
     return choose_precision(component, None, baseline=baseline)
 
 
+def requested_precision(value: "str | Precision | None") -> "Precision | None":
+    """A user's --precision word parsed once: None for "use the backend's baseline" (None, "default", "auto")."""
+    return None if value in (None, "default", "auto") else Precision.parse(value)
+
+
 def resolve_precision(onnx_index: Mapping[str, Mapping], component: str, requested: "str | Precision | None", *,
-                      baseline: str = "fp32", explicit: bool = False, artifacts: str = "ART") -> Resolved:
+                      baseline: str = "fp32", explicit: bool = False, artifacts: str = "ART",
+                      variant_for: "Callable[[Precision], str]" = variant_of) -> Resolved:
     """The one resolution of "precision" for `component`: `choose_precision`, then the manifest (its "onnx"
     section is `onnx_index`) must hold a current variant for it, else a typed error with the fix (a variant
-    derived from an earlier fp32 export is stale)."""
+    derived from an earlier fp32 export is stale). `variant_for` is the backend's hook for which ONNX a
+    precision runs from: the variant of that precision for strongly typed runtimes (the default), always fp32
+    for OpenVINO, where the precision is a compile setting."""
 
     precision = choose_precision(component, requested, baseline=baseline, explicit=explicit)
-    variant = variant_of(precision)
+    variant = variant_for(precision)
     variants = onnx_index.get(component, {})
     if variant not in variants:
         raise ArtifactError(f"{component} has no {variant} ONNX variant (asked: {requested or 'default'})",

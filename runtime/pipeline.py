@@ -23,6 +23,7 @@ from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.limits import check_image_request, default_size
 from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.base import Backend, check_shapes
+from k3trt.runtime.animation import plan_animation, render_frames
 from k3trt.runtime.backends.registry import make_backend
 from k3trt.runtime.denoise_loop import (
     Conditioning,
@@ -66,10 +67,11 @@ class Pipeline:
         make_scheduler(scheduler, self.scheduler_config)  # fail now, not mid-request
 
     @classmethod
-    def from_artifacts(cls, path: str | Path, backend: str | Backend = "ort",
+    def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "ort",
                        precision: str | Mapping[str, str] = "fp32", *, scheduler: str = "ddpm",
                        **backend_options) -> "Pipeline":
-        manifest = Manifest.load(check_path("path", path))
+        """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once)."""
+        manifest = path if isinstance(path, Manifest) else Manifest.load(check_path("path", path))
         if not isinstance(backend, (str, Backend)):
             raise InvalidArgumentError(f"backend={backend!r}", accepted="ort, trt, torch, or a Backend instance",
                                        fix='e.g. backend="ort"')
@@ -140,6 +142,16 @@ class Pipeline:
         request = make_request(prompt, negative_prompt, seed=seed, steps=steps, guidance=guidance,
                                height=size if height is None else height, width=size if width is None else width,
                                num_images=num_images)
+        return self.run(request, output_type=output_type, callback=callback, recorder=recorder)
+
+    def run(self, request: Request, *, output_type: str = "pil", callback: StepCallback | None = None,
+            recorder: list | None = None):
+        """`generate` for a Request already built (`make_request`): the request is checked against the
+        artifacts here, once, and not rebuilt."""
+        check_choice("output_type", output_type, ("pil", "np", "latent"))
+        if not isinstance(request, Request):
+            raise InvalidArgumentError(f"request is a {type(request).__name__}", accepted="a Request (make_request)",
+                                       fix="build it with k3trt.runtime.pipeline.make_request(...)")
         self.check_request(request)
         generator = make_generator(request.seed)  # one per request (thread-safe); all 64 bits count
         state = self.start(request, self.encode(request), generator)
@@ -162,6 +174,20 @@ class Pipeline:
     def flash(self, prompt: str | Sequence[str], *, output_type: str = "pil", **kwargs):
         """Kandinsky 3.1 Flash: 4 steps of the distilled U-Net, no guidance (`runtime/tasks.py: flash`)."""
         return _as_output(flash, output_type, self, prompt, **kwargs)
+
+    def animate(self, prompt, *, callback: StepCallback | None = None, **options) -> list:
+        """The frames of an animation (PIL images in video order, all held): mode "zoom-out"/"zoom-in" (keyframes
+        by `inpaint(outpaint=...)`, crops between) or "deforum" (`img2img` of the moved previous frame); `prompt`
+        and the numeric options take schedules such as "0: a forest; 24: a city" (`runtime/animation.py`,
+        docs/animation.md). `animate_frames` yields them one at a time instead; `k3trt.runtime.video.encode`
+        writes MP4/WebP/GIF."""
+        frames = sorted(self.animate_frames(prompt, callback=callback, **options), key=lambda f: f.index)
+        return [frame.image for frame in frames]
+
+    def animate_frames(self, prompt, *, callback: StepCallback | None = None, **options):
+        """`animate`'s frames as they are made (AnimationFrame: index, image, keyframe); every option is checked
+        now, before the first model call."""
+        return render_frames(self, plan_animation(self, prompt, **options), callback=callback)
 
     def close(self) -> None:
         self.backend.close()

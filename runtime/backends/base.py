@@ -17,7 +17,7 @@ import torch
 from k3trt.contract.cards import COMPONENTS
 from k3trt.contract.errors import InvalidArgumentError, ShapeError
 from k3trt.contract.manifest import Manifest, OnnxRecord
-from k3trt.contract.precision import Precision, Resolved, resolve_precision
+from k3trt.contract.precision import Precision, Resolved, requested_precision, resolve_precision, variant_of
 
 log = logging.getLogger("k3trt")
 
@@ -43,21 +43,19 @@ class StageTimings(collections.defaultdict):
             self.seconds[component] += seconds
 
 
-def precision_map(precision: str | Mapping[str, str] | None) -> dict[str, str]:
-    """One precision for all components, or a per-component mapping; None, "default" and missing components
-    mean the backend's baseline (fp32 on ONNX Runtime, the cards' defaults on TensorRT)."""
+def precision_map(precision: str | Precision | Mapping[str, str] | None) -> dict[str, Precision | None]:
+    """One precision for all components, or a per-component mapping, each parsed once; None ("default", or a
+    component left out of the map) means the backend's baseline (fp32 on ONNX Runtime and OpenVINO, the cards'
+    defaults on TensorRT)."""
     if isinstance(precision, Mapping):
         unknown = set(precision) - set(COMPONENTS)
         if unknown:
             raise InvalidArgumentError(f"unknown component(s) {sorted(unknown)} in the precision map",
                                        accepted=", ".join(COMPONENTS))
-        return {c: _word(precision.get(c)) for c in COMPONENTS}
+        return {c: requested_precision(precision.get(c)) for c in COMPONENTS}
     # A single --precision int8 quantizes what can have an int8 variant (the U-Nets); the rest runs at baseline.
-    return {c: _word(precision) for c in COMPONENTS}
-
-
-def _word(value) -> str:
-    return "default" if value in (None, "default", "auto") else Precision.parse(value).value
+    asked = requested_precision(precision)
+    return {c: asked for c in COMPONENTS}
 
 
 def check_feeds(record: OnnxRecord, feeds: Mapping[str, torch.Tensor]) -> None:
@@ -112,15 +110,19 @@ class Backend(abc.ABC):
     def resolve(self, component: str) -> Resolved:
         """The variant and compute precision of `component`: one resolution, from the card and the manifest."""
         if component not in self._resolved:
-            requested = self.precision.get(component, "default")  # task components: baseline
+            requested = self.precision.get(component)  # task components: baseline
             found = resolve_precision(self.manifest.data["onnx"], component, requested, baseline=self.baseline,
-                                      explicit=self._explicit and requested != "default",
-                                      artifacts=str(self.manifest.root))
-            if requested not in ("default", found.precision.value):  # e.g. int8 asked, the text encoder has none
+                                      explicit=self._explicit and requested is not None,
+                                      artifacts=str(self.manifest.root), variant_for=self.variant_for)
+            if requested not in (None, found.precision):  # e.g. int8 asked, the text encoder has none
                 log.warning("%s has no %s ONNX variant in %s: running it in %s", component, requested,
                             self.manifest.root, found.precision)
             self._resolved[component] = found
         return self._resolved[component]
+
+    def variant_for(self, precision: Precision) -> str:
+        """The ONNX variant `precision` runs from (a hook: OpenVINO compiles the fp32 graph at any precision)."""
+        return variant_of(precision)
 
     def record(self, component: str) -> OnnxRecord:
         return self.manifest.onnx(component, self.resolve(component).variant)

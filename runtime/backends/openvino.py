@@ -59,9 +59,8 @@ class OpenVinoBackend(Backend):
     def __init__(self, manifest, precision="fp32", *, threads: int | None = None,
                  cache_dir: str | os.PathLike | None = None, verify: bool = True):
         super().__init__(manifest, precision)
-        # "default" (or a component left out of a per-component map) is this backend's baseline, fp32
-        self.precision = {c: self.baseline if p == "default" else p for c, p in self.precision.items()}
-        check_precisions(self.precision)
+        # what was asked, "default" (or a component left out of a map) being this backend's baseline, fp32
+        check_precisions({c: p.value if p else self.baseline for c, p in self.precision.items()})
         self.ov = _openvino()
         self.core = self.ov.Core()
         self.threads, self.verify = threads, verify
@@ -71,15 +70,12 @@ class OpenVinoBackend(Backend):
         self._compile_lock = threading.Lock()  # concurrent first calls compile once
         self._local = threading.local()  # an infer request holds its buffers: one per thread and shape
 
-    def record(self, component: str):
-        """OpenVINO always reads the fp32 graph; the precision is how it computes it."""
-        return self.manifest.onnx(component, "fp32")
-
-    def effective_precision(self, component: str) -> str:
-        return self.precision[component]
+    def variant_for(self, precision) -> str:
+        """OpenVINO always reads the fp32 graph; the precision is how it computes it (a compile hint)."""
+        return "fp32"
 
     def config(self, component: str) -> dict:
-        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.precision[component]],
+        config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.effective_precision(component)],
                   "PERFORMANCE_HINT": "LATENCY", "CPU_DENORMALS_OPTIMIZATION": True,  # as ORT: flush denormals
                   "CACHE_DIR": str(self.cache_dir)}
         if self.threads:

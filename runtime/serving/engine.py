@@ -98,10 +98,31 @@ class Job:
         self.submitted = time.monotonic()
         self.started: float | None = None  # admitted to the batch
         self.state: DenoiseState | None = None
+        self.on_step = None  # called from the worker thread as on_step(done, total) after each step; keep it O(1)
         self._cancelled = threading.Event()
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    @property
+    def kind(self) -> str:
+        """The task: "generate", "img2img" or "inpaint"."""
+        return "generate" if self.task is None else self.task.kind
+
+    @property
+    def progress(self) -> tuple[int, int]:
+        """(steps done, steps in all); (0, steps asked) before admission."""
+        if self.state is None:
+            return 0, self.request.steps
+        return self.state.index, len(self.state.timesteps)
+
+    def _stepped(self) -> None:
+        if self.on_step is not None:
+            done, total = self.progress
+            try:
+                self.on_step(done, total)
+            except Exception:  # noqa: BLE001 - a listener's bug must not fail the batch
+                log.exception("progress listener of request %d failed", self.id)
 
     @property
     def cancelled(self) -> bool:
@@ -176,6 +197,14 @@ class BatchingEngine:
     @property
     def queue_depth(self) -> int:
         return len(self._queue)
+
+    def position(self, job: Job) -> int | None:
+        """How many requests wait before `job` (0: next to be admitted); None once admitted or finished."""
+        with self._cond:
+            for index, queued in enumerate(self._queue):
+                if queued is job:
+                    return index
+        return None
 
     @property
     def pending(self) -> int:
@@ -356,6 +385,8 @@ class BatchingEngine:
             for job in jobs:
                 job._finish(error=exc)
             return
+        for job in jobs:
+            job._stepped()
         self.observer.unet_call(sum(job.images for job in jobs), len(jobs))
 
     def _decode(self, jobs: list[Job]) -> None:

@@ -94,6 +94,8 @@ def _convert(value, annotation: str):
         return float(value)
     if kind.startswith("bool"):
         return str(value).lower() in ("1", "true", "yes")
+    if kind.startswith("tuple"):  # cors_allow_origins=a,b
+        return tuple(item.strip() for item in str(value).split(",") if item.strip())
     return value
 
 

@@ -1,14 +1,16 @@
 """The OpenAI Images API request body, validated by hand into a runtime Request.
 
 By hand rather than a pydantic model because every rejection must name the field, what is accepted and the fix
-in this project's error shape, before any work starts; the rules are few and each is tested.
+in this project's error shape, before any work starts; the rules are few and each is tested (the pydantic models
+in openapi.py only describe the bodies for /openapi.json).
 Body: {"prompt", "n", "size": "WxH", "response_format": "b64_json"} plus this model's "negative_prompt",
-"seed", "steps", "guidance"; "model" and "user" (sent by OpenAI clients) are accepted and ignored.
+"seed", "steps", "guidance"; OpenAI's optional fields are read by openai_options.py.
 
-Edits (`to_edit`) take JSON too, with the image and mask as base64 strings, not OpenAI's multipart form: one body
-parser and one validation path for both routes, and no multipart dependency (python-multipart) in the server.
-The images are decoded here, before queueing, with their sides checked from the header before any pixel is
-decoded (no decompression bombs), so the worker only ever sees images the service accepts.
+Edits (`to_edit`) take the same dict whether it came from JSON (images as base64 strings) or from OpenAI's
+multipart form (forms.py: images as bytes): one validation path for both. The images are decoded here, before
+queueing, with their sides checked from the header before any pixel is decoded (no decompression bombs), so the
+worker only ever sees images the service accepts. A refusal is a FieldError: HTTP 400 with OpenAI's error
+envelope and a string `code`.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import math
 import re
 import secrets
 
+import numpy as np
 from k3trt.contract.cards import PIXEL_MULTIPLE
 from k3trt.contract.errors import InvalidArgumentError
 from k3trt.runtime import tasks
@@ -31,24 +34,28 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_EDIT_BODY_BYTES = 16 * 1024 * 1024  # /v1/images/edits: the image and mask inline, base64 (4/3 of their bytes)
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MAX_PROMPT_CHARS = 4000
-IGNORED_FIELDS = ("model", "user")
 SIZE_PATTERN = re.compile(r"^\s*(\d{1,5})\s*[xX]\s*(\d{1,5})\s*$")
 
 
 class FieldError(InvalidArgumentError):
-    """A request field is missing, malformed or out of range; `param` names it (HTTP 422)."""
+    """A request field is missing, malformed or out of range; `param` names it, `code` is OpenAI-style (HTTP 400)."""
 
-    def __init__(self, param: str | None, what: str, *, accepted: str | None = None, fix: str | None = None):
-        self.param = param
+    status = 400
+
+    def __init__(self, param: str | None, what: str, *, accepted: str | None = None, fix: str | None = None,
+                 code: str = "invalid_value"):
+        self.param, self.code = param, code
         super().__init__(what, accepted=accepted, fix=fix)
 
 
 class BodyError(FieldError):
-    """The body itself is unusable: not JSON, not an object, too large (HTTP 400 / 413)."""
+    """The body itself is unusable: not JSON, too deep, an integer too long, not an object, too large (400/413),
+    or not sent in time (408)."""
 
-    def __init__(self, what: str, *, status: int = 400, accepted: str | None = None, fix: str | None = None):
+    def __init__(self, what: str, *, status: int = 400, accepted: str | None = None, fix: str | None = None,
+                 code: str = "invalid_json"):
+        super().__init__(None, what, accepted=accepted, fix=fix, code=code)
         self.status = status
-        super().__init__(None, what, accepted=accepted, fix=fix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,15 +72,47 @@ class Limits:
 
 def too_large(size, limit: int) -> BodyError:
     fix = "shorten the prompt" if limit == MAX_BODY_BYTES else "send a smaller image (PNG/JPEG/WebP, base64)"
-    return BodyError(f"the request body is {size} bytes", status=413, accepted=f"at most {limit} bytes", fix=fix)
+    return BodyError(f"the request body is {size} bytes", status=413, accepted=f"at most {limit} bytes", fix=fix,
+                     code="body_too_large")
+
+
+MAX_JSON_DEPTH = 16  # the bodies are flat: an object of scalars (and short lists); deeper is not a request
+MAX_INT_DIGITS = 40  # 2^64 has 20 digits; Python refuses past 4300 with a message about its own limit
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # a JSON string, escapes included (unrolled: no backtracking)
+
+
+def json_depth(raw: bytes) -> int:
+    """The deepest nesting of [ and { outside strings, found without recursion (a recursive parser fed 60 KB of
+    '[' overflows the stack before it can refuse): strings removed by one regex, then a running sum."""
+    bare = np.frombuffer(_JSON_STRING.sub(b'""', raw), dtype=np.uint8)
+    steps = np.zeros(bare.shape, np.int32)
+    steps[(bare == ord("[")) | (bare == ord("{"))] = 1
+    steps[(bare == ord("]")) | (bare == ord("}"))] = -1
+    return int(np.cumsum(steps).max(initial=0))
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BodyError(f"a JSON integer has {len(text.lstrip('-'))} digits", accepted=f"integers of at most "
+                        f"{MAX_INT_DIGITS} digits (seeds are in 0..2^64-1)", fix='e.g. "seed": 42',
+                        code="integer_too_long")
+    return int(text)
 
 
 def parse_body(raw: bytes, limit: int = MAX_BODY_BYTES) -> dict:
+    """The JSON object in `raw`: size, nesting depth and integer lengths bounded before or while parsing."""
     if len(raw) > limit:
         raise too_large(len(raw), limit)
+    depth = json_depth(raw)
+    if depth > MAX_JSON_DEPTH:
+        raise BodyError(f"the request body nests {depth} levels deep", accepted=f"at most {MAX_JSON_DEPTH} "
+                        "(a request is a flat JSON object)", fix='send e.g. {"prompt": "a red fox"}',
+                        code="json_too_deep")
     try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as exc:
+        body = json.loads(raw, parse_int=_bounded_int)
+    except BodyError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BodyError(f"the request body is not valid JSON ({exc})", accepted="a JSON object",
                         fix='send e.g. {"prompt": "a red fox", "size": "1024x1024"}') from None
     if not isinstance(body, dict):
@@ -82,43 +121,62 @@ def parse_body(raw: bytes, limit: int = MAX_BODY_BYTES) -> dict:
     return body
 
 
+# OpenAI's optional fields (openai_options.py): ignored ones are named in a response header, mapped ones read there
+OPENAI_IGNORED = ("model", "user", "style", "moderation", "input_fidelity", "safety_identifier", "complexity")
+OPENAI_MAPPED = ("quality", "output_format", "output_compression", "background", "stream", "partial_images")
+QUALITY_STEPS = {"low": 12, "medium": 25, "standard": 25, "high": 50, "hd": 50, "xhigh": 75, "max": 100}  # "auto":
+# the server's --default-steps; capped at Limits.max_steps
+MAX_SEED = 2 ** 64 - 1  # every seed names its own noise (runtime/seeding.py)
 FIELDS = ("prompt", "negative_prompt", "n", "size", "response_format", "seed", "steps", "guidance")
 
 
 def to_request(body: dict, limits: Limits) -> Request:
     """The validated runtime Request for `body`, or a FieldError naming the first bad field."""
-    _no_unknown(body, FIELDS)
+    _no_unknown(body, FIELDS + OPENAI_IGNORED + OPENAI_MAPPED)
     prompt = _text(body, "prompt", required=True)
     negative = _text(body, "negative_prompt", required=False)
     n = _integer(body, "n", 1, 1, limits.max_n)
-    steps = _integer(body, "steps", limits.default_steps, 1, limits.max_steps)
-    seed = _integer(body, "seed", None, 0, 2 ** 63 - 1)
+    steps = _steps(body, limits)
+    seed = _integer(body, "seed", None, 0, MAX_SEED)
     guidance = _guidance(body, limits.default_guidance)
-    width, height = _size(body.get("size", limits.default_size), limits)
+    size = body.get("size")
+    width, height = _size(limits.default_size if size in (None, "auto") else size, limits)
     _response_format(body)
-    return make_request(prompt, negative, seed=secrets.randbelow(2 ** 31) if seed is None else seed,
+    return make_request(prompt, negative, seed=new_seed() if seed is None else seed,
                         steps=steps, guidance=guidance, height=height, width=width, num_images=n)
 
 
+def new_seed() -> int:
+    """A random seed for a request that gave none (31 bits: it also fits clients that keep seeds in an int32)."""
+    return secrets.randbelow(2 ** 31)
+
+
+def _steps(body: dict, limits: Limits) -> int:
+    """`steps`, else `quality`'s preset (QUALITY_STEPS), else the server's default."""
+    quality = _choice(body, "quality", "auto", ("auto", *QUALITY_STEPS))
+    default = limits.default_steps if quality == "auto" else min(QUALITY_STEPS[quality], limits.max_steps)
+    return _integer(body, "steps", default, 1, limits.max_steps)
+
+
 EDIT_FIELDS = ("prompt", "image", "mask", "outpaint", "strength", "negative_prompt", "n", "response_format", "seed",
-               "steps", "guidance")
+               "steps", "guidance", "size")
 INPAINT_GUIDANCE = 4.0  # tasks.inpaint's default (the official inpainting pipeline's); image to image: 3.0
 
 
 def to_edit(body: dict, limits: Limits) -> tuple[Request, "tasks.TaskInputs"]:
     """The Request and task inputs for an edits `body`: a `mask` -> inpainting, `outpaint` -> outpainting,
     neither -> image to image with `strength`; or a FieldError naming the first bad field."""
-    _no_unknown(body, EDIT_FIELDS, note=" (the output size is the image's, or the outpainted canvas')")
+    _no_unknown(body, EDIT_FIELDS + OPENAI_IGNORED + OPENAI_MAPPED)
     prompt = _text(body, "prompt", required=True)
     negative = _text(body, "negative_prompt", required=False)
     n = _integer(body, "n", 1, 1, limits.max_n)
-    steps = _integer(body, "steps", limits.default_steps, 1, limits.max_steps)
-    seed = _integer(body, "seed", None, 0, 2 ** 63 - 1)
+    steps = _steps(body, limits)
+    seed = _integer(body, "seed", None, 0, MAX_SEED)
     _response_format(body)
     if body.get("mask") is not None and body.get("outpaint") is not None:
         raise FieldError("outpaint", "both mask and outpaint were given",
                          accepted="mask (inpainting) or outpaint (outpainting), or neither (image to image)",
-                         fix="drop outpaint to repaint the mask's white area, or drop mask to extend the image")
+                         fix="drop outpaint to repaint the mask's edit area, or drop mask to extend the image")
     image = _picture(body, "image", limits)
     if body.get("mask") is None and body.get("outpaint") is None:
         strength = _strength(body, steps)
@@ -131,10 +189,23 @@ def to_edit(body: dict, limits: Limits) -> tuple[Request, "tasks.TaskInputs"]:
                              fix="drop strength: inpainting and outpainting run the whole schedule")
         guidance = _guidance(body, INPAINT_GUIDANCE)
         inputs = _inpaint_inputs(body, image, limits)
+    _edit_size(body, inputs)
     request = _field("prompt", tasks.task_request, inputs, prompt, negative,
-                     seed=secrets.randbelow(2 ** 31) if seed is None else seed, steps=steps, guidance=guidance,
-                     num_images=n)
+                     seed=new_seed() if seed is None else seed, steps=steps, guidance=guidance, num_images=n)
     return request, inputs
+
+
+def _edit_size(body: dict, inputs) -> None:
+    """OpenAI clients may send `size`: "auto" or the output's own size are accepted (it is the image's, or the
+    outpainted canvas'); anything else is refused rather than silently not honoured."""
+    size = body.get("size")
+    height, width = (int(side) for side in inputs.pixels.shape[-2:])
+    match = SIZE_PATTERN.match(size) if isinstance(size, str) else None
+    if size is None or size == "auto" or (match and (int(match[1]), int(match[2])) == (width, height)):
+        return
+    raise FieldError("size", f"size={_show(size)} for a {width}x{height} output", accepted=f'"auto" or '
+                     f'"{width}x{height}" (edits keep the image\'s size, or the outpainted canvas\')',
+                     fix="omit size, or resize the image before sending it")
 
 
 def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
@@ -144,7 +215,13 @@ def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
             raise FieldError("mask", f"mask is {mask.size[0]}x{mask.size[1]} px but the image is "
                              f"{image.size[0]}x{image.size[1]}", accepted="a mask of the image's size",
                              fix="resize the mask to the image (nearest neighbour keeps it binary)")
-        return _field("mask", tasks.inpaint_inputs, image, mask)
+        inputs = _field("mask", tasks.inpaint_inputs, image, edit_mask(mask))
+        if not bool(inputs.user_mask.any()):
+            raise FieldError("mask", "the mask marks nothing to edit (every pixel is kept)",
+                             accepted="a mask with an edit area: transparent pixels (alpha 0, OpenAI's convention)"
+                             " or, without alpha, white pixels", fix="mark the area to repaint, or use "
+                             "image to image (no mask) to change the whole picture", code="mask_keeps_everything")
+        return inputs
     margins = body["outpaint"]
     if not isinstance(margins, str):
         raise FieldError("outpaint", f"outpaint={_show(margins)}", accepted='"SIDE=PIXELS,..." with SIDE in left, '
@@ -157,23 +234,39 @@ def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
     return inputs
 
 
+def edit_mask(mask):
+    """The mask in this project's convention (white = edit). A mask whose alpha channel is not fully opaque follows
+    OpenAI's: the transparent pixels (alpha < 128) are the area to edit; without alpha, or fully opaque, white is."""
+    from PIL import Image
+
+    has_alpha = mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info)
+    if not has_alpha:
+        return mask
+    alpha = np.asarray(mask.convert("RGBA"))[..., 3]
+    if alpha.min(initial=255) == 255:
+        return mask.convert("RGB")
+    return Image.fromarray(np.where(alpha < 128, 255, 0).astype(np.uint8), mode="L")
+
+
 def _picture(body: dict, name: str, limits: Limits):
     """A base64 PNG/JPEG/WebP (optionally a data: URL) -> a decoded PIL image whose sides this service accepts.
     The sides are read from the header and checked before any pixel is decoded."""
     from PIL import Image
 
     value = body.get(name)
-    accepted = f"a base64 {'/'.join(IMAGE_FORMATS)} image (a data:image/...;base64, prefix is accepted)"
-    if not isinstance(value, str) or not value:
+    accepted = (f"a {'/'.join(IMAGE_FORMATS)} file (multipart upload), or its base64 in JSON (a "
+                "data:image/...;base64, prefix is accepted)")
+    if not isinstance(value, (str, bytes)) or not value:
         what = f"{name} is missing" if value is None else f"{name}={_show(value)}"
-        raise FieldError(name, what, accepted=accepted, fix=f'send "{name}": base64 of the file\'s bytes')
-    if value.startswith("data:"):
+        raise FieldError(name, what, accepted=accepted, fix=f'send "{name}": base64 of the file\'s bytes',
+                         code="missing_required_parameter" if value is None else "invalid_value")
+    if isinstance(value, str) and value.startswith("data:"):
         header, _, value = value.partition(",")
         if not header.endswith(";base64"):
             raise FieldError(name, f"{name} is a data URL without ;base64", accepted=accepted,
                              fix="encode the file as base64: data:image/png;base64,...")
     try:
-        raw = base64.b64decode(value, validate=True)
+        raw = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
         image = Image.open(io.BytesIO(raw))  # reads the header only
     except Image.DecompressionBombError as exc:  # Pillow's own refusal, at twice its pixel limit
         raise FieldError(name, f"{name} is far too large ({exc})", accepted=accepted,
@@ -209,23 +302,23 @@ def _strength(body: dict, steps: int) -> float:
 
 
 def _field(param: str, fn, *args, **kwargs):
-    """`fn(...)`, with its InvalidArgumentError re-raised as a FieldError naming `param` (HTTP 422)."""
+    """`fn(...)`, with its InvalidArgumentError re-raised as a FieldError naming `param` (HTTP 400)."""
     try:
         return fn(*args, **kwargs)
     except InvalidArgumentError as exc:
         raise FieldError(param, exc.what, accepted=exc.accepted, fix=exc.fix) from None
 
 
-def _no_unknown(body: dict, fields: tuple[str, ...], note: str = "") -> None:
-    unknown = sorted(set(body) - set(fields) - set(IGNORED_FIELDS))
+def _no_unknown(body: dict, fields: tuple[str, ...]) -> None:
+    unknown = sorted(set(body) - set(fields))
     if unknown:
-        raise FieldError(unknown[0], f"unknown field {unknown[0]!r}{note}", accepted=", ".join(fields),
-                         fix=f"remove {unknown[0]!r}")
+        raise FieldError(unknown[0], f"unknown field {unknown[0]!r}", accepted=", ".join(fields),
+                         fix=f"remove {unknown[0]!r}", code="unknown_parameter")
 
 
 def _response_format(body: dict) -> None:
-    response_format = body.get("response_format", "b64_json")
-    if response_format != "b64_json":
+    response_format = body.get("response_format")
+    if response_format not in (None, "b64_json"):
         raise FieldError("response_format", f"response_format={response_format!r}", accepted='"b64_json"',
                          fix="omit it or send \"b64_json\" (this server returns images inline, not URLs)")
 
@@ -236,7 +329,8 @@ def _text(body: dict, name: str, *, required: bool) -> str | None:
         return None
     if not isinstance(value, str) or not value.strip():
         what = f"{name} is missing" if value is None else f"{name}={_show(value)}"
-        raise FieldError(name, what, accepted="a non-empty string", fix=f'send "{name}": "a red fox in the snow"')
+        raise FieldError(name, what, accepted="a non-empty string", fix=f'send "{name}": "a red fox in the snow"',
+                         code="missing_required_parameter" if value is None else "invalid_value")
     if len(value) > MAX_PROMPT_CHARS:
         raise FieldError(name, f"{name} has {len(value)} characters", accepted=f"at most {MAX_PROMPT_CHARS}",
                          fix="shorten it (the model reads only the first 128 tokens)")
@@ -252,6 +346,16 @@ def _integer(body: dict, name: str, default, lo: int, hi: int):
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise FieldError(name, f"{name}={_show(value)}", accepted=f"an integer in {lo}..{hi}",
                          fix=f'e.g. "{name}": {default if default is not None else lo}')
+    return value
+
+
+def _choice(body: dict, name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, str) or value not in choices:
+        raise FieldError(name, f"{name}={_show(value)}", accepted=", ".join(f'"{c}"' for c in choices),
+                         fix=f'e.g. "{name}": "{default}" (or omit it)')
     return value
 
 

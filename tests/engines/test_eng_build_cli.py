@@ -83,7 +83,7 @@ def test_real_build_without_tensorrt_says_what_to_install(tiny_artifacts, capsys
     before = sha256_file(tiny_artifacts / "manifest.json")
     rc = main(["build", "--artifacts", str(tiny_artifacts), "--components", "unet"])
     err = capsys.readouterr().err
-    assert rc == 2 and "BackendUnavailableError" in err and "pip install 'kandinsky3-trt[gpu]'" in err
+    assert rc == 2 and "BackendUnavailableError" in err and "pip install 'kandinsky3-trt[gpu-cu13]'" in err
     assert sha256_file(tiny_artifacts / "manifest.json") == before
     with pytest.raises(BackendUnavailableError, match="tensorrt"):
         build_engines(make_plan(Manifest.load(tiny_artifacts), components="unet"), Manifest.load(tiny_artifacts))

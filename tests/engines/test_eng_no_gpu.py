@@ -30,7 +30,9 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is ava
 def test_require_tensorrt_names_the_extra():
     with pytest.raises(BackendUnavailableError) as err:
         trt_env.require_tensorrt()
-    assert "pip install 'kandinsky3-trt[gpu]'" in str(err.value) and "tensorrt" in str(err.value)
+    message = str(err.value)
+    assert "pip install 'kandinsky3-trt[gpu-cu13]'" in message and "'kandinsky3-trt[gpu-cu12]'" in message
+    assert "R580" in message and "tensorrt" in message
 
 
 def test_too_old_tensorrt_is_refused(monkeypatch):
@@ -47,7 +49,7 @@ def test_require_cuda_explains_the_cpu_build():
 
 @no_trt
 def test_trt_backend_construction_fails_typed(tiny_artifacts):
-    with pytest.raises(BackendUnavailableError, match="kandinsky3-trt\\[gpu\\]"):
+    with pytest.raises(BackendUnavailableError, match="kandinsky3-trt\\[gpu-cu13\\]"):
         make_backend("trt", Manifest.load(tiny_artifacts), "fp16")
 
 

@@ -28,3 +28,38 @@ def serve_process(artifacts, *options: str):
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+@contextlib.contextmanager
+def running(service, **config):
+    """`create_app(service)` on uvicorn at an ephemeral loopback port, in a thread; yields the base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from k3trt.runtime.serving.http import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="error",
+                                          **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def wait_ready(base: str, timeout: float = 120.0) -> None:
+    import time
+
+    import httpx
+
+    end = time.monotonic() + timeout
+    while httpx.get(f"{base}/readyz").status_code != 200:
+        assert time.monotonic() < end, "the service never became ready"
+        time.sleep(0.05)

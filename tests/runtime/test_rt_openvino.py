@@ -66,5 +66,6 @@ def test_default_and_partial_maps_mean_fp32(tiny_artifacts, tmp_path):
     # they were refused as "cannot run movq_encoder in default"
     for precision in (None, "default", {"unet": "fp32"}):
         backend = _openvino(tiny_artifacts, precision, tmp_path / "ov").backend
-        assert set(backend.precision.values()) == {"fp32"}
+        assert {backend.effective_precision(c) for c in ("text_encoder", "unet", "movq_decoder")} == {"fp32"}
+        assert backend.record("unet").variant == "fp32"
         assert backend.config("movq_encoder")["INFERENCE_PRECISION_HINT"] == "f32"

@@ -46,3 +46,58 @@ def test_loadtest_stays_on_loopback():
     assert check_loopback("http://127.0.0.1:8000/") == "http://127.0.0.1:8000"
     with pytest.raises(InvalidArgumentError, match="not a loopback address"):
         check_loopback("http://example.com:8000")
+
+
+def test_sigterm_drains_then_answers_what_is_left_with_json_503_and_no_traceback(tiny_artifacts):
+    """--drain: readiness 503 with the socket open; past --grace the running request gets the JSON 503."""
+    with serve_process(tiny_artifacts, "--default-resolution", "64x64", "--threads", "1", "--drain", "2",
+                       "--grace", "1") as (base, server):
+        end = time.monotonic() + 120
+        while _status(f"{base}/readyz") != 200:
+            assert time.monotonic() < end and server.poll() is None, "never ready"
+            time.sleep(0.1)
+        answer = {}
+        slow = threading.Thread(target=lambda: answer.update(r=httpx.post(
+            f"{base}/v1/images/generations", json={"prompt": "too long", "steps": 200}, timeout=120)))
+        slow.start()
+        while "k3trt_active_requests 1.0" not in httpx.get(f"{base}/metrics").text:
+            assert time.monotonic() < end
+            time.sleep(0.05)
+        server.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        draining = httpx.get(f"{base}/readyz")  # the socket is still open during --drain
+        assert draining.status_code == 503 and "draining" in draining.json()["error"]["message"]
+        refused = httpx.post(f"{base}/v1/images/generations", json={"prompt": "late"})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        slow.join(120)
+        assert answer["r"].status_code == 503, answer["r"].text
+        assert answer["r"].json()["error"]["code"] == "shutting_down"
+        assert server.wait(60) == 0
+    log = server.stdout.read()
+    assert "Traceback" not in log and "ERROR" not in log, log
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url).status_code
+    except httpx.TransportError:
+        return 0
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--timeout", "nan"], "not a positive finite float"),
+    (["--default-steps", "500"], "--default-steps 500"),
+    (["--default-resolution", "100x100"], "--default-resolution 100x100"),
+    (["--default-resolution", "8192x8192"], "--default-resolution 8192x8192"),
+    (["--keep-alive", "5"], "--keep-alive"),
+], ids=["nan", "steps", "multiple", "too-large", "keep-alive"])
+def test_serve_refuses_defaults_its_requests_would_refuse(tiny_artifacts, capsys, options, message):
+    """Checked at start-up against the request limits (from the artifacts), before anything loads."""
+    argv = ["serve", "--artifacts", str(tiny_artifacts), *options]
+    if options[0] == "--timeout":  # argparse's own type check
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        assert exited.value.code == 2
+    else:
+        assert main(argv) == 2
+    assert message in capsys.readouterr().err

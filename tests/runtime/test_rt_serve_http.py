@@ -77,27 +77,33 @@ def test_concurrent_requests_return_the_images_generate_gives_alone(server, pipe
         payload = answer.json()
         assert isinstance(payload["created"], int) and len(payload["data"]) == body.get("n", 1)
         width, height = map(int, body["size"].split("x"))
-        expected = pipe.generate(body["prompt"], body.get("negative_prompt"), seed=body["seed"],
-                                 steps=body["steps"], guidance=body.get("guidance", 3.0), height=height, width=width,
-                                 num_images=body.get("n", 1))
-        for item, image in zip(payload["data"], expected):
+        assert [item["seed"] for item in payload["data"]] == [body["seed"] + i for i in range(body.get("n", 1))]
+        for item in payload["data"]:  # each image's own seed alone reproduces it
+            [image] = pipe.generate(body["prompt"], body.get("negative_prompt"), seed=item["seed"],
+                                    steps=body["steps"], guidance=body.get("guidance", 3.0), height=height,
+                                    width=width)
             assert psnr(np.asarray(image, dtype=np.float32) / 255.0, decode_png(item)) >= 60.0
 
 
-BAD = [
-    ({}, 422, "prompt", "prompt is missing"),
-    ({"prompt": "  "}, 422, "prompt", "non-empty string"),
-    ({"prompt": "x", "size": "64"}, 422, "size", '"WxH"'),
-    ({"prompt": "x", "size": "100x64"}, 422, "size", "multiples of 64"),
-    ({"prompt": "x", "size": "4096x4096"}, 422, "size", "64..2048"),
-    ({"prompt": "x", "n": 0}, 422, "n", "1..4"),
-    ({"prompt": "x", "steps": 1000}, 422, "steps", "1..200"),
-    ({"prompt": "x", "seed": "7"}, 422, "seed", "an integer"),
-    ({"prompt": "x", "seed": 1.5}, 422, "seed", "an integer"),
-    ({"prompt": "x", "guidance": True}, 422, "guidance", "finite number"),
-    ({"prompt": "x", "response_format": "url"}, 422, "response_format", "b64_json"),
-    ({"prompt": "x", "style": "vivid"}, 422, "style", "unknown field"),
-    ({"prompt": ["a", "b"]}, 422, "prompt", "non-empty string"),
+BAD = [  # OpenAI answers invalid parameters with 400 (the SDK's BadRequestError) and a string code
+    ({}, 400, "prompt", "prompt is missing"),
+    ({"prompt": "  "}, 400, "prompt", "non-empty string"),
+    ({"prompt": "x", "size": "64"}, 400, "size", '"WxH"'),
+    ({"prompt": "x", "size": "100x64"}, 400, "size", "multiples of 64"),
+    ({"prompt": "x", "size": "4096x4096"}, 400, "size", "64..2048"),
+    ({"prompt": "x", "n": 0}, 400, "n", "1..4"),
+    ({"prompt": "x", "steps": 1000}, 400, "steps", "1..200"),
+    ({"prompt": "x", "seed": "7"}, 400, "seed", "an integer"),
+    ({"prompt": "x", "seed": 1.5}, 400, "seed", "an integer"),
+    ({"prompt": "x", "seed": 2 ** 64}, 400, "seed", "0..18446744073709551615"),
+    ({"prompt": "x", "guidance": True}, 400, "guidance", "finite number"),
+    ({"prompt": "x", "response_format": "url"}, 400, "response_format", "b64_json"),
+    ({"prompt": "x", "sed": 1}, 400, "sed", "unknown field"),
+    ({"prompt": "x", "quality": "ultra"}, 400, "quality", '"low"'),
+    ({"prompt": "x", "output_format": "gif"}, 400, "output_format", '"png"'),
+    ({"prompt": "x", "output_compression": 101}, 400, "output_compression", "0..100"),
+    ({"prompt": "x", "background": "transparent"}, 400, "background", "opaque"),
+    ({"prompt": ["a", "b"]}, 400, "prompt", "non-empty string"),
 ]
 
 
@@ -112,7 +118,7 @@ def test_bad_input_is_a_json_4xx_naming_the_field(server, body, status, param, m
 
 
 @pytest.mark.parametrize("raw, status, message", [
-    (b'{"prompt": "x", "guidance": NaN}', 422, "guidance=nan"),
+    (b'{"prompt": "x", "guidance": NaN}', 400, "guidance=nan"),
     (b'{"prompt": ', 400, "not valid JSON"),
     (b'["a red fox"]', 400, "JSON list"),
     (b'{"prompt": "' + b"a" * 70_000 + b'"}', 413, "at most 65536 bytes"),
@@ -128,10 +134,11 @@ def test_malformed_bodies_are_json_4xx_and_the_server_keeps_serving(server, raw,
 def test_health_and_metrics_count_what_was_served(server):
     base, _ = server
     assert httpx.get(f"{base}/healthz").json() == {"status": "alive"}
-    before = _metric(httpx.get(f"{base}/metrics").text, 'k3trt_requests_total{status="200"}')
+    served = 'k3trt_requests_total{route="/v1/images/generations",status="200"}'
+    before = _metric(httpx.get(f"{base}/metrics").text, served)
     assert httpx.post(f"{base}{URL}", json={"prompt": "counted", "steps": 1}, timeout=60).status_code == 200
     text = httpx.get(f"{base}/metrics").text
-    assert _metric(text, 'k3trt_requests_total{status="200"}') == before + 1
+    assert _metric(text, served) == before + 1
     for name in ("k3trt_request_seconds_bucket", "k3trt_queue_wait_seconds_count", "k3trt_queue_depth",
                  "k3trt_unet_batch_images_count", 'k3trt_stage_seconds_count{stage="unet"}',
                  "process_resident_memory_bytes"):
@@ -176,7 +183,8 @@ def test_deadline_gives_504_and_a_disconnect_cancels(pipe, tiny_artifacts):
         while service.engine.pending and time.monotonic() < end:
             time.sleep(0.05)
         assert service.engine.pending == 0  # cancelled at a step boundary, long before 200 steps
-        assert 'k3trt_requests_total{status="499"} 1.0' in httpx.get(f"{base}/metrics").text
+        assert 'k3trt_requests_total{route="/v1/images/generations",status="499"} 1.0' in \
+            httpx.get(f"{base}/metrics").text
 
 
 def test_not_ready_answers_503(pipe, tiny_artifacts):
@@ -247,7 +255,8 @@ def test_edits_return_the_images_the_library_calls_give(server, pipe, picture, m
                "guidance": 2.0, "negative_prompt": "blurry"}]
     with ThreadPoolExecutor(len(bodies)) as pool:
         answers = list(pool.map(lambda b: httpx.post(f"{base}{EDITS}", json=b, timeout=120), bodies))
-    expected = [pipe.img2img("a fox", picture, strength=0.6, steps=4, seed=3, num_images=2),  # guidance 3
+    expected = [pipe.img2img("a fox", picture, strength=0.6, steps=4, seed=3) +  # guidance 3; image i: seed 3 + i
+                pipe.img2img("a fox", picture, strength=0.6, steps=4, seed=4),
                 pipe.inpaint("a fox", picture, mask, steps=3, seed=4),  # guidance 4: the inpainting default
                 pipe.inpaint("a fox", picture, outpaint="left=64", steps=3, seed=5, guidance=2.0,
                              negative_prompt="blurry")]
@@ -268,34 +277,34 @@ def _edit(picture, **fields):
 
 
 BAD_EDITS = [
-    (lambda p, m: {"prompt": "x"}, 422, "image", "image is missing"),
-    (lambda p, m: _edit(p, image="not base64!"), 422, "image", "not a base64 image"),
-    (lambda p, m: _edit(p, image=base64.b64encode(b"hello").decode()), 422, "image", "not a base64 image"),
-    (lambda p, m: _edit(p, image=b64_image(p, "GIF")), 422, "image", "a GIF image"),
-    (lambda p, m: _edit(p, image=b64_image(p[:60])), 422, "image", "multiples of 64"),
-    (lambda p, m: _edit(p, image=png_claiming(4096, 64)), 422, "image", "image is 4096x64 px"),
-    (lambda p, m: _edit(p, image=png_claiming(100_000, 100_000)), 422, "image", "far too large"),
-    (lambda p, m: _edit(p, image=png_claiming(8192, 8192)), 422, "image", "image is 8192x8192 px"),
-    (lambda p, m: _edit(p, mask=b64_image(m[:, :64])), 422, "mask", "mask is 64x64 px but the image is 128x64"),
-    (lambda p, m: _edit(p, mask=b64_image(np.full((64, 128), 128, np.uint8))), 422, "mask", "grey"),
-    (lambda p, m: _edit(p, mask="%%%"), 422, "mask", "not a base64 image"),
-    (lambda p, m: _edit(p, strength=1.5), 422, "strength", "(0, 1]"),
-    (lambda p, m: _edit(p, strength="high"), 422, "strength", "(0, 1]"),
-    (lambda p, m: _edit(p, strength=0.05, steps=4), 422, "strength", "= 0 steps"),
-    (lambda p, m: _edit(p, mask=b64_image(m), strength=0.5), 422, "strength", "image to image only"),
-    (lambda p, m: _edit(p, mask=b64_image(m), outpaint="left=64"), 422, "outpaint", "both mask and outpaint"),
-    (lambda p, m: _edit(p, outpaint="right=100"), 422, "outpaint", "not a multiple of 64"),
-    (lambda p, m: _edit(p, outpaint=128), 422, "outpaint", "SIDE=PIXELS"),
-    (lambda p, m: _edit(p, outpaint="left=4096"), 422, "outpaint", "grows the image to 4224x64"),
-    (lambda p, m: _edit(p, size="64x64"), 422, "size", "unknown field"),
-    (lambda p, m: _edit(p, n=9), 422, "n", "1..4"),
-    (lambda p, m: {"image": b64_image(p)}, 422, "prompt", "prompt is missing"),
+    (lambda p, m: {"prompt": "x"}, 400, "image", "image is missing"),
+    (lambda p, m: _edit(p, image="not base64!"), 400, "image", "not a base64 image"),
+    (lambda p, m: _edit(p, image=base64.b64encode(b"hello").decode()), 400, "image", "not a base64 image"),
+    (lambda p, m: _edit(p, image=b64_image(p, "GIF")), 400, "image", "a GIF image"),
+    (lambda p, m: _edit(p, image=b64_image(p[:60])), 400, "image", "multiples of 64"),
+    (lambda p, m: _edit(p, image=png_claiming(4096, 64)), 400, "image", "image is 4096x64 px"),
+    (lambda p, m: _edit(p, image=png_claiming(100_000, 100_000)), 400, "image", "far too large"),
+    (lambda p, m: _edit(p, image=png_claiming(8192, 8192)), 400, "image", "image is 8192x8192 px"),
+    (lambda p, m: _edit(p, mask=b64_image(m[:, :64])), 400, "mask", "mask is 64x64 px but the image is 128x64"),
+    (lambda p, m: _edit(p, mask=b64_image(np.full((64, 128), 128, np.uint8))), 400, "mask", "grey"),
+    (lambda p, m: _edit(p, mask="%%%"), 400, "mask", "not a base64 image"),
+    (lambda p, m: _edit(p, strength=1.5), 400, "strength", "(0, 1]"),
+    (lambda p, m: _edit(p, strength="high"), 400, "strength", "(0, 1]"),
+    (lambda p, m: _edit(p, strength=0.05, steps=4), 400, "strength", "= 0 steps"),
+    (lambda p, m: _edit(p, mask=b64_image(m), strength=0.5), 400, "strength", "image to image only"),
+    (lambda p, m: _edit(p, mask=b64_image(m), outpaint="left=64"), 400, "outpaint", "both mask and outpaint"),
+    (lambda p, m: _edit(p, outpaint="right=100"), 400, "outpaint", "not a multiple of 64"),
+    (lambda p, m: _edit(p, outpaint=128), 400, "outpaint", "SIDE=PIXELS"),
+    (lambda p, m: _edit(p, outpaint="left=4096"), 400, "outpaint", "grows the image to 4224x64"),
+    (lambda p, m: _edit(p, size="64x64", strength=0.5), 400, "size", "size=\"64x64\" for a 128x64 output"),
+    (lambda p, m: _edit(p, n=9), 400, "n", "1..4"),
+    (lambda p, m: {"image": b64_image(p)}, 400, "prompt", "prompt is missing"),
 ]
 
 
 @pytest.mark.parametrize("make, status, param, message", BAD_EDITS,
                          ids=[f"{b[2]}-{i}" for i, b in enumerate(BAD_EDITS)])
-def test_bad_edits_are_a_422_naming_the_field_before_any_work(server, picture, mask, make, status, param, message):
+def test_bad_edits_are_a_400_naming_the_field_before_any_work(server, picture, mask, make, status, param, message):
     base, _ = server
     calls = _metric(httpx.get(f"{base}/metrics").text, "k3trt_unet_batch_images_count")
     answer = httpx.post(f"{base}{EDITS}", json=make(picture, mask), timeout=60)
