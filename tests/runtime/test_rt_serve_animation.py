@@ -132,3 +132,19 @@ def _jobs_held(base: str) -> float:
 
     families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text)}
     return sum(sample.value for sample in families["k3trt_jobs"].samples) if "k3trt_jobs" in families else 0.0
+
+
+def test_a_zoom_in_job_reorders_its_frames_as_the_library_does(served, pipe, tmp_path):
+    """zoom-in makes its frames last-first: the job holds them until their turn; the video is the library's."""
+    base, _ = served
+    body = {"mode": "zoom-in", "prompt": "a lighthouse", "frames": 3, "frames_per_key": 2, "size": "192x192",
+            "steps": 2, "seed": 11, "fps": 4}
+    submitted = httpx.post(base + URL, json=body)
+    assert submitted.status_code == 202, submitted.text
+    _poll(base, submitted.json()["id"])
+    fetched = httpx.get(f"{base}/v1/jobs/{submitted.json()['id']}/result")
+    library = pipe.animate("a lighthouse", mode="zoom-in", frames=3, frames_per_key=2, width=192, height=192,
+                           steps=2, seed=11)
+    encode("MP4", library, tmp_path / "library.mp4", 4)
+    assert fetched.headers["content-type"] == "video/mp4"
+    assert fetched.content == (tmp_path / "library.mp4").read_bytes()
