@@ -15,7 +15,7 @@ def test_capture_then_reuse_from_cache(artifacts_copy, monkeypatch):
     config = TrajectoryConfig(steps=3, height=64, width=128)
     messages = []
     first = collect.collect(manifest, PROMPTS, config, threads=2, log=messages.append)
-    assert all(f.path.is_file() for f in first.files) and "running the fp32 pipeline for 2" in messages[-1]
+    assert all(f.path.is_file() for f in first.files) and "running the fp32 pipeline" in messages[-1] and " for 2 (" in messages[-1]
     arrays = first.files[1].load()
     assert arrays["unet__sample"].shape == (3, 2, 4, 8, 16)  # every step, [uncond, cond] batched
     assert arrays["unet__timestep"][:, 0].tolist() == sorted(arrays["unet__timestep"][:, 0], reverse=True)
