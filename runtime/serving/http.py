@@ -102,9 +102,11 @@ class ImageService:
         self.draining = False
         self.recent_latency_s = 5.0  # moving average of answered requests (for Retry-After)
         self._ready = threading.Event()
-        manifest = pipeline.manifest if pipeline is not None else Manifest.load(settings.artifacts)
-        self.adapters = AdapterStates(register_adapters(manifest, settings.loras), settings.lora_cache,
-                                      self._adapter_engine, self.metrics)  # a bad adapter fails here, at start
+        adapters = {}
+        if settings.loras:  # a bad adapter fails here, at start (without adapters, loading errors go to the probes)
+            manifest = pipeline.manifest if pipeline is not None else Manifest.load(settings.artifacts)
+            adapters = register_adapters(manifest, settings.loras)
+        self.adapters = AdapterStates(adapters, settings.lora_cache, self._adapter_engine, self.metrics)
 
     def _adapter_engine(self, choices) -> tuple:
         """A pipeline with these adapters and its own engine (one weight state per backend): (engine, bytes)."""
