@@ -108,12 +108,14 @@ def unet_calls(arrays: dict, prompt_index: int, target: Target = TEXT_TO_IMAGE) 
 
 
 def trajectory_key(manifest: Manifest, prompt: str, seed: int, config: TrajectoryConfig, decoded: bool = True,
-                   target: Target = TEXT_TO_IMAGE, source: TrajectoryFile | None = None) -> str:
+                   target: Target = TEXT_TO_IMAGE, source: TrajectoryFile | None = None,
+                   producer: str = "ort") -> str:
     exports = {c: manifest.onnx(c).export_key for c in target.exports()}
     spec = {"prompt": prompt, "seed": seed, "config": config.as_dict(), "exports": exports,
             "tokenizer": manifest.data["tokenizer"]["sha256"],
             "scheduler": manifest.data["scheduler"]["sha256"], "version": CALIBRATION_VERSION,
-            **({} if decoded else {"decoded": False})}  # decoded keys unchanged: caches stay valid
+            **({} if decoded else {"decoded": False}),  # decoded keys unchanged: caches stay valid
+            **({} if producer == "ort" else {"producer": producer})}  # the same for ONNX Runtime's
     if target != TEXT_TO_IMAGE:  # (text to image keeps the key it always had: its caches stay valid)
         spec.update(target=target.component, task=target.task, masks=MASK_VERSION,
                     source=source.key if source is not None else None)
@@ -121,26 +123,29 @@ def trajectory_key(manifest: Manifest, prompt: str, seed: int, config: Trajector
 
 
 def plan(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, target: Target = TEXT_TO_IMAGE,
-         sources: TrajectorySet | None = None, *, decode: bool = True) -> TrajectorySet:
+         sources: TrajectorySet | None = None, *, decode: bool = True, producer: str = "ort") -> TrajectorySet:
     files = []
     for i, prompt in enumerate(prompts.prompts):
         source = sources.files[i] if sources is not None else None
-        key = trajectory_key(manifest, prompt, config.seed + i, config, decode, target, source)
+        key = trajectory_key(manifest, prompt, config.seed + i, config, decode, target, source, producer)
         files.append(TrajectoryFile(prompt, config.seed + i, key,
                                     manifest.root / CACHE_DIR / f"trajectory-{key[:20]}.npz", source, decode))
     return TrajectorySet(prompts.name, tuple(files), config, target)
 
 
 def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *, target: Target = TEXT_TO_IMAGE,
-            threads: int | None = None, decode: bool = True, log=print) -> TrajectorySet:
+            threads: int | None = None, decode: bool = True, producer: Producer | None = None,
+            log=print) -> TrajectorySet:
     """Trajectories for `prompts`, from the cache where present; missing ones are run and saved. Inpainting
     trajectories first collect (or reuse) the text-to-image ones whose images they repaint.
-    `decode=False` records the U-Net calls and final latents only (no MoVQ decode, no image)."""
+    `decode=False` records the U-Net calls and final latents only (no MoVQ decode, no image).
+    `producer`: what runs the fp32 components (default: ONNX Runtime on the CPU)."""
     from tqdm import tqdm
 
-    sources = collect(manifest, prompts, config, threads=threads, decode=decode, log=log) if target.masked \
-        else None
-    trajectories = plan(manifest, prompts, config, target, sources, decode=decode)
+    producer = producer or Producer()
+    sources = collect(manifest, prompts, config, threads=threads, decode=decode, producer=producer, log=log) \
+        if target.masked else None
+    trajectories = plan(manifest, prompts, config, target, sources, decode=decode, producer=producer.name)
     missing = [f for f in trajectories.files if not f.path.is_file()]
     cached = len(trajectories.files) - len(missing)
     where, what = manifest.root / CACHE_DIR, f"[{target.task}: {target.component}]"
@@ -148,9 +153,9 @@ def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *,
         log(f"{prompts.name}: reusing cached trajectories for all {cached} prompts ({config.steps} steps, "
             f"{config.width}x{config.height}) from {where} {what}")
         return trajectories
-    log(f"{prompts.name}: {cached} prompt(s) cached, running the fp32 pipeline for {len(missing)} "
-        f"({config.steps} steps, {config.width}x{config.height}) -> {where} {what}")
-    pipe = fp32_pipeline(manifest, threads)
+    log(f"{prompts.name}: {cached} prompt(s) cached, running the fp32 pipeline ({producer.label}) for "
+        f"{len(missing)} ({config.steps} steps, {config.width}x{config.height}) -> {where} {what}")
+    pipe = fp32_pipeline(manifest, threads, producer)
     try:
         for item in tqdm(missing, desc=f"{prompts.name} trajectories", unit="prompt", file=sys.stderr):
             inputs = task_inputs(pipe, item, config) if target.masked else {}
@@ -176,12 +181,30 @@ def task_inputs(pipe, item: TrajectoryFile, config: TrajectoryConfig) -> dict[st
             "user_mask": calibration_mask(item.seed, config.height, config.width)}
 
 
-def fp32_pipeline(manifest: Manifest, threads: int | None):
-    """Without ONNX Runtime's memory arena: at 1024 x 1024 each session's arena would otherwise keep its peak
+@dataclasses.dataclass(frozen=True)
+class Producer:
+    """What runs the fp32 trajectories: ONNX Runtime on the CPU (`ort`), or the torch modules the ONNX was
+    exported from (`torch`, on `device`, from `model_dir` or the manifest's source folder)."""
+    name: str = "ort"
+    device: str = "cpu"
+    model_dir: str | None = None
+
+    @property
+    def label(self) -> str:
+        return "ONNX Runtime, cpu" if self.name == "ort" else f"torch, {self.device}"
+
+
+def fp32_pipeline(manifest: Manifest, threads: int | None, producer: Producer = Producer()):
+    """ONNX Runtime without its memory arena: at 1024 x 1024 each session's arena would otherwise keep its peak
     (U-Net and MoVQ decoder together) for the whole collection."""
     from k3trt.runtime.backends.registry import make_backend
     from k3trt.runtime.pipeline import Pipeline
 
+    if producer.name == "torch":
+        from k3trt.calibration.torch_collector import TorchModulesBackend
+
+        return Pipeline(manifest, TorchModulesBackend(manifest, producer.model_dir, device=producer.device,
+                                                        threads=threads))
     return Pipeline(manifest, make_backend("ort", manifest, "fp32", threads=threads, arena=False))
 
 

@@ -18,6 +18,7 @@ from typing import Iterable
 import numpy as np
 from k3trt.calibration.collect import CACHE_DIR, TrajectorySet
 from k3trt.calibration.config import CALIBRATION_VERSION, Calibrator, QuantConfig
+from k3trt.calibration.histograms import calibrator_options
 from k3trt.contract.cards import card
 from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.manifest import sha256_json
@@ -69,10 +70,11 @@ def resolve_exclusions(model, config: QuantConfig) -> tuple[list[str], dict[str,
 
 
 # ----------------------------------------------------------------------------------------- ranges
-def ranges_path(root: Path, trajectories: TrajectorySet, config: QuantConfig, fp32_export_key: str) -> Path:
+def ranges_path(root: Path, trajectories: TrajectorySet, config: QuantConfig, fp32_export_key: str,
+                collector: str = "ort") -> Path:
     key = sha256_json({"data": trajectories.key(), "ranges": config.range_settings(), "fp32": fp32_export_key,
                        "version": CALIBRATION_VERSION, "ort": _ort_version(),
-                       "format": RANGES_FORMAT})
+                       "format": RANGES_FORMAT, **({} if collector == "ort" else {"collector": collector})})
     return root / CACHE_DIR / f"ranges-{key[:20]}.json"
 
 
@@ -130,9 +132,7 @@ def compute_ranges(fp32_path: Path, trajectories: TrajectorySet, config: QuantCo
         return out
     calls = trajectories.calls
     log(f"calibrating activation ranges ({config.calibrator.value}) over {calls} U-Net calls, one at a time ...")
-    options = {"symmetric": True}
-    if config.calibrator is Calibrator.PERCENTILE:
-        options["percentile"] = float(config.percentile)
+    options = calibrator_options(config)  # the torch collector folds with the same settings
     with tempfile.TemporaryDirectory(dir=out.parent.parent, prefix=".calib-") as tmp:
         mark_part(Path(tmp))  # the next writer may remove it if this process dies
         calibrator = create_calibrator(fp32_path, list(config.op_types), str(Path(tmp) / "augmented.onnx"),

@@ -50,10 +50,20 @@ class CalibrationRequest:
     external_threshold: int = PROTOBUF_LIMIT
     component: str = "unet"  # which U-Net: any card with an int8 variant (`targets.quantizable`)
     float_parts: str = "fp16"  # what TensorRT 11 runs the non-quantized layers in; fp32: as quantized (faster)
+    collector: str | None = None  # torch (CUDA when present, else CPU) or ort; None: `default_collector()`
+    model_dir: Path | None = None  # the torch collector's model folder (default: the manifest's source path)
 
     @property
     def target(self) -> Target:
         return target_of(self.component)
+
+    @property
+    def producer(self) -> collect.Producer:
+        """Who runs the trajectories and the range pass: the collector, on its device."""
+        from k3trt.calibration.torch_collector import check_collector, collector_device, default_collector
+
+        name = check_collector(self.collector or default_collector())
+        return collect.Producer(name, collector_device(name), str(self.model_dir) if self.model_dir else None)
 
 
 def native_size(manifest: Manifest, model_dir: str | Path | None = None) -> int:
@@ -174,11 +184,29 @@ def qdq_fp32_graph(manifest: Manifest, record: OnnxRecord) -> Path:
 def collect_all(manifest: Manifest, request: CalibrationRequest, log):
     heldout_set = heldout_prompts(request.heldout)
     calib_set = calibration_prompts(request.prompts_file, request.num_prompts)  # vs the whole held-out file
-    options = dict(target=request.target, threads=request.threads, log=log)
+    options = dict(target=request.target, threads=request.threads, producer=request.producer, log=log)
     # calibration prompts need only their U-Net calls: no MoVQ decode (the 1024² peak), no images
     calib = collect.collect(manifest, calib_set, request.trajectory, decode=False, **options)
     heldout = collect.collect(manifest, heldout_set, request.trajectory, **options)
     return calib, heldout
+
+
+def collect_ranges(manifest: Manifest, fp32: OnnxRecord, calib, request: CalibrationRequest, log) -> Path:
+    """Activation ranges of the calibration calls by the request's collector (cached per collector)."""
+    producer, fp32_path = request.producer, manifest.path(fp32.graph.path)
+    ranges = quantize.ranges_path(manifest.root, calib, request.quant, fp32.export_key, producer.name)
+    if producer.name == "torch":
+        from k3trt.calibration.torch_collector import compute_ranges
+
+        import onnx
+
+        candidates = quantize.candidate_nodes(onnx.load(str(fp32_path), load_external_data=False),
+                                              request.quant.op_types)
+        return compute_ranges(fp32_path, calib, request.quant, ranges, candidates, manifest=manifest,
+                              model_dir=producer.model_dir, device=producer.device, threads=request.threads,
+                              log=log)
+    return quantize.compute_ranges(fp32_path, calib, request.quant, ranges, external=fp32.external_data is not None,
+                                   log=log)
 
 
 def measure(manifest: Manifest, record: OnnxRecord, folder: Path, heldout, request, summary: dict, log) -> dict:
@@ -224,6 +252,7 @@ def settings(request: CalibrationRequest, calib, heldout, fp32: OnnxRecord, rang
     return {"component": target.component, "task": target.task, "trajectory": request.trajectory.as_dict(),
             "quant": request.quant.as_dict(), **prompts,
             "fp32_export_key": fp32.export_key, "ranges_cache": ranges.name,
+            "collector": {"name": request.producer.name, "device": request.producer.device},
             "library": f"onnxruntime {quantize._ort_version()} quantize_static (QDQ, per_channel, symmetric)",
             "extra_options": quantize.EXTRA_OPTIONS}
 
@@ -268,13 +297,15 @@ def _calibrate_in(root: Path, request: CalibrationRequest, log) -> dict:
     listed_before = manifest.referenced_paths()
     fp32 = manifest.onnx(target.component)
     manifest.verify_onnx(fp32)
+    if request.producer.name == "torch":  # a typed error now, not after the trajectories
+        from k3trt.calibration.torch_collector import model_folder
+
+        model_folder(manifest, request.model_dir)
     fp32_path = manifest.path(fp32.graph.path)
     graph = onnx.load(str(fp32_path), load_external_data=False)
     excluded, matched = quantize.resolve_exclusions(graph, request.quant)  # a typo in --exclude fails now
     calib, heldout = collect_all(manifest, request, log)
-    ranges = quantize.ranges_path(root, calib, request.quant, fp32.export_key)
-    quantize.compute_ranges(fp32_path, calib, request.quant, ranges, external=fp32.external_data is not None,
-                            log=log)
+    ranges = collect_ranges(manifest, fp32, calib, request, log)
     key = int8_key(fp32, ranges, request.quant, excluded, request.external_threshold, request.float_parts)
     folder, created = build_int8(manifest, fp32, ranges, excluded, request, key, log)
     try:

@@ -14,6 +14,7 @@ from k3trt.contract.arguments import (
 )
 from k3trt.contract.limits import check_image_request, default_size
 from k3trt.contract.manifest import Manifest
+from k3trt.contract.quality import DEFAULT_MIN_PSNR_DB
 from k3trt.writing.ownership import (
     check_output_dir,
     check_output_image,
@@ -79,19 +80,29 @@ def resolve_size(args, default: int) -> None:
         args.height = args.width = default
 
 
-def add_backend_args(p, backends=("ort", "trt", "openvino", "torch")) -> None:
-    meaning = {"ort": "ONNX Runtime", "trt": "TensorRT engines from `k3trt build`", "openvino": "OpenVINO on the CPU",
-               "torch": "the PyTorch reference"}
-    p.add_argument("--backend", choices=backends, default="ort",
+def add_backend_args(p, backends=("auto", "ort", "trt", "openvino", "torch")) -> None:
+    meaning = {"auto": "the fastest fp32-exact backend installed: OpenVINO where present, else ONNX Runtime "
+                       "(docs/performance.md)", "ort": "ONNX Runtime", "trt": "TensorRT engines from `k3trt build`",
+               "openvino": "OpenVINO on the CPU", "torch": "the PyTorch reference"}
+    p.add_argument("--backend", choices=backends, default=backends[0],
                    help="; ".join(f"{name}: {meaning[name]}" for name in backends))  # only the accepted ones
     p.add_argument("--precision", default=None,
-                   help="ort: fp32 (default) | fp16 | bf16 (the ONNX variants from `k3trt export --precision`; bf16 "
-                        "runs with bf16 storage emulated on the CPU provider) | int8 (the U-Net's Q/DQ variant from "
-                        "`k3trt calibrate`); trt: the engines' precision, default bf16 text encoder + fp16 U-Net "
-                        "and MoVQ (`k3trt build`); openvino: fp32 (default) | bf16 (CPUs with AVX-512 BF16 or AMX)")
+                   help="auto: the fastest precision whose quality `k3trt qualify` recorded at or above --min-psnr "
+                        "(else fp32); ort: fp32 (default) | fp16 | bf16 (the ONNX variants from `k3trt export "
+                        "--precision`; bf16 runs with bf16 storage emulated on the CPU provider) | int8 (the U-Net's "
+                        "Q/DQ variant from `k3trt calibrate`); trt: the engines' precision, default bf16 text encoder "
+                        "+ fp16 U-Net and MoVQ (`k3trt build`); openvino: fp32 (default) | bf16 (CPUs with AVX-512 "
+                        "BF16 or AMX)")
+    add_min_psnr_arg(p)
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, default=None,
                    help=f"ONNX Runtime / OpenVINO threads, 1..{available_cores()} (default: all cores)")
+
+
+def add_min_psnr_arg(p) -> None:
+    p.add_argument("--min-psnr", type=float, default=DEFAULT_MIN_PSNR_DB, metavar="DB",
+                   help=f"quality bound for --precision auto, and below which an explicit precision's recorded "
+                        f"figure is warned about (end-to-end PSNR vs fp32, dB; default {DEFAULT_MIN_PSNR_DB:g})")
 
 
 def generation_kwargs(args) -> dict:
@@ -127,18 +138,18 @@ def resolved_precision(args) -> str | None:
 def open_pipeline(args, model_dir: str | None = None):
     from k3trt.runtime.pipeline import Pipeline
 
-    options = {}
-    if args.backend == "ort":
-        options = {"provider": args.provider, "threads": args.threads}
+    options = {"min_psnr": getattr(args, "min_psnr", DEFAULT_MIN_PSNR_DB)}
+    if args.backend in ("ort", "auto"):
+        options.update(provider=args.provider, threads=args.threads)
     elif args.backend == "openvino":
-        options = {"threads": args.threads}
+        options.update(threads=args.threads)
     elif args.backend == "torch":
         from k3trt.verify.torch_reference import (
             register_torch_backend,  # diffusers: only for this backend
         )
 
         register_torch_backend()
-        options = {"model_dir": model_dir or getattr(args, "model", None)}
+        options.update(model_dir=model_dir or getattr(args, "model", None))
     return Pipeline.from_artifacts(getattr(args, "manifest", None) or args.artifacts, args.backend,
                                    resolved_precision(args), scheduler=args.scheduler,
                                    lora=getattr(args, "lora", None), **options)

@@ -45,7 +45,8 @@ def cmd_calibrate(args) -> int:
         artifacts=Path(args.artifacts), trajectory=trajectory, quant=quant,
         prompts_file=Path(args.prompts) if args.prompts else None, num_prompts=args.num_prompts,
         heldout=args.heldout_prompts, sensitivity=sensitivity, out=Path(args.out) if args.out else None,
-        report_dir=Path(args.report) if args.report else None, threads=args.threads, component=args.component)
+        report_dir=Path(args.report) if args.report else None, threads=args.threads, component=args.component,
+        collector=args.collector, model_dir=Path(args.model) if args.model else None)
     with contextlib.ExitStack() as locks:  # one writer per artifact directory: ART, and --out if it exists
         locks.enter_context(artifact_lock(Path(args.artifacts), log))
         if args.out and (Path(args.out) / "manifest.json").is_file() and \
@@ -99,8 +100,9 @@ def register(sub) -> None:
                    help="which U-Net: unet (text-to-image trajectories, the default), unet_inpainting (inpainting "
                         "trajectories on box, stroke and outpaint masks), unet_flash (Flash trajectories)")
     p.add_argument("--out", metavar="ART", help="write into a copy of ART here (default: ART itself)")
-    p.add_argument("--model", metavar="DIR", help="model folder, for its native image size (default: the "
-                                                   "manifest's source path; else 1024)")
+    p.add_argument("--model", metavar="DIR", help="model folder the artifacts came from: its native image size, and "
+                                                   "the torch collector's modules (default: the manifest's source "
+                                                   "path; else 1024)")
     p.add_argument("--prompts", metavar="FILE", help="UTF-8, one prompt per line, '#' comments (default: shipped)")
     p.add_argument("--num-prompts", type=int, default=32, metavar="N", help="first N distinct prompts (default 32)")
     p.add_argument("--heldout-prompts", type=int, default=4, metavar="N",
@@ -109,6 +111,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt i uses seed + i")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of the trajectories")
     add_size_args(p, "default: the model's native size")
+    p.add_argument("--collector", choices=["torch", "ort"], default=None,
+                   help="what records the trajectories and activation ranges: torch (the model folder's torch "
+                        "modules with hooks, on CUDA when present, else the CPU; the default) or ort (ONNX "
+                        "Runtime's CPU calibrator on the fp32 ONNX). Same statistics, same Q/DQ placement")
     p.add_argument("--calibrator", choices=["max", "percentile", "entropy"], default="percentile",
                    help="how ranges are taken from the activations")
     p.add_argument("--percentile", type=float, default=99.99, help="for --calibrator percentile")

@@ -8,11 +8,12 @@ import logging
 import os
 import sys
 
-from k3trt.cli import animate, calibrate, engines, export, generate, serve, verify
+from k3trt.cli import animate, calibrate, engines, export, generate, qualify, serve, verify
 from k3trt.cli.error_boundary import run_guarded
 from k3trt.writing.ownership import package_version
 
-COMMAND_GROUPS = (export, calibrate, engines, generate, animate, verify, serve)  # the order `k3trt --help` lists them in
+# the order `k3trt --help` lists them in
+COMMAND_GROUPS = (export, calibrate, qualify, engines, generate, animate, verify, serve)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

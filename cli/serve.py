@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from k3trt.cli.arguments import add_renamed, add_size_args, resolve_size
+from k3trt.cli.arguments import add_min_psnr_arg, add_renamed, add_size_args, resolve_size
 from k3trt.contract.arguments import (
     MAX_REPEATS,
     MAX_STEPS,
@@ -43,10 +43,13 @@ def _positive(kind):
 
 def add_engine_args(p) -> None:
     p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
-    p.add_argument("--backend", choices=["ort", "trt"], default="ort",
-                   help="ort: ONNX Runtime; trt: TensorRT engines from `k3trt build`")
-    p.add_argument("--precision", default=None, help="as for `k3trt generate` (ort: fp32|int8; trt: the engines'; "
-                   "default: fp32 for ort, what `k3trt build` made for trt)")
+    p.add_argument("--backend", choices=["auto", "ort", "openvino", "trt"], default="auto",
+                   help="auto: the fastest fp32-exact backend installed (OpenVINO where present, else ONNX Runtime); "
+                        "ort: ONNX Runtime; openvino: OpenVINO on the CPU; trt: TensorRT engines from `k3trt build`")
+    p.add_argument("--precision", default=None, help="as for `k3trt generate` (auto: the fastest precision "
+                   "`k3trt qualify` recorded at or above --min-psnr; ort: fp32|int8; trt: the engines'; "
+                   "default: fp32 on the CPU backends, what `k3trt build` made for trt)")
+    add_min_psnr_arg(p)
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, default=None,
                    help=f"ONNX Runtime intra-op threads, 1..{available_cores()} (default: all cores)")
@@ -54,7 +57,10 @@ def add_engine_args(p) -> None:
 
 
 def backend_options(args) -> tuple:
-    return (("provider", args.provider), ("threads", args.threads)) if args.backend == "ort" else ()
+    common = (("min_psnr", args.min_psnr),)
+    if args.backend in ("ort", "auto"):
+        return (("provider", args.provider), ("threads", args.threads), *common)
+    return ((("threads", args.threads),) if args.backend == "openvino" else ()) + common
 
 
 API_KEY_ENV = "K3TRT_API_KEY"

@@ -47,36 +47,41 @@ def cmd_parity(args) -> int:
 
 def cmd_bench(args) -> int:
     import torch
-    from k3trt.verify.bench import (
-        format_bench,
-        run_benchmark,
-        runtime_runner,
-        unet_int8_vs_fp32,
-    )
+    from k3trt.verify.bench import format_bench, run_benchmark, runtime_runner, unet_int8_vs_fp32
+    from k3trt.verify.bench_stats import load_average, machine_info, reliability_warnings, utc_now, versions
     from k3trt.verify.torch_reference import load_reference
 
+    load_before = load_average()  # before anything loads: what other processes put on the machine
     check_int("--repeats", args.repeats, 1, MAX_REPEATS, "e.g. --repeats 3 (medians need a few)")
     check_report_args(args)
     request = checked_request(args)
     kwargs = generation_kwargs(args)
     pipe = arguments.open_pipeline(args)
-    int8 = args.backend == "ort" and str(args.precision).lower() == "int8"
+    backend = pipe.backend.name  # what --backend auto became
+    int8 = backend == "ort" and pipe.backend.effective_precision("unet") == "int8"
     extra = {}
-    if int8:
-        pipe.manifest.onnx("unet", "int8")  # typed error with the fix (`k3trt calibrate`) before any loading
     if int8:  # same run, same request: the fp32 pipeline's U-Net for comparison
-        fp32_pipe = arguments.open_pipeline(argparse.Namespace(**{**vars(args), "precision": "fp32"}))
+        fp32_pipe = arguments.open_pipeline(argparse.Namespace(**{**vars(args), "backend": "ort",
+                                                                  "precision": "fp32"}))
         extra["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
     also = {f"{b} {p}": arguments.open_pipeline(argparse.Namespace(**{**vars(args), "backend": b, "precision": p}))
             for b, p in (parse_also(item) for item in args.also or [])}
+    choice = pipe.backend.auto_choice
+    if choice is not None:
+        log(f"auto chose {choice.backend}" + (f", {choice.precision}" if choice.precision else "")
+            + f": {choice.reason}")
     log(f"benchmarking {args.repeats} interleaved repeats at {request.width}x{request.height}, {request.steps} "
-        f"steps, torch threads {torch.get_num_threads()}, runtime backend {args.backend} ...")
-    result = {"request": kwargs, "repeats": args.repeats, "backend": args.backend,
-              "precision": args.precision or pipe.backend.baseline,
+        f"steps, torch threads {torch.get_num_threads()}, runtime backend {backend} ...")
+    result = {"date": utc_now(), "request": kwargs, "repeats": args.repeats, "backend": backend,
+              "precision": pipe.backend.effective_precision("unet"),
+              "auto": choice.to_dict() if choice is not None else None,
               **run_benchmark(pipe, load_reference(args.model), request, kwargs, repeats=args.repeats,
                               threads=args.threads, extra=extra, also=also)}
     if int8:
         result["unet_int8_vs_fp32"] = unet_int8_vs_fp32(result["runtime"], result.pop("runtime_fp32"))
+    result["machine"] = machine_info(result["limit"]["threads"], load_before, load_average())
+    result["versions"] = versions()
+    result["warnings"] = reliability_warnings(result["dispersion"], args.repeats, result["machine"])
     print(format_bench(result))
     if args.json:
         save_json(result, Path(args.json))
@@ -85,7 +90,7 @@ def cmd_bench(args) -> int:
 
 def parse_also(item: str) -> tuple[str, str]:
     backend, _, precision = item.partition(":")
-    if backend not in ("ort", "openvino", "trt") or not precision:
+    if backend not in ("auto", "ort", "openvino", "trt") or not precision:
         raise InvalidArgumentError(f"--also {item!r}", accepted="BACKEND:PRECISION with BACKEND ort, openvino or trt",
                                    fix="e.g. --also openvino:bf16 --also openvino:fp32")
     return backend, precision
@@ -143,17 +148,19 @@ def register(sub) -> None:
                    "or empty folder, or an earlier report)")
     p.set_defaults(func=cmd_parity)
 
-    p = sub.add_parser("bench", help="median per-stage latency: runtime vs diffusers, same run "
-                                     "(--precision int8: also the int8 vs fp32 U-Net)")
+    p = sub.add_parser("bench", help="per-stage latency (median and dispersion): runtime vs diffusers, same run, "
+                                     "against the fp32 floor (--precision int8: also the int8 vs fp32 U-Net)")
     p.add_argument("--artifacts", required=True, metavar="ART", help="artifact directory from `k3trt export`")
     p.add_argument("--model", required=True, metavar="DIR", help="the model folder the artifacts were exported "
                    "from (diffusers layout), for the reference run")
     add_generation_args(p)
-    add_backend_args(p, ("ort", "trt", "openvino"))
+    add_backend_args(p, ("auto", "ort", "trt", "openvino"))
     p.add_argument("--repeats", type=int, default=3, help=f"timed repeats per side after a warm-up, 1..{MAX_REPEATS}")
     p.add_argument("--also", action="append", metavar="BACKEND:PRECISION",
                    help="time another runtime configuration in the same interleaved run, e.g. openvino:bf16")
-    p.add_argument("--json", metavar="FILE", help="also write the medians as JSON")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON: medians and dispersion per stage, "
+                   "the fp32 floor, what auto chose, the machine (load before/after), versions, warnings; "
+                   "`python3 -m k3trt.verify.perf_page` renders such files into docs/performance.md")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("demo", help="tiny preset -> export -> generate -> parity, on a fresh install")

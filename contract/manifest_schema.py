@@ -7,6 +7,7 @@ import re
 from typing import Any
 
 from k3trt.contract.errors import ArtifactError
+from k3trt.contract.quality import QUALITY_KEY, check_quality_section
 
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 FILE_KEYS = {"path": str, "sha256": str, "bytes": int}
@@ -115,6 +116,8 @@ def check_manifest_data(data: Any, where: str, schema_version: int) -> dict:
             check.fail("tokenizer.max_length", f"is {data['tokenizer']['max_length']}, outside 1..{MAX_TEXT_TOKENS}")
         if not 0 <= data["tokenizer"].get("pad_id", 0) < 1 << 31:
             check.fail("tokenizer.pad_id", "is not a token id")
+    if data.get(QUALITY_KEY) is not None:  # what `k3trt qualify` measured (contract/quality.py)
+        check_quality_section(data[QUALITY_KEY], where)
     for name, entry in data["engines"].items():
         check.typed(f"engines.{name}", entry, dict)
         check.file(f"engines.{name}.file", entry.get("file"))

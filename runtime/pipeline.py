@@ -22,6 +22,7 @@ from k3trt.contract.cards import guided_batch
 from k3trt.contract.errors import InvalidArgumentError
 from k3trt.contract.limits import check_image_request, default_size
 from k3trt.contract.manifest import Manifest
+from k3trt.contract.quality import DEFAULT_MIN_PSNR_DB
 from k3trt.runtime.backends.base import Backend, check_shapes
 from k3trt.runtime.animation import plan_animation, render_frames
 from k3trt.runtime.backends.registry import make_backend
@@ -68,21 +69,26 @@ class Pipeline:
         self.loras: tuple = ()  # the LoRA adapters in use (runtime/lora.py LoraChoice), none: base weights
 
     @classmethod
-    def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "ort",
-                       precision: str | Mapping[str, str] = "fp32", *, scheduler: str = "ddpm",
-                       lora=None, **backend_options) -> "Pipeline":
+    def from_artifacts(cls, path: str | Path | Manifest, backend: str | Backend = "auto",
+                       precision: str | Mapping[str, str] | None = "fp32", *, scheduler: str = "ddpm",
+                       lora=None, min_psnr: float = DEFAULT_MIN_PSNR_DB, **backend_options) -> "Pipeline":
         """A pipeline over an artifact directory (`path`, or its already loaded Manifest: read once); `lora`:
-        adapters applied from the start (see `set_lora`)."""
+        adapters applied from the start (see `set_lora`).
+
+        `backend="auto"` (the default) runs on the fastest fp32-exact backend installed (OpenVINO where present,
+        else ONNX Runtime); `precision="auto"` on the fastest precision whose quality recorded by `k3trt qualify`
+        meets `min_psnr` dB (runtime/backends/auto.py). `pipeline.backend.auto_choice` says what was chosen."""
         from k3trt.runtime.lora import load_loras
 
         loras = load_loras(lora)  # a bad adapter fails before any session opens
         manifest = path if isinstance(path, Manifest) else Manifest.load(check_path("path", path))
         if not isinstance(backend, (str, Backend)):
-            raise InvalidArgumentError(f"backend={backend!r}", accepted="ort, trt, torch, or a Backend instance",
-                                       fix='e.g. backend="ort"')
+            raise InvalidArgumentError(f"backend={backend!r}",
+                                       accepted="auto, ort, openvino, trt, torch, or a Backend instance",
+                                       fix='e.g. backend="auto" (the default)')
         check_choice("scheduler", scheduler, ("ddpm", "ddim"))
         if isinstance(backend, str):
-            backend = make_backend(backend, manifest, precision, **backend_options)
+            backend = make_backend(backend, manifest, precision, min_psnr=min_psnr, **backend_options)
         pipe = cls(manifest, backend, scheduler=scheduler)
         if loras:
             pipe.set_lora(loras)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 from k3trt.contract.tensor_metrics import psnr
+from k3trt.verify.bench_stats import side_dispersion
 
 Sample = dict[str, list[float]]  # stage -> seconds: one value per generation, one per call for the U-Net
 STAGES = ("text_encoder", "unet_step", "movq_decoder", "total")
@@ -207,12 +208,31 @@ def format_bench(result: dict) -> str:
                     f"{other['movq_decoder_ms']:.1f}), {mine['total']['gflops']:.0f} GFLOP/s = "
                     f"{mine['total']['percent_of_peak']:.0f}% of the fp32 peak, {other['ratio']:.2f}x diffusers, "
                     f"PSNR vs diffusers fp32 {other['psnr_db']:.1f} dB{_bound(label.split()[-1], other['psnr_db'])}")
+    rows += format_dispersion(result.get("dispersion", {}))
+    if result.get("auto"):
+        rows.append(f"auto chose: {result['auto']['backend']}"
+                    + (f", {result['auto']['precision']}" if result["auto"].get("precision") else "")
+                    + f" ({result['auto']['reason']})")
     cmp = result.get("unet_int8_vs_fp32")
     if cmp:
         rows.append(f"U-Net step (median ms): int8 {cmp['int8_unet_step_ms']:.1f} vs fp32 "
                     f"{cmp['fp32_unet_step_ms']:.1f} -> int8 speed-up {cmp['int8_speedup']:.2f}x "
                     "(ONNX Runtime kernels; the Q/DQ model targets TensorRT and may run slower than fp32 on a CPU)")
+    rows += [f"WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(rows)
+
+
+def format_dispersion(spread: dict) -> list[str]:
+    """One line per side and stage: min / median / max ms, IQR and the relative spread over the repeats."""
+    rows = [f"{'dispersion (ms)':<28} {'n':>3} {'min':>9} {'median':>9} {'max':>9} {'IQR':>8} {'spread':>6}"] \
+        if spread else []
+    for side, stages in spread.items():
+        for stage in STAGES:
+            d = stages.get(stage)
+            if d:
+                rows.append(f"{side + ' ' + stage:<28} {d['n']:3d} {d['min_ms']:9.1f} {d['median_ms']:9.1f} "
+                            f"{d['max_ms']:9.1f} {d['iqr_ms']:8.1f} {100 * d['spread']:5.0f}%")
+    return rows
 
 
 def _bound(precision: str, value: float) -> str:
@@ -236,6 +256,7 @@ def run_benchmark(pipe, reference_pipe, request, request_kwargs: dict, *, repeat
     samples = interleaved_samples(runners, repeats)
     gemm = samples.pop("gemm")
     result = {name: medians_ms(stages) for name, stages in samples.items()}
+    spread = {name: side_dispersion(stages) for name, stages in samples.items()}
     peak = gemm_gflops({name: statistics.median(values) for name, values in gemm.items()})
     counted = stage_gflop(pipe.manifest, keeps["runtime"]["shapes"], request.steps)
     result["limit"] = {"cpu": cpu_info().describe(), "threads": threads or default_threads(),
@@ -244,6 +265,8 @@ def run_benchmark(pipe, reference_pipe, request, request_kwargs: dict, *, repeat
     result.update(_versus_reference(result, keeps, "runtime"))
     versus = {label: _versus_reference(result, keeps, label) for label in also or {}}
     result["also"] = {label: {**result.pop(label), **versus[label]} for label in also or {}}
+    result["dispersion"] = spread
+    result["floor_ms"] = 1e3 * counted["gflop"]["total"] / peak["fp32_peak"]
     return result
 
 

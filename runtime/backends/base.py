@@ -114,6 +114,7 @@ class Backend(abc.ABC):
 
     name = "abstract"
     baseline = "fp32"  # what "default" means on this backend (see k3trt.contract.precision.resolve_precision)
+    auto_choice = None  # what `auto` chose, when it did (k3trt.runtime.backends.auto.AutoChoice)
 
     def __init__(self, manifest: Manifest, precision: str | Mapping[str, str] | None = "fp32"):
         self.manifest = manifest

@@ -54,7 +54,7 @@ MAX_RETRY_AFTER_S = 30  # every Retry-After is at most this; the keep-alive must
 @dataclasses.dataclass(frozen=True)
 class ServeSettings:
     artifacts: str
-    backend: str = "ort"
+    backend: str = "ort"  # the Python settings; `k3trt serve` defaults to --backend auto
     precision: str | None = None
     backend_options: tuple = ()  # (name, value) pairs for the backend, e.g. (("threads", 2),)
     scheduler: str = "ddpm"
@@ -154,7 +154,7 @@ class ImageService:
         names = ("text_encoder", "unet", "movq_decoder")
         precisions = ",".join(f"{n}={backend.resolve(n).variant}" for n in names if _has(backend, n))
         digest = hashlib.sha256((manifest.root / MANIFEST_NAME).read_bytes()).hexdigest()[:16]
-        self.metrics.describe_build(version, self.settings.backend, precisions, digest)
+        self.metrics.describe_build(version, self.pipeline.backend.name, precisions, digest)  # what auto chose
 
     def begin_drain(self) -> None:
         """Stop admitting (readiness 503, new requests 503 + Retry-After); running and queued work goes on."""

@@ -12,8 +12,10 @@ def tiny_request(artifacts: Path, **overrides):
 
     quant = overrides.pop("quant", QuantConfig())
     overrides.setdefault("float_parts", "fp32")  # the fp16 conversion costs ~1-2 min: only the session fixture pays it
+    overrides.setdefault("threads", 2)
+    overrides.setdefault("collector", "ort")  # the stage tests' collector; test_cal_torch_collector.py runs torch's
     return CalibrationRequest(artifacts=Path(artifacts), trajectory=TrajectoryConfig(**TINY), quant=quant,
-                              num_prompts=2, heldout=2, threads=2, **overrides)
+                              num_prompts=2, heldout=2, **overrides)
 
 
 def checked_int8_record(manifest, component: str):

@@ -1,7 +1,7 @@
 """`k3trt calibrate`: parsing, the native size from the manifest's source, cache reuse, typed errors."""
 from k3trt.cli.main import main
 
-ARGS = ["--num-prompts", "2", "--heldout-prompts", "2", "--steps", "3", "--threads", "2"]
+ARGS = ["--num-prompts", "2", "--heldout-prompts", "2", "--steps", "3", "--threads", "2", "--collector", "ort"]  # the fixture's
 
 
 def test_rerun_with_same_settings_reuses_everything(calibrated_copy, capsys):

@@ -60,10 +60,21 @@ def test_refit_without_tensorrt(tiny_artifacts, tmp_path, capsys):
 
 
 @no_trt
-def test_selftest_gpu_says_what_is_missing(capsys):
-    assert main(["selftest", "--gpu"]) == 1
+@no_gpu
+def test_selftest_gpu_without_a_gpu_skips_every_part_and_says_why(capsys):
+    """No CUDA here: each part is listed as skipped with its reason, the status is 3 (skipped), nothing was
+    exported or built (it returns in well under the seconds an export takes)."""
+    import time
+
+    from k3trt.engines.selftest import EXIT_SKIPPED
+
+    start = time.perf_counter()
+    assert main(["selftest", "--gpu"]) == EXIT_SKIPPED
+    assert time.perf_counter() - start < 10
     err = capsys.readouterr().err
-    assert "selftest --gpu cannot run here" in err and "tensorrt" in err
-    if not torch.cuda.is_available():
-        assert "no CUDA GPU" in err
-    assert len(trt_env.missing_requirements()) == (1 if torch.cuda.is_available() else 2)
+    assert "nothing can run here: no CUDA GPU" in err
+    for part in ("torch on CUDA", "torch CUDA graph", "calibration on CUDA", "TensorRT fp16", "TensorRT CUDA graph"):
+        assert f"skipped  {part}: " in err, part
+    assert "skipped  TensorRT fp16: TensorRT is not usable on this machine" in err
+    assert "incomplete" in err and "exporting" not in err
+    assert len(trt_env.missing_requirements()) == 2
