@@ -88,13 +88,18 @@ def serve_settings(args, manifest=None):
         limits_for(manifest.onnx("unet").axes, limits)
     else:
         check_defaults(limits)
+    from k3trt.runtime.serving.adapters import MAX_LORA_CACHE, parse_served_lora
+
+    loras = tuple(parse_served_lora(text) for text in args.lora or ())
+    check_int("--lora-cache", args.lora_cache, 1, MAX_LORA_CACHE, "e.g. --lora-cache 2")
     origins = tuple(o.strip() for o in (args.cors_allow_origins or "").split(",") if o.strip())
     return ServeSettings(artifacts=args.artifacts, backend=args.backend, precision=args.precision,
                          backend_options=backend_options(args), max_batch=args.max_batch, max_queue=args.max_queue,
                          timeout_s=args.timeout, default_size=args.default_resolution, default_steps=args.default_steps,
                          grace_s=args.grace, drain_s=args.drain, body_timeout_s=args.body_timeout,
                          keep_alive_s=args.keep_alive, api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-                         cors_allow_origins=origins, max_jobs=args.max_jobs, job_ttl_s=args.job_ttl)
+                         cors_allow_origins=origins, max_jobs=args.max_jobs, job_ttl_s=args.job_ttl,
+                         loras=loras, lora_cache=args.lora_cache)
 
 
 def require_serve_extra() -> None:
@@ -115,7 +120,10 @@ def cmd_serve(args) -> int:
 
     configure_logging(json_logs=args.json_logs)
     if args.ray:
+        from k3trt.runtime.serving.adapters import register_adapters
         from k3trt.runtime.serving.ray_app import run_ray
+
+        register_adapters(manifest, settings.loras)  # a bad adapter fails here, not in every replica
 
         return run_ray(settings, host=args.host, port=args.port, replicas=args.replicas,
                        max_replicas=args.max_replicas)
@@ -270,6 +278,10 @@ def register(sub) -> None:
     p.add_argument("--max-jobs", type=_positive(int), default=64, help="asynchronous jobs held at once")
     p.add_argument("--job-ttl", type=float, default=600.0, metavar="SECONDS",
                    help="how long a finished job's result is kept")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH[:SCALE]", help="serve a LoRA adapter (PEFT folder "
+                   "or .safetensors) as model \"kandinsky-3+NAME\" (repeatable; docs/finetunes.md)")
+    p.add_argument("--lora-cache", type=int, default=2, metavar="N",
+                   help="adapter pipelines held at once (least recently used idle one evicted)")
     p.add_argument("--ray", action="store_true", help="scale out with Ray Serve (one runtime per replica)")
     p.add_argument("--replicas", type=_positive(int), default=1, help="Ray Serve replicas (initial/min)")
     p.add_argument("--max-replicas", type=_positive(int), default=None,

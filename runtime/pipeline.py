@@ -94,17 +94,20 @@ class Pipeline:
             pipe.set_lora(loras)
         return pipe
 
-    def set_lora(self, lora=None) -> None:
+    def set_lora(self, lora=None) -> int:
         """Run with these LoRA adapters (None or []: the base weights, bit for bit). `lora`: "PATH[:SCALE]", a
         Path, (path, scale), or a list of them blended with their own scales; PATH is a PEFT adapter folder or
         a diffusers/kohya .safetensors file. Nothing is re-exported: the changed weights are computed from the
-        artifacts' weight map and swapped into the backend (runtime/lora.py). Call between generations."""
+        artifacts' weight map and swapped into the backend (runtime/lora.py). Call between generations. Returns the
+        bytes of the replaced weights now held (0 for the base)."""
         from k3trt.runtime.lora import load_loras, weight_overrides
 
         choices = load_loras(lora)
         graphs = {c: self.backend.weight_graph(c) for c in ("unet", "text_encoder") if self.manifest.has_onnx(c)}
-        self.backend.set_weights(weight_overrides(self.manifest, graphs, choices) if choices else {})
+        overrides = weight_overrides(self.manifest, graphs, choices) if choices else {}
+        self.backend.set_weights(overrides)
         self.loras = choices
+        return sum(array.nbytes for weights in overrides.values() for array in weights.values())
 
     # ------------------------------------------------------------------------------------- stages
     def encode(self, request: Request) -> Conditioning:

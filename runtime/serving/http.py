@@ -28,11 +28,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from k3trt.contract.errors import InvalidArgumentError, K3TRTError
+from k3trt.runtime.serving.adapters import BASE_MODEL as MODEL_ID
+from k3trt.runtime.serving.adapters import AdapterStates, register_adapters
 from k3trt.runtime.serving.engine import BatchingEngine, EngineConfig, NotAcceptingError
 from k3trt.runtime.serving.image_work import ImageWork, answer_for
 from k3trt.runtime.serving.middleware import RequestMiddleware, error_payload, note
 from k3trt.runtime.serving.openai_options import IGNORED_HEADER, output_options
-from k3trt.contract.manifest import MANIFEST_NAME
+from k3trt.contract.manifest import MANIFEST_NAME, Manifest
 from k3trt.runtime.pipeline import Pipeline
 from k3trt.runtime.serving.forms import is_multipart, parse_form
 from k3trt.runtime.serving.jobs import JobStore
@@ -48,7 +50,6 @@ log = logging.getLogger("k3trt")
 DISCONNECT_POLL_S = 0.25
 REPLICA = f"{socket.gethostname()}:{os.getpid()}"  # which process answered (replicas behind Ray Serve differ)
 MAX_RETRY_AFTER_S = 30  # every Retry-After is at most this; the keep-alive must outlast it
-MODEL_ID = "kandinsky-3"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,8 @@ class ServeSettings:
     cors_allow_origins: tuple = ()
     max_jobs: int = 64
     job_ttl_s: float = 600.0
+    loras: tuple = ()  # (NAME, "PATH[:SCALE]") pairs: model "kandinsky-3+NAME" (adapters.py)
+    lora_cache: int = 2  # adapter pipelines held at once (LRU)
 
     def __post_init__(self):
         for name in ("timeout_s", "grace_s", "drain_s", "body_timeout_s", "keep_alive_s", "job_ttl_s"):
@@ -100,6 +103,21 @@ class ImageService:
         self.draining = False
         self.recent_latency_s = 5.0  # moving average of answered requests (for Retry-After)
         self._ready = threading.Event()
+        adapters = {}
+        if settings.loras:  # a bad adapter fails here, at start (without adapters, loading errors go to the probes)
+            manifest = pipeline.manifest if pipeline is not None else Manifest.load(settings.artifacts)
+            adapters = register_adapters(manifest, settings.loras)
+        self.adapters = AdapterStates(adapters, settings.lora_cache, self._adapter_engine, self.metrics)
+
+    def _adapter_engine(self, choices) -> tuple:
+        """A pipeline with these adapters and its own engine (one weight state per backend): (engine, bytes)."""
+        s = self.settings
+        precision = s.precision or ("default" if s.backend == "trt" else "fp32")
+        pipe = Pipeline.from_artifacts(self.pipeline.manifest, s.backend, precision, scheduler=s.scheduler,
+                                       **dict(s.backend_options))
+        weight_bytes = pipe.set_lora(choices)
+        config = EngineConfig(max_batch=s.max_batch, max_queue=s.max_queue)
+        return BatchingEngine(pipe, config, self.metrics).start(), weight_bytes
 
     @property
     def ready(self) -> bool:
@@ -150,11 +168,13 @@ class ImageService:
         self._ready.clear()
         if self.engine is not None:
             self.engine.stop(0.0)
+        self.adapters.stop(0.0)
 
     def shutdown(self) -> None:
         self._ready.clear()
         if self.engine is not None:
             self.engine.stop(self.settings.grace_s)
+        self.adapters.stop(self.settings.grace_s)
 
     def retry_after(self) -> str:
         """Seconds until a queue slot is likely free: the recent mean request latency, 1..MAX_RETRY_AFTER_S."""
@@ -250,21 +270,22 @@ def _add_probes(app, service: ImageService) -> None:
         body, content_type = service.metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models", summary="the one model served (OpenAI's model list)")
+    @app.get("/v1/models", summary="the base model and one model per LoRA adapter (OpenAI's model list)")
     async def models():
-        return {"object": "list", "data": [_model_card(service)]}
+        return {"object": "list", "data": [_model_card(service, m) for m in service.adapters.model_ids]}
 
     @app.get("/v1/models/{model_id}", summary="one model (OpenAI's model object)")
     async def model(model_id: str, request: Request):
-        if model_id != MODEL_ID:
-            return JSONResponse(error_payload(404, f"model {model_id!r} is not served here (accepted: {MODEL_ID})",
-                                              "invalid_request_error", "model_not_found", request.scope, "model"),
-                                status_code=404)
-        return _model_card(service)
+        accepted = service.adapters.model_ids
+        if model_id not in accepted:
+            return JSONResponse(error_payload(404, f"model {model_id!r} is not served here (accepted: "
+                                              f"{', '.join(accepted)})", "invalid_request_error", "model_not_found",
+                                              request.scope, "model"), status_code=404)
+        return _model_card(service, model_id)
 
 
-def _model_card(service: ImageService) -> dict:
-    return {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "k3trt",
+def _model_card(service: ImageService, model_id: str = MODEL_ID) -> dict:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "k3trt",
             "backend": service.settings.backend, "artifacts": os.path.basename(service.settings.artifacts)}
 
 
@@ -297,16 +318,22 @@ class ImageRoutes:
 
     async def admit(self, request: Request, route: str):
         """Parse (bad input 400/408/413 first), then readiness (503), then queue: the ImageWork or a refusal."""
+        service = self.service
         try:
-            job_request, task, options = await self.parse(request, route)
+            job_request, task, options, model = await self.parse(request, route)
+            adapter = service.adapters.resolve(model)
         except K3TRTError as exc:
             return self.fail(request, exc)
-        service = self.service
         if service.load_error or not service.ready:
             return self.fail(request, _not_ready(service))
-        try:
-            work = ImageWork.submit(service.engine, job_request, options, timeout_s=service.settings.timeout_s,
-                                    task_inputs=task)
+
+        def queue(engine):
+            return engine, ImageWork.queue(engine, job_request, timeout_s=service.settings.timeout_s,
+                                           task_inputs=task)
+        try:  # an adapter runs on its own pipeline + engine (adapters.py), built on first use off the event loop
+            engine, jobs = queue(service.engine) if adapter is None else \
+                await asyncio.to_thread(service.adapters.submit, adapter, queue)
+            work = ImageWork(engine, jobs, options, "generate" if task is None else task.kind)
         except K3TRTError as exc:
             return self.fail(request, exc, param="image" if task is not None else "size")
         note(request.scope, task=work.task, images=len(work.jobs))
@@ -322,12 +349,13 @@ class ImageRoutes:
         else:
             body = await asyncio.to_thread(parse_body, raw, limit) if with_images else parse_body(raw, limit)
         options = output_options(body)
+        model = body.get("model")
         if route == "variations":
             check_variation(body)
         if with_images:  # decodes the images, off the event loop
             job_request, task = await asyncio.to_thread(to_edit, body, self.service.limits)
-            return job_request, task, options
-        return to_request(body, self.service.limits), None, options
+            return job_request, task, options, model
+        return to_request(body, self.service.limits), None, options, model
 
     async def answer(self, request: Request, work: ImageWork, started: float):
         waiting = asyncio.ensure_future(work.result())

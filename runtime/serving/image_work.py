@@ -63,6 +63,12 @@ class ImageWork:
     @classmethod
     def submit(cls, engine, request, options: OutputOptions, *, timeout_s: float, task_inputs=None) -> "ImageWork":
         """Queue one engine job per image; all or none (a refusal cancels the ones already queued)."""
+        jobs = cls.queue(engine, request, timeout_s=timeout_s, task_inputs=task_inputs)
+        return cls(engine, jobs, options, "generate" if task_inputs is None else task_inputs.kind)
+
+    @staticmethod
+    def queue(engine, request, *, timeout_s: float, task_inputs=None) -> list:
+        """The engine jobs of `submit`, any thread (the ImageWork itself is made on the event loop)."""
         jobs = []
         try:
             for index in range(request.num_images):
@@ -72,7 +78,7 @@ class ImageWork:
             for job in jobs:
                 job.cancel()
             raise
-        return cls(engine, jobs, options, "generate" if task_inputs is None else task_inputs.kind)
+        return jobs
 
     @property
     def seeds(self) -> list[int]:

@@ -7,8 +7,8 @@ Mapped (docs/serving.md):
 - `quality` = a steps preset (QUALITY_STEPS) unless `steps` is given; "auto" = the server's `--default-steps`.
 - `background`: "auto" and "opaque" are what the model makes; "transparent" is refused (no alpha output).
 - `stream` (server-sent events) and `partial_images` (0..3 previews) are read by the HTTP layer.
-Ignored, named in the `X-K3TRT-Ignored-Fields` response header: `style`, `moderation`, `input_fidelity`,
-`model` (there is one model; /v1/models lists it) and `user`.
+- `model`: "kandinsky-3" (the base) or "kandinsky-3+NAME" (a LoRA adapter, adapters.py), read by the HTTP layer.
+Ignored, named in the `X-K3TRT-Ignored-Fields` response header: `style`, `moderation`, `input_fidelity` and `user`.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def output_options(body: dict) -> OutputOptions:
         raise FieldError("partial_images", f"partial_images={_show(partial)}",
                          accepted=f"an integer in 0..{MAX_PARTIAL_IMAGES}", fix='e.g. "partial_images": 1')
     quality = _choice(body, "quality", "auto", ("auto", *QUALITY_STEPS))
-    ignored = tuple(name for name in IGNORED if body.get(name) is not None)
+    ignored = tuple(name for name in IGNORED if body.get(name) is not None and name != "model")
     return OutputOptions(output_format, compression, stream, partial, quality, ignored)
 
 

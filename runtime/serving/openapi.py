@@ -29,7 +29,8 @@ class _Common(BaseModel):
     stream: bool = Field(False, description="server-sent events: progress per step, then the images")
     partial_images: int = Field(0, ge=0, le=3, description="accepted; previews are not produced (header says so)")
     response_format: Literal["b64_json"] = "b64_json"
-    model: Optional[str] = Field(None, description="ignored: one model is served (GET /v1/models)")
+    model: Optional[str] = Field(None, description='"kandinsky-3" (default) or "kandinsky-3+NAME" for a LoRA adapter '
+                                 '(GET /v1/models lists them)')
     user: Optional[str] = None
 
 

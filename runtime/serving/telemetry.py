@@ -49,6 +49,9 @@ class ServiceMetrics(EngineObserver):
         self.build_info = Gauge("k3trt_build_info", "what this process serves (value 1)",
                                 ["version", "backend", "precisions", "artifact_hash"], registry=r)
         self.jobs = Gauge("k3trt_jobs", "asynchronous jobs held, by status", ["status"], registry=r)
+        self.lora_cache_bytes = Gauge("k3trt_lora_cache_bytes", "bytes of LoRA-overridden weights held by the "
+                                      "cached adapter pipelines (--lora-cache)", registry=r)
+        self.lora_cache_states = Gauge("k3trt_lora_cache_states", "adapter pipelines cached", registry=r)
 
     def answered(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
