@@ -192,6 +192,9 @@ class Manifest:
                 paths.add(rec["graph"]["path"])
                 if rec.get("external_data"):
                     paths.add(rec["external_data"]["path"])
+                weight_map = rec.get("extra", {}).get("weight_map")
+                if isinstance(weight_map, dict) and weight_map.get("path"):  # LoRA's parameter -> initializer map
+                    paths.add(weight_map["path"])
         for eng in self.data["engines"].values():
             paths.add(eng["file"]["path"])
         return paths

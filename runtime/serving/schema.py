@@ -215,8 +215,13 @@ def _inpaint_inputs(body: dict, image, limits: Limits) -> "tasks.InpaintInputs":
             raise FieldError("mask", f"mask is {mask.size[0]}x{mask.size[1]} px but the image is "
                              f"{image.size[0]}x{image.size[1]}", accepted="a mask of the image's size",
                              fix="resize the mask to the image (nearest neighbour keeps it binary)")
-        inputs = _field("mask", tasks.inpaint_inputs, image, edit_mask(mask))
-        if not bool(inputs.user_mask.any()):
+        try:
+            inputs = tasks.inpaint_inputs(image, edit_mask(mask))
+        except InvalidArgumentError as exc:
+            if "repaints nothing" not in exc.what:  # the all-keep mask gets its own code, below
+                raise FieldError("mask", exc.what, accepted=exc.accepted, fix=exc.fix) from None
+            inputs = None
+        if inputs is None or not bool(inputs.user_mask.any()):
             raise FieldError("mask", "the mask marks nothing to edit (every pixel is kept)",
                              accepted="a mask with an edit area: transparent pixels (alpha 0, OpenAI's convention)"
                              " or, without alpha, white pixels", fix="mark the area to repaint, or use "

@@ -59,8 +59,9 @@ def test_sigterm_drains_then_answers_what_is_left_with_json_503_and_no_traceback
             assert time.monotonic() < end and server.poll() is None, "never ready"
             time.sleep(0.1)
         answer = {}
+        # 256x256 x 200 steps: still running past --drain + --grace on a fast machine
         slow = threading.Thread(target=lambda: answer.update(r=httpx.post(
-            f"{base}/v1/images/generations", json={"prompt": "too long", "steps": 200}, timeout=120)))
+            f"{base}/v1/images/generations", json={"prompt": "too long", "steps": 200, "size": "256x256"}, timeout=120)))
         slow.start()
         while "k3trt_active_requests 1.0" not in httpx.get(f"{base}/metrics").text:
             assert time.monotonic() < end

@@ -295,7 +295,7 @@ BAD_EDITS = [
     (lambda p, m: _edit(p, mask=b64_image(m), outpaint="left=64"), 400, "outpaint", "both mask and outpaint"),
     (lambda p, m: _edit(p, outpaint="right=100"), 400, "outpaint", "not a multiple of 64"),
     (lambda p, m: _edit(p, outpaint=128), 400, "outpaint", "SIDE=PIXELS"),
-    (lambda p, m: _edit(p, outpaint="left=4096"), 400, "outpaint", "grows the image to 4224x64"),
+    (lambda p, m: _edit(p, outpaint="left=4096"), 400, "outpaint", "image to 4224x64"),
     (lambda p, m: _edit(p, size="64x64", strength=0.5), 400, "size", "size=\"64x64\" for a 128x64 output"),
     (lambda p, m: _edit(p, n=9), 400, "n", "1..4"),
     (lambda p, m: {"image": b64_image(p)}, 400, "prompt", "prompt is missing"),
