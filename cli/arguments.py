@@ -34,9 +34,9 @@ def add_generation_args(p, *, steps: int = DEFAULT_STEPS) -> None:
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (one for all prompts)")
     p.add_argument("--seed", type=int, default=0, help="0..2^64-1; each seed gives its own noise, and seeds below "
                    "2^32 give diffusers' noise for the same seed")
-    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps, 1..1000 (default {steps})")
+    p.add_argument("--steps", type=int, default=steps, help=f"denoising steps, 1..1000 (default: {steps})")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
-                   help=f"classifier-free guidance scale, 1 or less: none (default {DEFAULT_GUIDANCE})")
+                   help=f"classifier-free guidance scale, 1 or less: none (default: {DEFAULT_GUIDANCE})")
     add_size_args(p, "default: the size the artifacts were made for (64 for the tiny preset, 256 for small, "
                      "else 1024)")
     p.add_argument("--batch", dest="num_images", type=int, default=1, metavar="N",

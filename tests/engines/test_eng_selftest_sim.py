@@ -24,6 +24,7 @@ def compared(tiny_artifacts, tiny_model_dir, tmp_path):
     return manifest, feeds, selftest._references(source, manifest, feeds)
 
 
+@pytest.mark.slow  # 2-4.5 min on 2 cores: it converts the tiny U-Net to fp16 (the selftest's default)
 def test_default_precision_builds_the_three_compared_components(compared, trt_sim):
     from k3trt.contract.manifest import Manifest
     from k3trt.engines import selftest
@@ -36,6 +37,7 @@ def test_default_precision_builds_the_three_compared_components(compared, trt_si
     assert len(trt_sim._sim.state().builds) == 3
 
 
+@pytest.mark.slow  # 2-4.5 min on 2 cores: it converts the tiny U-Net to fp16 (the selftest's default)
 def test_a_failing_precision_is_a_failed_row_not_an_abort(compared, trt_sim, monkeypatch, capsys):
     from k3trt.contract.manifest import Manifest
     from k3trt.engines import build, selftest
