@@ -56,7 +56,7 @@ def stub_pipeline(tiny_artifacts):
     """The real pipeline on the tiny artifacts whose backend stops at the first model call."""
     from k3trt.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.from_artifacts(tiny_artifacts)
+    pipe = Pipeline.from_artifacts(tiny_artifacts, "ort")
 
     def stop(component, feeds):
         raise ReachedWork(component)
@@ -269,7 +269,7 @@ def exercise_artifacts(root: Path, *, run_text_encoder: bool = False) -> str:
 
     def run():
         check_artifacts(root)
-        pipe = Pipeline.from_artifacts(root)
+        pipe = Pipeline.from_artifacts(root, "ort")  # its sessions are what the fuzz opens
         pipe.backend.session("text_encoder")
         if run_text_encoder:
             ids, mask = pipe.tokenizer(["a red fox"])

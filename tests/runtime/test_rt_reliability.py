@@ -289,7 +289,7 @@ def test_a_replaced_decoder_is_found_before_step_1(artifacts_copy):
     manifest = Manifest.load(artifacts_copy)
     graph = artifacts_copy / manifest.onnx("movq_decoder").graph.path
     graph.write_bytes(graph.read_bytes() + b"\0")
-    steps, message = _steps_run(Pipeline.from_artifacts(artifacts_copy))
+    steps, message = _steps_run(Pipeline.from_artifacts(artifacts_copy, "ort"))
     assert steps == [] and "movq_decoder" in message and "was modified" in message
 
 
@@ -301,7 +301,7 @@ def test_a_foreign_onnx_behind_a_matching_hash_is_refused_before_step_1(artifact
     record = manifest.data["onnx"]["movq_decoder"]["fp32"]["graph"]
     record.update(sha256=sha256_file(decoder), bytes=decoder.stat().st_size)  # the hash edited to match
     save_manifest(manifest)
-    steps, message = _steps_run(Pipeline.from_artifacts(artifacts_copy))
+    steps, message = _steps_run(Pipeline.from_artifacts(artifacts_copy, "ort"))
     assert steps == [] and "movq_decoder" in message and "the manifest records" in message
 
 
