@@ -1,6 +1,5 @@
 """`k3trt serve`'s HTTP layer on a real uvicorn server (loopback, in a thread) over the tiny artifacts."""
 import base64
-import contextlib
 import io
 import threading
 import time
@@ -14,34 +13,10 @@ httpx = pytest.importorskip("httpx", reason="the HTTP tests need httpx (in `dev`
 
 from k3trt.runtime import Pipeline  # noqa: E402
 from k3trt.contract.tensor_metrics import psnr  # noqa: E402
-from k3trt.runtime.serving.http import ImageService, ServeSettings, create_app  # noqa: E402
+from k3trt.runtime.serving.http import ImageService, ServeSettings  # noqa: E402
+from serve_helpers import running, wait_ready  # noqa: E402
 
 URL = "/v1/images/generations"
-
-
-@contextlib.contextmanager
-def running(service: ImageService):
-    """uvicorn on an ephemeral loopback port in a thread; yields the base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
-def wait_ready(base: str, timeout: float = 120.0) -> None:
-    end = time.monotonic() + timeout
-    while httpx.get(f"{base}/readyz").status_code != 200:
-        assert time.monotonic() < end, "the service never became ready"
-        time.sleep(0.05)
 
 
 def decode_png(item: dict) -> np.ndarray:
