@@ -67,6 +67,7 @@ def installed_trt_sim():
             import tensorrt
         finally:
             sys.path.remove(str(TRT_SIM))
+            sys.modules.pop("tensorrt", None)  # kept in _SIM_MODULE; installed below, with `previous` as it was
         _SIM_MODULE.append(tensorrt)
     sim = _SIM_MODULE[0]
     sim._sim.reset()

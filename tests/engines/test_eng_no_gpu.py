@@ -78,3 +78,16 @@ def test_selftest_gpu_without_a_gpu_skips_every_part_and_says_why(capsys):
     assert "skipped  TensorRT fp16: TensorRT is not usable on this machine" in err
     assert "incomplete" in err and "exporting" not in err
     assert len(trt_env.missing_requirements()) == 2
+
+
+def test_the_stand_in_leaves_the_machine_as_it_found_it(trt_sim_installer):
+    """Installing the TensorRT stand-in (first time or again) and leaving it restores `import tensorrt` to what
+    it was, so the tests above see a machine without TensorRT whatever ran before them."""
+    before = sys.modules.get("tensorrt")
+    for _ in range(2):
+        with trt_sim_installer() as sim:
+            assert sys.modules["tensorrt"] is sim and torch.cuda.is_available()
+        assert sys.modules.get("tensorrt") is before
+    if before is None:
+        with pytest.raises(BackendUnavailableError, match="TensorRT is not usable"):
+            trt_env.require_tensorrt()
