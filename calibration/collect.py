@@ -133,13 +133,23 @@ def plan(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, targe
     return TrajectorySet(prompts.name, tuple(files), config, target)
 
 
+def planned(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, target: Target = TEXT_TO_IMAGE, *,
+            decode: bool = True, producer: str = "ort") -> TrajectorySet:
+    """The trajectory set `collect` returns for these arguments, without running anything (the files may or may
+    not exist yet)."""
+    sources = planned(manifest, prompts, config, decode=decode, producer=producer) if target.masked else None
+    return plan(manifest, prompts, config, target, sources, decode=decode, producer=producer)
+
+
 def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *, target: Target = TEXT_TO_IMAGE,
             threads: int | None = None, decode: bool = True, producer: Producer | None = None,
-            log=print) -> TrajectorySet:
+            range_pass=None, log=print) -> TrajectorySet:
     """Trajectories for `prompts`, from the cache where present; missing ones are run and saved. Inpainting
     trajectories first collect (or reuse) the text-to-image ones whose images they repaint.
     `decode=False` records the U-Net calls and final latents only (no MoVQ decode, no image).
-    `producer`: what runs the fp32 components (default: ONNX Runtime on the CPU)."""
+    `producer`: what runs the fp32 components (default: ONNX Runtime on the CPU).
+    `range_pass` (torch producer): a `torch_collector.RangePass` that runs the target U-Net's calls of the
+    prompts run here, folding their activation ranges on the way (not the source trajectories' calls)."""
     from tqdm import tqdm
 
     producer = producer or Producer()
@@ -155,7 +165,7 @@ def collect(manifest: Manifest, prompts: PromptSet, config: TrajectoryConfig, *,
         return trajectories
     log(f"{prompts.name}: {cached} prompt(s) cached, running the fp32 pipeline ({producer.label}) for "
         f"{len(missing)} ({config.steps} steps, {config.width}x{config.height}) -> {where} {what}")
-    pipe = fp32_pipeline(manifest, threads, producer)
+    pipe = fp32_pipeline(manifest, threads, producer, range_pass)
     try:
         for item in tqdm(missing, desc=f"{prompts.name} trajectories", unit="prompt", file=sys.stderr):
             inputs = task_inputs(pipe, item, config) if target.masked else {}
@@ -194,7 +204,7 @@ class Producer:
         return "ONNX Runtime, cpu" if self.name == "ort" else f"torch, {self.device}"
 
 
-def fp32_pipeline(manifest: Manifest, threads: int | None, producer: Producer = Producer()):
+def fp32_pipeline(manifest: Manifest, threads: int | None, producer: Producer = Producer(), range_pass=None):
     """ONNX Runtime without its memory arena: at 1024 x 1024 each session's arena would otherwise keep its peak
     (U-Net and MoVQ decoder together) for the whole collection."""
     from k3trt.runtime.backends.registry import make_backend
@@ -204,7 +214,9 @@ def fp32_pipeline(manifest: Manifest, threads: int | None, producer: Producer = 
         from k3trt.calibration.torch_collector import TorchModulesBackend
 
         return Pipeline(manifest, TorchModulesBackend(manifest, producer.model_dir, device=producer.device,
-                                                        threads=threads))
+                                                        threads=threads, range_pass=range_pass))
+    if range_pass is not None:
+        raise ValueError("a range pass runs in the torch producer only")
     return Pipeline(manifest, make_backend("ort", manifest, "fp32", threads=threads, arena=False))
 
 

@@ -76,6 +76,9 @@ def format_summary(payload: dict) -> str:
         "end-to-end PSNR with ONNX Runtime's CPU int8 kernels: " + ", ".join(
             f"{r['psnr_db']:.2f}" for r in e2e["int8_kernels_cpu"]) + " dB",
     ]
+    if payload.get("timings"):
+        lines.append("time: " + ", ".join(f"{name.replace('_', ' ')} {t['wall_s']:.0f} s (CPU {t['cpu_s']:.0f} s)"
+                                          for name, t in payload["timings"].items()))
     sens = payload.get("sensitivity")
     if sens:
         top = ", ".join(f"{r['name']} ({r['cost']:.5f})" for r in sens["layers"][:sens["config"]["suggest"]])

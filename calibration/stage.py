@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import time
 from pathlib import Path
 
 from k3trt.calibration import collect, quality, quantize
@@ -181,30 +182,69 @@ def qdq_fp32_graph(manifest: Manifest, record: OnnxRecord) -> Path:
     return manifest.path(path) if path else manifest.path(record.graph.path)
 
 
-def collect_all(manifest: Manifest, request: CalibrationRequest, log):
+def collect_all(manifest: Manifest, fp32: OnnxRecord, request: CalibrationRequest, log):
+    """(calibration trajectories, held-out trajectories, activation ranges). With the torch collector on a fresh
+    calibration set the ranges are folded as its trajectories are made (one U-Net pass, not two); otherwise they
+    are computed from the cached trajectories afterwards."""
     heldout_set = heldout_prompts(request.heldout)
     calib_set = calibration_prompts(request.prompts_file, request.num_prompts)  # vs the whole held-out file
     options = dict(target=request.target, threads=request.threads, producer=request.producer, log=log)
-    # calibration prompts need only their U-Net calls: no MoVQ decode (the 1024² peak), no images
-    calib = collect.collect(manifest, calib_set, request.trajectory, decode=False, **options)
+    fold = folding_range_pass(manifest, fp32, calib_set, request)
+    if fold is None:  # calibration prompts need only their U-Net calls: no MoVQ decode (the 1024² peak), no images
+        calib = collect.collect(manifest, calib_set, request.trajectory, decode=False, **options)
+        ranges = collect_ranges(manifest, fp32, calib, request, log)
+    else:
+        from k3trt.calibration.torch_collector import save_ranges
+
+        log(f"activation ranges ({request.quant.calibrator.value}) folded into the trajectory pass of the torch "
+            f"{fp32.component} on {request.producer.device}")
+        with fold:
+            calib = collect.collect(manifest, calib_set, request.trajectory, decode=False, range_pass=fold, **options)
+            if fold.calls != calib.calls:
+                raise ArtifactError(f"the trajectory pass folded {fold.calls} U-Net calls, expected {calib.calls}")
+            ranges = save_ranges(fold, ranges_file(manifest, fp32, calib, request))
     heldout = collect.collect(manifest, heldout_set, request.trajectory, **options)
-    return calib, heldout
+    return calib, heldout, ranges
+
+
+def ranges_file(manifest: Manifest, fp32: OnnxRecord, calib, request: CalibrationRequest) -> Path:
+    return quantize.ranges_path(manifest.root, calib, request.quant, fp32.export_key, request.producer.name)
+
+
+def range_candidates(manifest: Manifest, fp32: OnnxRecord, request: CalibrationRequest) -> list:
+    import onnx
+
+    graph = onnx.load(str(manifest.path(fp32.graph.path)), load_external_data=False)
+    return quantize.candidate_nodes(graph, request.quant.op_types)
+
+
+def folding_range_pass(manifest: Manifest, fp32: OnnxRecord, calib_set, request: CalibrationRequest):
+    """A torch RangePass to fold into the trajectory pass when the torch collector will run every calibration
+    trajectory now and no ranges are cached; None otherwise (ranges from cache, or a replay over the cache)."""
+    producer = request.producer
+    if producer.name != "torch":
+        return None
+    calib = collect.planned(manifest, calib_set, request.trajectory, request.target, decode=False,
+                            producer=producer.name)
+    if ranges_file(manifest, fp32, calib, request).is_file() or any(f.path.is_file() for f in calib.files):
+        return None
+    from k3trt.calibration.torch_collector import open_range_pass
+
+    return open_range_pass(manifest.path(fp32.graph.path), fp32.component, request.quant,
+                           range_candidates(manifest, fp32, request), manifest=manifest,
+                           model_dir=producer.model_dir, device=producer.device, threads=request.threads)
 
 
 def collect_ranges(manifest: Manifest, fp32: OnnxRecord, calib, request: CalibrationRequest, log) -> Path:
     """Activation ranges of the calibration calls by the request's collector (cached per collector)."""
     producer, fp32_path = request.producer, manifest.path(fp32.graph.path)
-    ranges = quantize.ranges_path(manifest.root, calib, request.quant, fp32.export_key, producer.name)
+    ranges = ranges_file(manifest, fp32, calib, request)
     if producer.name == "torch":
         from k3trt.calibration.torch_collector import compute_ranges
 
-        import onnx
-
-        candidates = quantize.candidate_nodes(onnx.load(str(fp32_path), load_external_data=False),
-                                              request.quant.op_types)
-        return compute_ranges(fp32_path, calib, request.quant, ranges, candidates, manifest=manifest,
-                              model_dir=producer.model_dir, device=producer.device, threads=request.threads,
-                              log=log)
+        return compute_ranges(fp32_path, calib, request.quant, ranges, range_candidates(manifest, fp32, request),
+                              manifest=manifest, model_dir=producer.model_dir, device=producer.device,
+                              threads=request.threads, log=log)
     return quantize.compute_ranges(fp32_path, calib, request.quant, ranges, external=fp32.external_data is not None,
                                    log=log)
 
@@ -287,6 +327,20 @@ def check_before_copy(request: CalibrationRequest) -> None:
     calibration_prompts(request.prompts_file, request.num_prompts, heldout_prompts(request.heldout))
 
 
+class PhaseClock:
+    """Wall and CPU seconds (this process, all threads) of consecutive phases, for the report."""
+
+    def __init__(self):
+        self.laps: dict[str, dict] = {}
+        self.load_start = [round(x, 2) for x in os.getloadavg()]  # other work on the machine inflates wall time
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, name: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.laps[name] = {"wall_s": round(wall - self._wall, 1), "cpu_s": round(cpu - self._cpu, 1)}
+        self._wall, self._cpu = wall, cpu
+
+
 def _calibrate_in(root: Path, request: CalibrationRequest, log) -> dict:
     import onnx
 
@@ -304,10 +358,12 @@ def _calibrate_in(root: Path, request: CalibrationRequest, log) -> dict:
     fp32_path = manifest.path(fp32.graph.path)
     graph = onnx.load(str(fp32_path), load_external_data=False)
     excluded, matched = quantize.resolve_exclusions(graph, request.quant)  # a typo in --exclude fails now
-    calib, heldout = collect_all(manifest, request, log)
-    ranges = collect_ranges(manifest, fp32, calib, request, log)
+    clock = PhaseClock()
+    calib, heldout, ranges = collect_all(manifest, fp32, request, log)
+    clock.lap("trajectories_and_ranges")
     key = int8_key(fp32, ranges, request.quant, excluded, request.external_threshold, request.float_parts)
     folder, created = build_int8(manifest, fp32, ranges, excluded, request, key, log)
+    clock.lap("quantize")
     try:
         summary = quantize.qdq_summary(onnx.load(str(folder / "model.onnx"), load_external_data=False))
         config = settings(request, calib, heldout, fp32, ranges)
@@ -315,10 +371,14 @@ def _calibrate_in(root: Path, request: CalibrationRequest, log) -> dict:
                                                        "fp32_graph": fp32.graph.path, "excluded_nodes": excluded,
                                                        **float_parts(root, folder, fp32.component)})
         measured = measure(manifest, record, folder, heldout, request, summary, log)
+        clock.lap("heldout_quality")
         payload = report.build_payload(record_path=record.graph.path, settings=config, qdq=summary,
                                        exclusions=exclusion_table(request.quant, matched, excluded, graph),
                                        measured=measured, component=target.component, guided=heldout.guided,
                                        others=tuple(c for c in target.exports() if c != target.component))
+        payload["timings"] = clock.laps  # this run's phases (cached trajectories or ranges make them short)
+        payload["machine"] = {"cpu_count": os.cpu_count(), "load_average_start": clock.load_start,
+                              "load_average_end": [round(x, 2) for x in os.getloadavg()]}
         shown = [f.task_inputs() for f in heldout.files]
         payload["task_inputs"] = list(shown[0]) if shown and shown[0] else []
         report_dir = Path(request.report_dir or root / "calibration" / f"report-int8-{key[:12]}")

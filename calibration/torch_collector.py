@@ -81,7 +81,9 @@ class TorchModulesBackend(Backend):
     name = "torch-calibration"
 
     def __init__(self, manifest, model_dir: str | Path | None = None, *, device: str = "cpu",
-                 threads: int | None = None):
+                 threads: int | None = None, range_pass: "RangePass | None" = None):
+        """`range_pass`: its hooked module runs that component's calls, folding their activations as the
+        trajectories are made (one U-Net pass instead of a trajectory pass and a replay)."""
         from k3trt.export.sources import open_source_dir
 
         super().__init__(manifest, "fp32")
@@ -90,6 +92,7 @@ class TorchModulesBackend(Backend):
                                       variant=manifest.data.get("source", {}).get("variant"))
         self._device = device
         self._modules: dict = {}
+        self.range_pass = range_pass
 
     @property
     def device(self):
@@ -102,9 +105,11 @@ class TorchModulesBackend(Backend):
 
         from k3trt.export.components import SPECS
 
-        if component not in self._modules:
+        if component not in self._modules and not (self.range_pass and component == self.range_pass.component):
             self._modules[component] = load_module(self.source, component, self._device)
         spec = SPECS[component]
+        if self.range_pass is not None and component == self.range_pass.component:
+            return {spec.output_names[0]: self.range_pass.call(feeds)}
         with torch.inference_mode(), torch_threads(self.threads):
             out = self._modules[component](*(feeds[n].to(self._device) for n in spec.input_names))
         return {spec.output_names[0]: out}
@@ -135,6 +140,7 @@ class RangePass:
         self._seen: set[str] = set()
         self._calls: dict[str, int] = {}
         self._handles: list = []
+        self.calls = 0  # U-Net calls folded so far
 
     def __enter__(self) -> "RangePass":
         modules = dict(self.module.named_modules())
@@ -160,38 +166,72 @@ class RangePass:
         """One U-Net call on `feeds` (numpy arrays by input name), every mapped activation folded."""
         import torch
 
+        self.call({n: torch.from_numpy(feeds[n]) for n in self.input_names})
+
+    def call(self, feeds: Mapping):
+        """One U-Net call on `feeds` (torch tensors by input name), every mapped activation folded; returns the
+        module's output (the trajectory pass uses it as the U-Net's answer)."""
+        import torch
+
         self._seen.clear(), self._calls.clear()
         with torch.inference_mode(), torch_threads(self.threads):
-            self.module(*(torch.from_numpy(feeds[n]).to(self.device) for n in self.input_names))
+            out = self.module(*(feeds[n].to(self.device) for n in self.input_names))
         if self._seen != self.activations.tensors:
             missing = sorted(self.activations.tensors - self._seen)
             raise ArtifactError(f"{len(missing)} mapped activations were not computed by the torch {self.component} "
                                 f"(e.g. {', '.join(missing[:3])})", fix="re-export the artifacts from this model folder")
+        self.calls += 1
+        return out
 
     def result(self):
         return self.accumulator.result()
 
 
+def open_range_pass(fp32_path: Path, component: str, config, candidates, *, manifest, model_dir=None,
+                    device: str = "cpu", threads: int | None = None) -> RangePass:
+    """A RangePass over the torch `component` of the model folder the artifacts came from (not yet entered)."""
+    from k3trt.export.sources import open_source_dir
+
+    source = open_source_dir(model_folder(manifest, model_dir),
+                             variant=manifest.data.get("source", {}).get("variant"))
+    return RangePass(fp32_path, source, component, config, candidates, device=device, threads=threads)
+
+
+def save_ranges(ranges: RangePass, out: Path) -> Path:
+    """ONNX Runtime's calibration cache at `out`, written atomically (a killed run leaves no half file)."""
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    from k3trt.writing.atomic import make_temp_dir
+
+    staging = make_temp_dir(out.parent, f".{out.name}.")
+    try:
+        save_tensors_data(ranges.result(), staging / out.name)
+        (staging / out.name).replace(out)
+    finally:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
 def compute_ranges(fp32_path: Path, trajectories, config, out: Path, candidates, *, manifest, model_dir=None,
                    device: str = "cpu", threads: int | None = None, log=print) -> Path:
-    """The torch collector's activation ranges over every calibration U-Net call, saved as ONNX Runtime's
-    calibration cache at `out` (reused when present). One call's activations at a time, as `quantize`'s."""
-    from onnxruntime.quantization.calibrate import save_tensors_data
+    """The torch collector's activation ranges over every calibration U-Net call, replayed from the cached
+    trajectories, saved as ONNX Runtime's calibration cache at `out` (reused when present). One call's
+    activations at a time, as `quantize`'s. (A fresh run folds them into the trajectory pass instead:
+    `stage.collect_all`.)"""
     from tqdm import tqdm
-
-    from k3trt.export.sources import open_source_dir
 
     if out.is_file():
         log(f"reusing cached activation ranges {out.name} ({config.calibrator.value}, same trajectories)")
         return out
     component = trajectories.target.component
-    source = open_source_dir(model_folder(manifest, model_dir),
-                             variant=manifest.data.get("source", {}).get("variant"))
     log(f"calibrating activation ranges ({config.calibrator.value}) with the torch {component} on {device} over "
         f"{trajectories.calls} U-Net calls ...")
-    with RangePass(fp32_path, source, component, config, candidates, device=device, threads=threads) as ranges:
+    with open_range_pass(fp32_path, component, config, candidates, manifest=manifest, model_dir=model_dir,
+                         device=device, threads=threads) as ranges:
         for call in tqdm(trajectories.unet_calls(), total=trajectories.calls, desc="calibration (torch)",
                          unit="call", file=sys.stderr):
             ranges.fold(call.feeds)
-        save_tensors_data(ranges.result(), out)
+        save_ranges(ranges, out)
     return out

@@ -14,7 +14,7 @@ from typing import Iterator
 from k3trt.contract.arguments import check_output_file
 from k3trt.contract.errors import InvalidArgumentError, OutputPathError
 from k3trt.runtime.video import VIDEO_FORMATS, check_encoder, encode, video_comment, video_format
-from k3trt.writing.ownership import (check_output_dir, check_output_image, claim_output_dir, is_own_json, save_image,
+from k3trt.writing.ownership import (check_output_dir, claim_output_dir, is_own_json, save_image,
                                      save_json, writer_tag)
 
 KIND = "animation-frames"

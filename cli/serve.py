@@ -75,6 +75,13 @@ def serve_settings(args, manifest=None):
 
     check_threads(args.threads, "--threads")
     check_int("--port", args.port, 0, 65535, "e.g. --port 8000 (0: any free port)")
+    if args.replica_metrics_port is not None:
+        if not args.ray:
+            raise InvalidArgumentError("--replica-metrics-port without --ray", accepted="--ray --replica-metrics-port "
+                                       "PORT", fix="drop it: a single process serves its metrics at /metrics")
+        last = args.replica_metrics_port + (args.max_replicas or args.replicas) - 1
+        check_int("--replica-metrics-port", args.replica_metrics_port, 1024, 65535 - (last - args.replica_metrics_port),
+                  "e.g. --replica-metrics-port 9400 (one port per replica from there)")
     for flag, value, hi in (("--grace", args.grace, 3600), ("--drain", args.drain, 3600),
                             ("--body-timeout", args.body_timeout, 3600), ("--job-ttl", args.job_ttl, 86_400)):
         check_float(flag, value, 0, hi, f"e.g. {flag} 30")
@@ -126,7 +133,7 @@ def cmd_serve(args) -> int:
         register_adapters(manifest, settings.loras)  # a bad adapter fails here, not in every replica
 
         return run_ray(settings, host=args.host, port=args.port, replicas=args.replicas,
-                       max_replicas=args.max_replicas)
+                       max_replicas=args.max_replicas, metrics_port=args.replica_metrics_port)
     return run_uvicorn(settings, args.host, args.port)
 
 
@@ -286,6 +293,9 @@ def register(sub) -> None:
     p.add_argument("--replicas", type=_positive(int), default=1, help="Ray Serve replicas (initial/min)")
     p.add_argument("--max-replicas", type=_positive(int), default=None,
                    help="Ray Serve autoscaling upper bound (default: fixed --replicas)")
+    p.add_argument("--replica-metrics-port", type=int, default=None, metavar="PORT",
+                   help="with --ray: each replica also serves its own /metrics at PORT + its rank on the node "
+                        "(one Prometheus target per replica; the shared port answers from a random replica)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="batching benchmark: images/s and p50/p95 at concurrency 1,2,4,8, "

@@ -146,7 +146,7 @@ class DDIMScheduler(DDPMScheduler):
         return self.timesteps
 
     def step(self, noise_pred, t, sample, generator=None):
-        a_t, a_prev = self._alpha_prod(t), self._alpha_prod(self._prev[t])
+        a_prev = self._alpha_prod(self._prev[t])
         x0 = self.predicted_x0(noise_pred, t, sample)  # eq. (12), "predicted x_0"
         if self.config.clip_sample:
             x0 = x0.clamp(-self.config.clip_sample_range, self.config.clip_sample_range)

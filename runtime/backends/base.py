@@ -16,7 +16,7 @@ from typing import Iterable, Mapping
 
 import torch
 from k3trt.contract.cards import COMPONENTS
-from k3trt.contract.errors import ArtifactError, InvalidArgumentError, ShapeError
+from k3trt.contract.errors import ArtifactError, BackendUnavailableError, InvalidArgumentError, ShapeError
 from k3trt.contract.manifest import Manifest, OnnxRecord
 from k3trt.contract.precision import Precision, Resolved, requested_precision, resolve_precision, variant_of
 
@@ -103,6 +103,18 @@ def check_io_signature(record: OnnxRecord, inputs: Mapping[str, int], outputs: M
                                 accepted="the model the manifest describes",
                                 fix="re-run the stage that wrote it (`k3trt export`); never replace artifact files "
                                     "by hand")
+
+
+def onnx_io_ranks(graph_path) -> tuple[dict[str, int], dict[str, int]]:
+    """(inputs, outputs) as name -> rank, read from the ONNX graph without its weights, for backends whose
+    loaded model does not expose the ONNX I/O (OpenVINO renames and reshapes)."""
+    import onnx
+
+    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    weights = {i.name for i in graph.initializer}  # old IRs list initializers among the inputs
+    rank = lambda value: len(value.type.tensor_type.shape.dim)
+    return ({v.name: rank(v) for v in graph.input if v.name not in weights},
+            {v.name: rank(v) for v in graph.output})
 
 
 def _signature(ranks: Mapping[str, int]) -> str:

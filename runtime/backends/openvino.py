@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from k3trt.contract.errors import BackendUnavailableError, InvalidArgumentError
 from k3trt.contract.manifest import check_external_data_paths
-from k3trt.runtime.backends.base import Backend
+from k3trt.runtime.backends.base import Backend, check_io_signature, onnx_io_ranks
 from k3trt.runtime.cpuinfo import cpu_info
 
 INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}  # our names -> OpenVINO's element types
@@ -86,6 +86,7 @@ class OpenVinoBackend(Backend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._compiled: dict[tuple, object] = {}  # (component, input shapes) -> compiled model
         self._verified: set[str] = set()
+        self._signature_checked: set[str] = set()
         self._compile_lock = threading.Lock()  # concurrent first calls compile once
         self._local = threading.local()  # an infer request holds its buffers: one per thread and shape
         self._overrides: dict[str, dict[str, np.ndarray]] = {}  # component -> initializer -> new weight
@@ -114,10 +115,15 @@ class OpenVinoBackend(Backend):
         return self._compiled[key]
 
     def _ready(self, component: str) -> None:
-        """Hashes now; the model compiles per input shape on its first call."""
+        """Hashes and the ONNX's I/O names and ranks now (as ONNX Runtime's session checks them); the model
+        compiles per input shape on its first call."""
         if self.verify and component not in self._verified:
             self.manifest.verify_onnx(self.record(component))
             self._verified.add(component)
+        if component not in self._signature_checked:
+            path = self.manifest.path(self.record(component).graph.path)
+            check_io_signature(self.record(component), *onnx_io_ranks(path), str(path))
+            self._signature_checked.add(component)
 
     def _compile(self, component: str, shapes: Mapping[str, tuple]):
         record = self.record(component)

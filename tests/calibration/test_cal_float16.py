@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 
-from k3trt.calibration.quantize import QDQ_FP32_NAME, qdq_summary
+from k3trt.calibration.quantize import qdq_summary
 from k3trt.contract.manifest import Manifest
 from k3trt.runtime.backends.ort import cpu_session
 from k3trt.runtime.backends.ort import storage_session

@@ -25,7 +25,7 @@ import torch
 from k3trt.calibration import collect, quality, quantize
 from k3trt.calibration.config import Calibrator, QuantConfig, TrajectoryConfig
 from k3trt.calibration.histograms import MinMaxRanges, PercentileHistograms, calibrator_options
-from k3trt.calibration.prompts import PromptSet
+from k3trt.calibration.prompts import PromptSet, calibration_prompts
 from k3trt.contract.manifest import Manifest
 
 RANGE_RTOL = 1e-2
@@ -188,19 +188,40 @@ def test_torch_ranges_match_onnx_runtimes_on_the_tiny_preset(artifacts_copy, tin
     assert_same_placement_and_quality(tmp_path / "ort.json", tmp_path / "torch.json", fp32_path, heldout, tmp_path)
 
 
-def test_calibrate_with_the_torch_collector_records_it(artifacts_copy, tiny_model_dir):
+def test_calibrate_with_the_torch_collector_records_it(artifacts_copy, tiny_model_dir, tmp_path):
     """The whole stage on the torch collector: its trajectories and ranges are cached under their own keys, the
-    int8 record says which collector made it, and the held-out quality is finite."""
+    int8 record says which collector made it, and the held-out quality is finite. On a fresh run the ranges are
+    folded as the trajectories are made (one U-Net pass), and they equal a replay over the cached trajectories
+    bit for bit (same calls, same order, same kernels)."""
     from cal_helpers import tiny_request
+    from onnxruntime.quantization.calibrate import load_tensors_data
 
-    from k3trt.calibration.stage import calibrate
+    from k3trt.calibration.stage import calibrate, collect_ranges
 
-    payload = calibrate(tiny_request(artifacts_copy, collector="torch", model_dir=tiny_model_dir, threads=1),
-                        log=lambda *_: None)
+    request = tiny_request(artifacts_copy, collector="torch", model_dir=tiny_model_dir, threads=1)
+    logged: list[str] = []
+    payload = calibrate(request, log=logged.append)
     record = Manifest.load(artifacts_copy).onnx("unet", "int8")
     assert record.extra["calibration"]["collector"] == {"name": "torch", "device": "cpu"}
     assert payload["settings"]["collector"]["name"] == "torch"
     assert record.validation["heldout"]["finite"] and record.validation["heldout"]["mean_cosine"] > 0.9
+    assert any("folded into the trajectory pass" in line for line in logged), logged
+    assert not any("calibrating activation ranges" in line for line in logged)  # no replay pass ran
+
+    manifest = Manifest.load(artifacts_copy)
+    folded = load_tensors_data(manifest.root / collect.CACHE_DIR / payload["settings"]["ranges_cache"]).data
+    calib = collect.collect(manifest, calibration_prompts(None, request.num_prompts), request.trajectory,
+                            decode=False, producer=request.producer, log=lambda *_: None)  # cached: nothing runs
+    cached = collect_ranges(manifest, manifest.onnx("unet"), calib, request, log=lambda *_: None)
+    assert cached.name == payload["settings"]["ranges_cache"]  # the same cache key as the folded ranges
+    cached.rename(tmp_path / "folded.json")  # so the next call replays the cached trajectories
+    replayed = load_tensors_data(collect_ranges(manifest, manifest.onnx("unet"), calib, request,
+                                                log=lambda *_: None)).data
+    assert set(replayed) == set(folded) and folded
+    for name in folded:
+        for field in ("lowest", "highest", "hist", "hist_edges"):
+            want, got = getattr(replayed[name], field, None), getattr(folded[name], field, None)
+            assert (want is None) == (got is None) and (want is None or np.array_equal(want, got)), (name, field)
 
 
 @pytest.mark.parametrize("calibrator", [Calibrator.MAX, Calibrator.ENTROPY])

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 from k3trt.contract.manifest import Manifest
 

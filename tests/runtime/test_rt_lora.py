@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from k3trt.contract.errors import AdapterError, InvalidArgumentError
 

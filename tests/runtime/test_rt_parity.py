@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from k3trt.runtime import Pipeline
 from k3trt.verify.parity import compare_runs, write_report

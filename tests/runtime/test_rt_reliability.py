@@ -22,6 +22,7 @@ from k3trt.contract.manifest import Manifest, sha256_file
 from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 from k3trt.cli.main import main
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
+from k3trt.runtime.backends.auto import openvino_installed
 
 PROMPT = "a red fox"
 REFUSAL_PEAK_BYTES = 500 * 2**20  # issue 19: every refusal under 500 MB of peak memory
@@ -278,6 +279,10 @@ def test_a_16_bit_greyscale_png_is_scaled_not_clipped(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- 6. before the loop
+needs_openvino = pytest.mark.skipif(not openvino_installed(), reason="OpenVINO is not installed "
+                                    "(pip install 'kandinsky3-trt[openvino]')")
+
+
 def _steps_run(pipe) -> list:
     steps = []
     with pytest.raises(ArtifactError) as err:
@@ -293,7 +298,8 @@ def test_a_replaced_decoder_is_found_before_step_1(artifacts_copy):
     assert steps == [] and "movq_decoder" in message and "was modified" in message
 
 
-def test_a_foreign_onnx_behind_a_matching_hash_is_refused_before_step_1(artifacts_copy):
+@pytest.mark.parametrize("backend", ["ort", pytest.param("openvino", marks=needs_openvino)])
+def test_a_foreign_onnx_behind_a_matching_hash_is_refused_before_step_1(artifacts_copy, backend):
     manifest = Manifest.load(artifacts_copy)
     decoder = artifacts_copy / manifest.onnx("movq_decoder").graph.path
     encoder = artifacts_copy / manifest.onnx("movq_encoder").graph.path
@@ -301,7 +307,7 @@ def test_a_foreign_onnx_behind_a_matching_hash_is_refused_before_step_1(artifact
     record = manifest.data["onnx"]["movq_decoder"]["fp32"]["graph"]
     record.update(sha256=sha256_file(decoder), bytes=decoder.stat().st_size)  # the hash edited to match
     save_manifest(manifest)
-    steps, message = _steps_run(Pipeline.from_artifacts(artifacts_copy, "ort"))
+    steps, message = _steps_run(Pipeline.from_artifacts(artifacts_copy, backend))
     assert steps == [] and "movq_decoder" in message and "the manifest records" in message
 
 

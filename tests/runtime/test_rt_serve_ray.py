@@ -90,3 +90,51 @@ def test_serve_ray_cli_serves_and_exits_0_on_sigterm(tiny_artifacts):
         server.send_signal(signal.SIGTERM)
         assert server.wait(120) == 0
     assert "1..2 replicas" in server.stdout.read()
+
+
+def _requests_total(text: str) -> float:
+    """k3trt_requests_total summed over its label sets, read with prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for family in text_string_to_metric_families(text) if family.name == "k3trt_requests"
+               for s in family.samples if s.name == "k3trt_requests_total")
+
+
+@pytest.mark.slow
+def test_each_replica_has_its_own_monotonic_metrics(tiny_artifacts):
+    """Two replicas, `--replica-metrics-port`: each replica's counters, scraped 6 times on its own port between
+    bursts of requests, never go down, both replicas served, and together they count every request sent
+    (the shared /metrics answers from whichever replica Ray picks: that is what jumps)."""
+    ray = pytest.importorskip("ray", reason="needs the `ray` extra")
+    from ray import serve
+    httpx = pytest.importorskip("httpx")
+
+    from k3trt.runtime.serving.ray_app import build_application
+
+    settings = ServeSettings(str(tiny_artifacts), default_size="64x64", default_steps=1, max_batch=2,
+                             backend_options=(("threads", 1),))
+    port, metrics_base = free_port(), free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(settings, replicas=2, metrics_port=metrics_base), name="k3trt",
+                  route_prefix="/")
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/readyz", timeout=30).status_code == 200
+        scrapes: dict[int, list[float]] = {metrics_base: [], metrics_base + 1: []}
+        sent = 0
+        for burst in range(6):
+            with ThreadPoolExecutor(4) as pool:
+                codes = list(pool.map(lambda i: httpx.post(f"{base}/v1/images/generations", timeout=300, json={
+                    "prompt": f"a fox {burst}-{i}", "seed": i, "steps": 1}).status_code, range(4)))
+            assert codes == [200] * 4
+            sent += 4
+            for replica_port, seen in scrapes.items():
+                seen.append(_requests_total(httpx.get(f"http://127.0.0.1:{replica_port}/metrics", timeout=30).text))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    for replica_port, seen in scrapes.items():
+        assert seen == sorted(seen), (replica_port, seen)  # monotonic over the 6 scrapes
+        assert seen[-1] > 0, (replica_port, seen)  # this replica served requests
+    assert sum(seen[-1] for seen in scrapes.values()) == sent

@@ -5,7 +5,6 @@ code (inpainting, Flash). Bounds: the fp32 end-to-end bound, PSNR >= 40 dB.
 """
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from k3trt.runtime import Pipeline

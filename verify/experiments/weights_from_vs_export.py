@@ -21,11 +21,21 @@ from pathlib import Path
 import numpy as np
 
 
+CPU_SECONDS: list[float] = []  # CPU seconds (user + system) of each k3trt() process, in call order
+
+
 def k3trt(*args: str) -> float:
-    """Run one k3trt command in a fresh process (as a user would); seconds of wall time."""
+    """Run one k3trt command in a fresh process (as a user would); seconds of wall time (its CPU seconds are
+    appended to CPU_SECONDS)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run([sys.executable, "-m", "k3trt.cli.main", *args], check=True)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+    return wall
 
 
 def same_outputs(full: Path, rewritten: Path, size: int) -> dict:
@@ -53,13 +63,17 @@ def main() -> int:
     k3trt("preset", args.preset, "--out", str(tuned), "--seed", "1")
     only = ("--components", args.components)
     k3trt("export", "--model", str(base), "--out", str(work / "base-art"), *only)
+    load_start = [round(x, 2) for x in os.getloadavg()]
     full_s = k3trt("export", "--model", str(tuned), "--out", str(work / "full-art"), *only)
     rewrite_s = k3trt("export", "--weights-from", str(tuned), "--graphs-from", str(work / "base-art"),
                       "--out", str(work / "rewritten-art"), *only)
     size = json.loads((work / "full-art" / "manifest.json").read_text())["pipeline"].get("native_size", 64)
     result = {"preset": args.preset, "components": args.components.split(","), "full_export_s": round(full_s, 1), "weights_from_s": round(rewrite_s, 1),
+              "full_export_cpu_s": round(CPU_SECONDS[-2], 1), "weights_from_cpu_s": round(CPU_SECONDS[-1], 1),
               "speedup": round(full_s / rewrite_s, 2), **same_outputs(work / "full-art", work / "rewritten-art", size),
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
+              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                          "load_average_start": load_start,
+                          "load_average_end": [round(x, 2) for x in os.getloadavg()]},
               "command": " ".join(["python3", "verify/experiments/weights_from_vs_export.py", *sys.argv[1:]])}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -117,7 +117,7 @@ def _onnx_bytes(network) -> bytes:
 
 
 def _header(network, config) -> dict:
-    model, types = network._model, network._types
+    model = network._model
     io = [{"name": t.name, "mode": "INPUT", "dtype": t.dtype.name, "shape": list(t.shape),
            "onnx_type": v.type.tensor_type.elem_type}
           for t, v in zip(network._inputs, [v for v in model.graph.input if v.name in {i.name for i in network._inputs}])]
