@@ -50,6 +50,7 @@ def render_result(name: str, result: dict) -> str:
     lines.append(_row("diffusers fp32", ref, spread.get("reference", {}).get("total"), result, 1.0, None))
     if result.get("floor_ms"):
         lines += ["", f"fp32 floor (counted GFLOP at this run's GEMM peak): {result['floor_ms']:,.0f} ms."]
+    lines += stage_table(result, label)
     if result.get("auto"):
         lines += ["", f"auto chose {result['auto']['backend']}: {result['auto']['reason']}."]
     versions = result.get("versions") or {}
@@ -58,6 +59,31 @@ def render_result(name: str, result: dict) -> str:
     for warning in result.get("warnings", []):  # one quote each: adjacent quoted lines would merge
         lines += ["", f"> **Warning:** {warning}"]
     return "\n".join(lines).rstrip() + "\n"
+
+
+STAGE_LABELS = {"text_encoder": "text encoder", "unet_step": "U-Net step", "movq_decoder": "MoVQ decoder",
+                "total": "whole generation"}
+
+
+def stage_table(result: dict, label: str) -> list[str]:
+    """Stage by stage, how far each configuration is from the fp32 GEMM peak: where the time above the floor
+    goes. Sides without limit columns (older files) are left out."""
+    limit = result.get("limit") or {}
+    sides = [(label, "runtime")] + [(other, other) for other in result.get("also", {})] + [("diffusers fp32",
+                                                                                            "reference")]
+    sides = [(name, key) for name, key in sides if key in limit]
+    if not sides or "gflop" not in limit:
+        return []
+    peak = limit["peak_gflops"]["fp32_peak"]
+    head = "| stage | GFLOP | " + " | ".join(f"{name}: % of peak" for name, _ in sides) + " |"
+    rows = ["", f"Share of the fp32 GEMM peak ({peak:,.0f} GFLOP/s in this run) per stage:", "", head,
+            "|" + "---|" * (2 + len(sides))]
+    for stage, text in STAGE_LABELS.items():
+        if stage not in limit["gflop"] or any(stage not in limit[key] for _, key in sides):
+            continue
+        shares = " | ".join(f"{limit[key][stage]['percent_of_peak']:.0f}%" for _, key in sides)
+        rows.append(f"| {text} | {limit['gflop'][stage]:,.1f} | {shares} |")
+    return rows
 
 
 def _load(machine: dict) -> str:
