@@ -144,9 +144,21 @@ def limit_columns(times: dict, gflop: dict, peak: float) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- interleaving
-def interleaved_samples(runners: dict[str, Callable[[], Sample]], repeats: int) -> dict[str, dict]:
-    for once in runners.values():
-        once()  # warm-up: sessions, allocations, caches, shapes
+def interleaved_samples(runners: dict[str, Callable[[], Sample]], repeats: int, *, optional: tuple[str, ...] = (),
+                        failed: dict | None = None) -> dict[str, dict]:
+    """Warm-up, then `repeats` rounds of every runner in turn. A runner named in `optional` whose warm-up output
+    is not finite is left out (its message in `failed`): one broken configuration does not void the others."""
+    from k3trt.contract.errors import NonFiniteError
+
+    runners = dict(runners)
+    for name, once in list(runners.items()):
+        try:
+            once()  # warm-up: sessions, allocations, caches, shapes
+        except NonFiniteError as exc:
+            if name not in optional or failed is None:
+                raise
+            failed[name] = str(exc)
+            del runners[name]
     samples = {name: collections.defaultdict(list) for name in runners}
     for _ in range(repeats):
         for name, once in runners.items():
@@ -218,6 +230,7 @@ def format_bench(result: dict) -> str:
         rows.append(f"U-Net step (median ms): int8 {cmp['int8_unet_step_ms']:.1f} vs fp32 "
                     f"{cmp['fp32_unet_step_ms']:.1f} -> int8 speed-up {cmp['int8_speedup']:.2f}x "
                     "(ONNX Runtime kernels; the Q/DQ model targets TensorRT and may run slower than fp32 on a CPU)")
+    rows += [f"FAILED: {label}: {why}" for label, why in result.get("failed", {}).items()]
     rows += [f"WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(rows)
 
@@ -253,7 +266,11 @@ def run_benchmark(pipe, reference_pipe, request, request_kwargs: dict, *, repeat
                "reference": reference_runner(reference_pipe, request, keeps["reference"]), **(extra or {}),
                **{label: runtime_runner(other, request_kwargs, keeps[label]) for label, other in (also or {}).items()},
                "gemm": gemm_runner(threads, bf16=cpu_info().bf16)}
-    samples = interleaved_samples(runners, repeats)
+    failed: dict[str, str] = {}
+    samples = interleaved_samples(runners, repeats, optional=tuple(also or {}), failed=failed)
+    also = {label: other for label, other in (also or {}).items() if label not in failed}
+    for label in failed:
+        keeps.pop(label)
     gemm = samples.pop("gemm")
     result = {name: medians_ms(stages) for name, stages in samples.items()}
     spread = {name: side_dispersion(stages) for name, stages in samples.items()}
@@ -267,6 +284,7 @@ def run_benchmark(pipe, reference_pipe, request, request_kwargs: dict, *, repeat
     result["also"] = {label: {**result.pop(label), **versus[label]} for label in also or {}}
     result["dispersion"] = spread
     result["floor_ms"] = 1e3 * counted["gflop"]["total"] / peak["fp32_peak"]
+    result["failed"] = failed  # configurations left out: label -> why (e.g. NaN at this shape)
     return result
 
 

@@ -46,6 +46,8 @@ def render_result(name: str, result: dict) -> str:
     for other, times in result.get("also", {}).items():
         lines.append(_row(other, times, spread.get(other, {}).get("total"), result, times["ratio"],
                           times.get("psnr_db")))
+    for other, why in result.get("failed", {}).items():
+        lines.append(f"| {other} | failed: {why} | | | | | | |")
     ref = result["reference"]
     lines.append(_row("diffusers fp32", ref, spread.get("reference", {}).get("total"), result, 1.0, None))
     if result.get("floor_ms"):

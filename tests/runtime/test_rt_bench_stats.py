@@ -82,3 +82,25 @@ def test_docs_page_is_what_the_result_files_render():
     page = (REPO / "docs" / "performance.md").read_text()
     files = sorted((REPO / "docs" / "results").glob("bench-*.json"))
     assert perf_page.replace_block(page, perf_page.render(files)) == page
+
+
+def test_a_configuration_that_gives_nan_is_left_out_and_named_not_the_whole_run():
+    """`--also openvino:bf16` gave NaN at one shape (OpenVINO 2026.4 CPU bf16, small preset, batch 2 x 15 text
+    tokens): that configuration is reported as failed and the others are still timed; a failing required side
+    (the runtime itself) still stops the run."""
+    from k3trt.contract.errors import NonFiniteError
+    from k3trt.verify.bench import interleaved_samples
+
+    def fine():
+        return {"total": [0.01]}
+
+    def broken():
+        raise NonFiniteError("unet at step 0 (t=961) produced 8192 NaN/Inf value(s)")
+
+    failed: dict = {}
+    samples = interleaved_samples({"runtime": fine, "openvino bf16": broken}, 3, optional=("openvino bf16",),
+                                  failed=failed)
+    assert set(samples) == {"runtime"} and samples["runtime"]["total"] == [0.01] * 3
+    assert "8192 NaN/Inf" in failed["openvino bf16"]
+    with pytest.raises(NonFiniteError):
+        interleaved_samples({"runtime": broken}, 1, optional=(), failed={})
