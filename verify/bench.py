@@ -21,6 +21,10 @@ from k3trt.verify.bench_stats import side_dispersion
 Sample = dict[str, list[float]]  # stage -> seconds: one value per generation, one per call for the U-Net
 STAGES = ("text_encoder", "unet_step", "movq_decoder", "total")
 PSNR_BOUND_DB = {"fp32": 40.0, "bf16": 30.0}  # end-to-end image vs diffusers fp32, same seed, damped presets
+# Before each timed GEMM, untimed: the previous runner's worker threads (ONNX Runtime's spin, OpenVINO's pool)
+# must have left the cores, or the peak reads low (torch fp32 measured 193 GFLOP/s right after an ONNX Runtime
+# run, 348 alone, on 2 cores).
+SETTLE_S = 0.2
 PEAK_N = 2048  # GEMM side for the peak: large enough to run at the machine's rate, small enough for ~0.1 s
 
 
@@ -88,7 +92,7 @@ def _ort_matmul_session(n: int, threads: int | None):
                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    return cpu_session(model.SerializeToString(), threads=threads)
+    return cpu_session(model.SerializeToString(), threads=threads, spin=False)
 
 
 def gemm_runner(threads: int | None, *, n: int = PEAK_N, bf16: bool = False) -> Callable[[], Sample]:
@@ -104,13 +108,15 @@ def gemm_runner(threads: int | None, *, n: int = PEAK_N, bf16: bool = False) -> 
 
     def once() -> Sample:
         out = {}
-        start = time.perf_counter()
-        session.run(None, {"a": a, "b": a})
-        out["ort_fp32"] = [time.perf_counter() - start]
         for name, x in operands.items():
+            time.sleep(SETTLE_S)
             start = time.perf_counter()
             torch.mm(x, x)
             out[name] = [time.perf_counter() - start]
+        time.sleep(SETTLE_S)
+        start = time.perf_counter()
+        session.run(None, {"a": a, "b": a})
+        out["ort_fp32"] = [time.perf_counter() - start]
         return out
     return once
 

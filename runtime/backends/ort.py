@@ -36,7 +36,7 @@ def onnxruntime():
 
 
 def session_options(*, threads: int | None = None, optimize: bool = True, flush_denormals: bool = True,
-                    disable_quant_qdq: bool = False, arena: bool = True):
+                    disable_quant_qdq: bool = False, arena: bool = True, spin: bool = True):
     """The one place ONNX Runtime CPU session options are made (runtime, export validation, calibration).
 
     `arena=False` returns freed activations to the OS instead of keeping each session's peak: calibration's
@@ -56,6 +56,8 @@ def session_options(*, threads: int | None = None, optimize: bool = True, flush_
         options.add_session_config_entry("session.set_denormal_as_zero", "1")
     if disable_quant_qdq:  # Q/DQ evaluated as float fake-quant, not fused int8 kernels
         options.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not spin:  # idle workers sleep at once instead of spinning on the cores (what a timed neighbour needs)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

@@ -55,7 +55,7 @@ def test_two_replicas_spread_requests_and_match_the_single_process_service(tiny_
         replicas = {a.headers["x-k3trt-replica"] for a in answers}
         assert len(replicas) == 2, replicas  # Ray spread the requests over both replicas
         bad = httpx.post(f"{base}/v1/images/generations", json={"prompt": "x", "n": 0})
-        assert bad.status_code == 422 and bad.json()["error"]["param"] == "n"
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "n"  # OpenAI: 400, not 422
     finally:
         serve.shutdown()
         ray.shutdown()
