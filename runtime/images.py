@@ -59,6 +59,12 @@ def _open(value, what: str, max_side: int):
             _check_sides(image.size[1], image.size[0], f"{what} {str(path)!r}", max_side)  # the header only
             image.load()
             return image.copy()
+    except InvalidArgumentError:
+        raise  # the side check's own refusal (it is a ValueError, which decode_errors() would rewrite)
+    except Image.DecompressionBombError as exc:  # Pillow refuses from the header, before our side check
+        raise InvalidArgumentError(f"{what} {str(path)!r} is far larger than any image k3trt accepts ({exc})",
+                                   accepted=f"sides up to {max_side} px (what the artifacts accept)",
+                                   fix=f"resize it to at most {max_side} px per side") from None
     except decode_errors() as exc:
         raise InvalidArgumentError(f"{what} {str(path)!r} is not an image ({exc.__class__.__name__})",
                                    accepted="a file Pillow can read (PNG, JPEG, WebP, ...)",

@@ -327,3 +327,16 @@ def test_check_refuses_an_unsupported_tensorrt_version(tiny_artifacts, capsys):
     assert main(["check", "--artifacts", str(tiny_artifacts), "--trt-version", "9.0"]) == 2
     assert "supported range" in capsys.readouterr().err
 
+
+
+def test_an_image_too_large_is_called_too_large_not_damaged(tmp_path):
+    """Real PNGs of 12800 and 20000 px a side: refused from the header, and the message says the image is too
+    large and names the accepted sides (the side check's error was rewritten as "not an image")."""
+    from k3trt.runtime.images import load_image
+
+    with pytest.raises(InvalidArgumentError, match="is 12800x12800 px; accepted: sides up to") as err:
+        load_image(big_png(tmp_path / "huge.png"))  # under twice Pillow's limit: our header check refuses it
+    assert "not an image" not in str(err.value)
+    with pytest.raises(InvalidArgumentError, match="far larger than any image.*sides up to") as err:
+        load_image(big_png(tmp_path / "huger.png", side=20000))  # past it: Pillow's DecompressionBombError
+    assert "not an image" not in str(err.value)
