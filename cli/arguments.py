@@ -92,7 +92,7 @@ def add_backend_args(p, backends=("auto", "ort", "trt", "openvino", "torch")) ->
                         "--precision`; bf16 runs with bf16 storage emulated on the CPU provider) | int8 (the U-Net's "
                         "Q/DQ variant from `k3trt calibrate`); trt: the engines' precision, default bf16 text encoder "
                         "+ fp16 U-Net and MoVQ (`k3trt build`); openvino: fp32 (default) | bf16 (CPUs with AVX-512 "
-                        "BF16 or AMX)")
+                        "BF16 or AMX) | int8 (the U-Net's Q/DQ variant on integer kernels)")
     add_min_psnr_arg(p)
     p.add_argument("--provider", choices=["cpu", "cuda", "tensorrt"], default="cpu", help="ONNX Runtime provider")
     p.add_argument("--threads", type=int, default=None,

@@ -2,10 +2,10 @@
 prompts in one interleaved run, and recorded in the manifest (contract/quality.py) for `--precision auto` and for
 the warnings an explicit precision gets.
 
-Candidates: bf16 on OpenVINO where the CPU has native bf16 (AVX-512 BF16 or AMX), int8 on ONNX Runtime where
-`k3trt calibrate` wrote the U-Net's Q/DQ variant. The fp32 reference is what `--backend auto` runs (the fastest
-exact backend); with an int8 candidate ONNX Runtime fp32 is timed too, so the int8 U-Net is compared with the fp32
-one on the same kernels library. Each side is first warmed up on every prompt (one step: sessions, allocations,
+Candidates: bf16 on OpenVINO where the CPU has native bf16 (AVX-512 BF16 or AMX), int8 where `k3trt calibrate`
+wrote the U-Net's Q/DQ variant, on OpenVINO (integer kernels) where installed, else on ONNX Runtime. The fp32
+reference is what `--backend auto` runs (the fastest exact backend); with an int8 candidate on ONNX Runtime,
+ONNX Runtime fp32 is timed too, so the int8 U-Net is compared with the fp32 one on the same kernels library. Each side is first warmed up on every prompt (one step: sessions, allocations,
 and OpenVINO's per-shape compiles, since the U-Net's context length follows the prompt), then the prompts run in
 turn, every side per prompt (fp32, bf16, int8, fp32, ...), so a change of machine load hits all sides alike.
 """
@@ -47,7 +47,7 @@ def candidates(manifest: Manifest, asked: Sequence[str] | None = None, *,
                 f"the CPU has no native bf16 arithmetic ({cpu_info().describe()})"),
                "int8": None if manifest.has_onnx("unet", "int8") else
                f"{manifest.root} has no int8 U-Net (run `k3trt calibrate --artifacts {manifest.root}` first)"}
-    backend = {"bf16": "openvino", "int8": "ort"}
+    backend = {"bf16": "openvino", "int8": "openvino" if has_openvino else "ort"}
     for precision in asked or ():
         if why_not[precision] is not None:
             raise BackendUnavailableError(f"cannot qualify {precision} here: {why_not[precision]}",

@@ -6,11 +6,12 @@ backends run the same fp32 ONNX and are fp32-exact (parity >= 96 dB against diff
 the fastest installed one is picked:
 
 1. a GPU provider (`provider="cuda"` / `"tensorrt"`) is ONNX Runtime's: ort;
-2. a precision only ONNX Runtime runs (the fp16 and int8 ONNX variants), or bf16 on a CPU without native bf16
-   (ONNX Runtime emulates its storage; OpenVINO refuses), or an ONNX Runtime-only option: ort;
+2. a precision only ONNX Runtime runs (the fp16 ONNX variants), or bf16 on a CPU without native bf16 (ONNX
+   Runtime emulates its storage; OpenVINO refuses), or an ONNX Runtime-only option: ort;
 3. OpenVINO installed: openvino. Measured on the small preset, 2 cores, one interleaved `k3trt bench` run per size
-   (docs/performance.md): OpenVINO fp32 took 0.82x ONNX Runtime fp32's time at 256x256 and 1.03x at 512x512 (within
-   that run's spread), and it compiles static shapes that its disk cache keeps between processes;
+   (docs/performance.md): OpenVINO fp32 took 0.96x ONNX Runtime fp32's time at 256x256 and 1.02x at 512x512 (within
+   that run's spread), and it compiles static shapes that its disk cache keeps between processes. int8 goes here
+   too: OpenVINO runs the Q/DQ U-Net with integer kernels, ONNX Runtime's CPU kernels ran it slower than fp32;
 4. otherwise ort, with what is missing for OpenVINO in the choice's reason.
 
 The precision rule (`--precision auto`): the fastest precision whose end-to-end quality recorded by
@@ -32,7 +33,7 @@ from k3trt.runtime.cpuinfo import cpu_info
 log = logging.getLogger("k3trt")
 
 AUTO = "auto"
-OPENVINO_PRECISIONS = (Precision.FP32, Precision.BF16)  # what OpenVINO computes the fp32 graph in here
+OPENVINO_PRECISIONS = (Precision.FP32, Precision.BF16, Precision.INT8)  # int8: the Q/DQ U-Net's own graph
 OPENVINO_OPTIONS = ("threads", "cache_dir", "verify")  # keyword options both an auto choice can pass on
 
 
@@ -95,7 +96,8 @@ def runnable(precision: str, record: Mapping, manifest_data: Mapping, *, has_ope
     """Whether this machine and install can run `precision` the way `k3trt qualify` measured it."""
     backend = record.get("backend")
     if backend == "openvino":
-        return has_openvino and (precision != "bf16" or cpu_info().bf16)
+        has_variant = precision != "int8" or "int8" in manifest_data.get("onnx", {}).get("unet", {})
+        return has_openvino and has_variant and (precision != "bf16" or cpu_info().bf16)
     return backend == "ort" and precision in manifest_data.get("onnx", {}).get("unet", {})
 
 

@@ -8,6 +8,10 @@ explicitly: left unset, OpenVINO picks bf16 by itself on AMX CPUs, so an "fp32" 
 
 bf16 needs native bf16 arithmetic (AVX-512 BF16 or AMX); elsewhere OpenVINO would emulate it slowly, so it is
 refused with a typed error before anything compiles.
+
+int8 is the one precision read from another ONNX variant: the U-Net's calibrated Q/DQ graph (`k3trt calibrate`).
+OpenVINO's low-precision transformations turn each Q/DQ-wrapped convolution and matrix product into an integer
+kernel (VNNI / AMX-INT8), the float parts run in fp32 (the f32 hint); components without an int8 variant run fp32.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ from k3trt.contract.manifest import check_external_data_paths
 from k3trt.runtime.backends.base import Backend, check_io_signature, onnx_io_ranks
 from k3trt.runtime.cpuinfo import cpu_info
 
-INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16"}  # our names -> OpenVINO's element types
+# our names -> OpenVINO's inference precision hint; int8 comes from the Q/DQ graph, its float parts run f32
+INFERENCE_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def default_cache_dir() -> Path:
@@ -36,7 +41,7 @@ def check_precisions(precisions: Mapping[str, str]) -> None:
         if precision not in INFERENCE_PRECISION:
             raise InvalidArgumentError(f"--backend openvino cannot run {component} in {precision}",
                                        accepted=", ".join(INFERENCE_PRECISION),
-                                       fix="--precision fp32 or bf16 (int8 runs on --backend ort or trt)")
+                                       fix="--precision fp32, bf16 or int8")
     if "bf16" in precisions.values() and not cpu_info().bf16:
         raise BackendUnavailableError(
             f"bf16 needs a CPU with AVX-512 BF16 or AMX; this one is {cpu_info().describe()}",
@@ -92,8 +97,10 @@ class OpenVinoBackend(Backend):
         self._overrides: dict[str, dict[str, np.ndarray]] = {}  # component -> initializer -> new weight
 
     def variant_for(self, precision) -> str:
-        """OpenVINO always reads the fp32 graph; the precision is how it computes it (a compile hint)."""
-        return "fp32"
+        """The fp32 graph for fp32 and bf16 (the precision is a compile hint); the Q/DQ graph for int8."""
+        from k3trt.contract.precision import Precision
+
+        return "int8" if precision == Precision.INT8 else "fp32"
 
     def config(self, component: str) -> dict:
         config = {"INFERENCE_PRECISION_HINT": INFERENCE_PRECISION[self.effective_precision(component)],

@@ -20,9 +20,10 @@ PLAIN_CPU = CpuInfo("old cpu", frozenset({"avx2"}))
     (None, {}, True, "openvino"),
     ("fp32", {"threads": 1}, True, "openvino"),
     (None, {}, False, "ort"),
-    ("int8", {}, True, "ort"),
+    ("int8", {}, True, "openvino"),  # the Q/DQ U-Net on integer kernels
+    ("int8", {}, False, "ort"),
     ("fp16", {}, True, "ort"),
-    ({"unet": "int8"}, {}, True, "ort"),
+    ({"unet": "int8"}, {}, True, "openvino"),
     (None, {"provider": "cuda"}, True, "ort"),
     (None, {"disable_quant_qdq": True}, True, "ort"),
 ])

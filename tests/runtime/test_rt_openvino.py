@@ -54,11 +54,15 @@ def test_bf16_refused_without_native_bf16(tiny_artifacts, monkeypatch, tmp_path)
         _openvino(tiny_artifacts, "bf16", tmp_path / "ov")
 
 
-def test_fp32_hint_is_explicit_and_int8_is_refused(tiny_artifacts, tmp_path):
+def test_fp32_hint_is_explicit_and_int8_needs_the_calibrated_unet(tiny_artifacts, tmp_path):
+    from k3trt.contract.errors import ArtifactError
+
     pipe = _openvino(tiny_artifacts, "fp32", tmp_path / "ov")
     assert pipe.backend.config("unet")["INFERENCE_PRECISION_HINT"] == "f32"  # AMX would otherwise pick bf16
-    with pytest.raises(InvalidArgumentError, match="int8"):
-        _openvino(tiny_artifacts, "int8", tmp_path / "ov")
+    with pytest.raises(ArtifactError, match="no int8 ONNX variant.*k3trt calibrate"):
+        _openvino(tiny_artifacts, "int8", tmp_path / "ov").backend.record("unet")
+    with pytest.raises(InvalidArgumentError, match="cannot run text_encoder in fp16"):
+        _openvino(tiny_artifacts, "fp16", tmp_path / "ov")
 
 
 def test_default_and_partial_maps_mean_fp32(tiny_artifacts, tmp_path):
