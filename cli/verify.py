@@ -58,10 +58,10 @@ def cmd_bench(args) -> int:
     kwargs = generation_kwargs(args)
     pipe = arguments.open_pipeline(args)
     backend = pipe.backend.name  # what --backend auto became
-    int8 = backend == "ort" and pipe.backend.effective_precision("unet") == "int8"
+    int8 = backend in ("ort", "openvino") and pipe.backend.effective_precision("unet") == "int8"
     extra = {}
-    if int8:  # same run, same request: the fp32 pipeline's U-Net for comparison
-        fp32_pipe = arguments.open_pipeline(argparse.Namespace(**{**vars(args), "backend": "ort",
+    if int8:  # same run, same request, same backend: the fp32 pipeline's U-Net for comparison
+        fp32_pipe = arguments.open_pipeline(argparse.Namespace(**{**vars(args), "backend": backend,
                                                                   "precision": "fp32"}))
         extra["runtime_fp32"] = runtime_runner(fp32_pipe, kwargs)
     also = {f"{b} {p}": arguments.open_pipeline(argparse.Namespace(**{**vars(args), "backend": b, "precision": p}))

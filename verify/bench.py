@@ -184,7 +184,7 @@ def interleaved_medians(runners: dict[str, Callable[[], Sample]], repeats: int) 
 
 
 def unet_int8_vs_fp32(int8_times: dict, fp32_times: dict) -> dict:
-    """U-Net step medians of the int8 and fp32 pipelines measured in the same run (ONNX Runtime kernels)."""
+    """U-Net step medians of the int8 and fp32 pipelines measured in the same run, on the same backend."""
     int8_ms, fp32_ms = int8_times["unet_step_ms"], fp32_times["unet_step_ms"]
     return {"int8_unet_step_ms": int8_ms, "fp32_unet_step_ms": fp32_ms, "int8_speedup": fp32_ms / int8_ms,
             "fp32_runtime": fp32_times}
@@ -235,7 +235,8 @@ def format_bench(result: dict) -> str:
     if cmp:
         rows.append(f"U-Net step (median ms): int8 {cmp['int8_unet_step_ms']:.1f} vs fp32 "
                     f"{cmp['fp32_unet_step_ms']:.1f} -> int8 speed-up {cmp['int8_speedup']:.2f}x "
-                    "(ONNX Runtime kernels; the Q/DQ model targets TensorRT and may run slower than fp32 on a CPU)")
+                    f"({result['backend']} kernels for both; ONNX Runtime's CPU kernels may run the Q/DQ model "
+                    "slower than fp32, OpenVINO's run it on integer kernels)")
     rows += [f"FAILED: {label}: {why}" for label, why in result.get("failed", {}).items()]
     rows += [f"WARNING: {w}" for w in result.get("warnings", [])]
     return "\n".join(rows)
