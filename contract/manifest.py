@@ -200,15 +200,22 @@ class Manifest:
         return paths
 
 
+def load_onnx_graph(graph_path: Path):
+    """The ONNX model at `graph_path` without its external weights; a damaged file is an ArtifactError."""
+    import onnx
+
+    try:
+        return onnx.load(str(graph_path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError and friends: the file is damaged
+        raise ArtifactError(f"{str(graph_path)!r} is not a readable ONNX model ({type(exc).__name__}: "
+                            f"{str(exc)[:200]})", fix="re-run the stage that wrote it (`k3trt export`)") from exc
+
+
 def check_external_data_paths(graph_path: Path, root: Path) -> None:
     """Refuse an ONNX whose external-data locations point outside the artifact directory (path traversal)."""
     import onnx
 
-    try:
-        model = onnx.load(str(graph_path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends: the file is damaged
-        raise ArtifactError(f"{str(graph_path)!r} is not a readable ONNX model ({type(exc).__name__}: "
-                            f"{str(exc)[:200]})", fix="re-run the stage that wrote it (`k3trt export`)") from exc
+    model = load_onnx_graph(graph_path)
     folder = graph_path.resolve().parent.relative_to(root.resolve())
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:

@@ -17,7 +17,7 @@ from typing import Iterable, Mapping
 import torch
 from k3trt.contract.cards import COMPONENTS
 from k3trt.contract.errors import ArtifactError, BackendUnavailableError, InvalidArgumentError, ShapeError
-from k3trt.contract.manifest import Manifest, OnnxRecord
+from k3trt.contract.manifest import Manifest, OnnxRecord, load_onnx_graph
 from k3trt.contract.precision import Precision, Resolved, requested_precision, resolve_precision, variant_of
 
 log = logging.getLogger("k3trt")
@@ -108,9 +108,7 @@ def check_io_signature(record: OnnxRecord, inputs: Mapping[str, int], outputs: M
 def onnx_io_ranks(graph_path) -> tuple[dict[str, int], dict[str, int]]:
     """(inputs, outputs) as name -> rank, read from the ONNX graph without its weights, for backends whose
     loaded model does not expose the ONNX I/O (OpenVINO renames and reshapes)."""
-    import onnx
-
-    graph = onnx.load(str(graph_path), load_external_data=False).graph
+    graph = load_onnx_graph(graph_path).graph  # a damaged file: ArtifactError, as on ONNX Runtime
     weights = {i.name for i in graph.initializer}  # old IRs list initializers among the inputs
     rank = lambda value: len(value.type.tensor_type.shape.dim)
     return ({v.name: rank(v) for v in graph.input if v.name not in weights},

@@ -18,7 +18,6 @@ import statistics
 import time
 from pathlib import Path
 
-import numpy as np
 
 COUNTED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul", "FullyConnected", "Deconvolution")
 
