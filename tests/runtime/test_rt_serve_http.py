@@ -32,7 +32,9 @@ def pipe(tiny_artifacts):
 
 @pytest.fixture(scope="module")
 def server(pipe, tiny_artifacts):
-    settings = ServeSettings(str(tiny_artifacts), default_size="64x64", default_steps=2, max_batch=4, max_queue=4)
+    # a queue for every image the concurrent test sends at once (5: one request has n=2), so that a slow machine,
+    # which admits none of them before the last arrives, does not turn correct answers into 429s
+    settings = ServeSettings(str(tiny_artifacts), default_size="64x64", default_steps=2, max_batch=4, max_queue=8)
     service = ImageService(settings, pipeline=pipe)
     with running(service) as base:
         wait_ready(base)
