@@ -105,11 +105,11 @@ class TorchModulesBackend(Backend):
 
         from k3trt.export.components import SPECS
 
-        if component not in self._modules and not (self.range_pass and component == self.range_pass.component):
-            self._modules[component] = load_module(self.source, component, self._device)
         spec = SPECS[component]
         if self.range_pass is not None and component == self.range_pass.component:
             return {spec.output_names[0]: self.range_pass.call(feeds)}
+        if component not in self._modules:
+            self._modules[component] = load_module(self.source, component, self._device)
         with torch.inference_mode(), torch_threads(self.threads):
             out = self._modules[component](*(feeds[n].to(self._device) for n in spec.input_names))
         return {spec.output_names[0]: out}
@@ -199,17 +199,17 @@ def open_range_pass(fp32_path: Path, component: str, config, candidates, *, mani
 
 def save_ranges(ranges: RangePass, out: Path) -> Path:
     """ONNX Runtime's calibration cache at `out`, written atomically (a killed run leaves no half file)."""
+    import shutil
+
     from onnxruntime.quantization.calibrate import save_tensors_data
 
     from k3trt.writing.atomic import make_temp_dir
 
-    staging = make_temp_dir(out.parent, f".{out.name}.")
+    staging = make_temp_dir(out.parent, f".{out.name}.")  # ONNX Runtime writes by file name, not to a handle
     try:
         save_tensors_data(ranges.result(), staging / out.name)
         (staging / out.name).replace(out)
     finally:
-        import shutil
-
         shutil.rmtree(staging, ignore_errors=True)
     return out
 

@@ -48,6 +48,34 @@ def wait_ready(client, url: str, timeout_s: float = 300.0, log=print) -> None:
                                fix="start the server (`k3trt serve ...`) or check --url and the server's log")
 
 
+def free_port() -> int:
+    """A free loopback port for a server this process starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_process(base: str, server, timeout_s: float = 300.0) -> None:
+    """Until `base`/readyz answers 200 from the server process `server` (a Popen) this process started; its
+    exit before that is an error, as is the timeout."""
+    import urllib.request
+
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if server.poll() is not None:
+            raise RuntimeError(f"k3trt serve exited with {server.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:  # not listening yet, or 503 while loading
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base} was not ready within {timeout_s:g} s")
+
+
 def drive(url: str, body: dict, requests: int, concurrency: int, timeout_s: float) -> tuple[list, collections.Counter]:
     """Send `requests` POSTs from `concurrency` threads; every request ends in a status or an error name."""
     import httpx

@@ -91,7 +91,6 @@ class OpenVinoBackend(Backend):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self._compiled: dict[tuple, object] = {}  # (component, input shapes) -> compiled model
         self._verified: set[str] = set()
-        self._signature_checked: set[str] = set()
         self._compile_lock = threading.Lock()  # concurrent first calls compile once
         self._local = threading.local()  # an infer request holds its buffers: one per thread and shape
         self._overrides: dict[str, dict[str, np.ndarray]] = {}  # component -> initializer -> new weight
@@ -127,10 +126,8 @@ class OpenVinoBackend(Backend):
         if self.verify and component not in self._verified:
             self.manifest.verify_onnx(self.record(component))
             self._verified.add(component)
-        if component not in self._signature_checked:
-            path = self.manifest.path(self.record(component).graph.path)
-            check_io_signature(self.record(component), *onnx_io_ranks(path), str(path))
-            self._signature_checked.add(component)
+        path = self.manifest.path(self.record(component).graph.path)  # Backend.ready: once per component
+        check_io_signature(self.record(component), *onnx_io_ranks(path), str(path))
 
     def _compile(self, component: str, shapes: Mapping[str, tuple]):
         record = self.record(component)

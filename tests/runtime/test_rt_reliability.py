@@ -10,19 +10,20 @@ import stat
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from spy_helpers import BackendSpy
 from k3trt.runtime import Pipeline
 from k3trt.contract.manifest import Manifest, sha256_file
 from k3trt.writing.atomic import atomic_write_bytes, save_manifest
 from k3trt.cli.main import main
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 from k3trt.runtime.backends.auto import openvino_installed
+from k3trt.verify.misuse import big_png
 
 PROMPT = "a red fox"
 REFUSAL_PEAK_BYTES = 500 * 2**20  # issue 19: every refusal under 500 MB of peak memory
@@ -110,19 +111,6 @@ def test_a_library_write_that_fills_the_disk_is_typed_at_the_boundary(capsys):
 
 
 # ------------------------------------------------------------------------------------------- 2. bounded refusals
-def big_png(path: Path, side: int = 12800) -> Path:
-    """A real greyscale PNG of side x side zeros (about 160 KB on disk, 164 MB decoded), written row by row."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
-
-    packer, row, parts = zlib.compressobj(9), b"\0" * (side + 1), []
-    for _ in range(side):
-        parts.append(packer.compress(row))
-    parts.append(packer.flush())
-    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(parts)) +
-                     chunk(b"IEND", b""))
-    return path
 
 
 REFUSALS = """
@@ -202,18 +190,6 @@ def test_every_task_gives_seed_2_pow_32_its_own_noise(pipe, task):
 
 
 # ------------------------------------------------------------------------------------------- 5. typed errors
-class _Spy:
-    """Wraps a backend; counts component calls (bad input must fail before any)."""
-
-    def __init__(self, backend):
-        self.backend, self.calls = backend, []
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def run(self, component, feeds):
-        self.calls.append(component)
-        return self.backend.run(component, feeds)
 
 
 def _black(size=(64, 64)):
@@ -237,7 +213,7 @@ def _black(size=(64, 64)):
     (lambda p: p.flash(PROMPT, sed=1), "unknown option"),
 ])
 def test_bad_input_to_the_python_api_is_typed_and_refused_before_work(pipe, call, match):
-    spy = Pipeline(pipe.manifest, _Spy(pipe.backend))
+    spy = Pipeline(pipe.manifest, BackendSpy(pipe.backend))
     with pytest.raises(InvalidArgumentError, match=match):
         call(spy)
     assert spy.backend.calls == []

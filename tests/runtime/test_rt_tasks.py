@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from spy_helpers import BackendSpy
 from k3trt.runtime import Pipeline
 from k3trt.contract.errors import ArtifactError, InvalidArgumentError
 from k3trt.contract.tensor_metrics import psnr
@@ -88,20 +89,6 @@ def test_flash_matches_the_official_semantics(pipe, tiny_model_dir):
     assert db >= E2E_PSNR_DB
 
 
-class _Spy:
-    """Wraps a backend; counts component calls (bad input must fail before any)."""
-
-    def __init__(self, backend):
-        self.backend, self.calls = backend, []
-
-    def __getattr__(self, name):
-        return getattr(self.backend, name)
-
-    def run(self, component, feeds):
-        self.calls.append(component)
-        return self.backend.run(component, feeds)
-
-
 @pytest.mark.parametrize("call, match", [
     (lambda p, img, tmp: p.img2img(PROMPT, img, strength=0.0), "strength=0.0"),
     (lambda p, img, tmp: p.img2img(PROMPT, img, strength=0.05, steps=10), "= 0 steps"),
@@ -114,7 +101,7 @@ class _Spy:
     (lambda p, img, tmp: p.img2img(PROMPT, str(tmp)), "is not an image"),
 ])
 def test_bad_input_fails_before_any_model_runs(pipe, picture, tmp_path, call, match):
-    spy = Pipeline(pipe.manifest, _Spy(pipe.backend))
+    spy = Pipeline(pipe.manifest, BackendSpy(pipe.backend))
     (tmp_path / "x.png").write_text("text")
     with pytest.raises(InvalidArgumentError, match=match):
         call(spy, picture, tmp_path / "x.png")

@@ -23,7 +23,8 @@ COUNTED = ("Convolution", "GroupConvolution", "ConvolutionBackpropData", "MatMul
 
 
 def gemm_peak_gflops(threads: int, n: int = 2048, repeats: int = 5) -> float:
-    """fp32 GEMM GFLOP/s through torch (median of `repeats`), the same yardstick as `k3trt bench`'s peak."""
+    """fp32 GEMM GFLOP/s through torch (median of `repeats`, cores settled first): one of the two libraries whose
+    best `k3trt bench` takes as its peak (there ONNX Runtime's MatMul came out slower)."""
     import torch
 
     torch.set_num_threads(threads)

@@ -21,12 +21,8 @@ from pathlib import Path
 import numpy as np
 
 
-CPU_SECONDS: list[float] = []  # CPU seconds (user + system) of each k3trt() process, in call order
-
-
-def k3trt(*args: str) -> float:
-    """Run one k3trt command in a fresh process (as a user would); seconds of wall time (its CPU seconds are
-    appended to CPU_SECONDS)."""
+def k3trt(*args: str) -> tuple[float, float]:
+    """Run one k3trt command in a fresh process (as a user would); (wall seconds, CPU seconds: user + system)."""
     import resource
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -34,8 +30,7 @@ def k3trt(*args: str) -> float:
     subprocess.run([sys.executable, "-m", "k3trt.cli.main", *args], check=True)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    CPU_SECONDS.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-    return wall
+    return wall, after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
 
 
 def same_outputs(full: Path, rewritten: Path, size: int) -> dict:
@@ -67,12 +62,12 @@ def main() -> int:
     only = ("--components", args.components)
     k3trt("export", "--model", str(base), "--out", str(work / "base-art"), *only)
     load_start = [round(x, 2) for x in os.getloadavg()]
-    full_s = k3trt("export", "--model", str(tuned), "--out", str(work / "full-art"), *only)
-    rewrite_s = k3trt("export", "--weights-from", str(tuned), "--graphs-from", str(work / "base-art"),
+    full_s, full_cpu_s = k3trt("export", "--model", str(tuned), "--out", str(work / "full-art"), *only)
+    rewrite_s, rewrite_cpu_s = k3trt("export", "--weights-from", str(tuned), "--graphs-from", str(work / "base-art"),
                       "--out", str(work / "rewritten-art"), *only)
     size = json.loads((work / "full-art" / "manifest.json").read_text())["pipeline"].get("native_size", 64)
     result = {"preset": args.preset, "components": args.components.split(","), "full_export_s": round(full_s, 1), "weights_from_s": round(rewrite_s, 1),
-              "full_export_cpu_s": round(CPU_SECONDS[-2], 1), "weights_from_cpu_s": round(CPU_SECONDS[-1], 1),
+              "full_export_cpu_s": round(full_cpu_s, 1), "weights_from_cpu_s": round(rewrite_cpu_s, 1),
               "speedup": round(full_s / rewrite_s, 2), **same_outputs(work / "full-art", work / "rewritten-art", size),
               "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
                           "load_average_start": load_start,

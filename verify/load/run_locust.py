@@ -12,35 +12,13 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
+from k3trt.verify.loadtest import free_port, wait_for_process
+
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, server: subprocess.Popen, timeout_s: float = 300) -> None:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if server.poll() is not None:
-            raise RuntimeError(f"k3trt serve exited with {server.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=5) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{base} was not ready within {timeout_s} s")
 
 
 def locust_run(base: str, honour: bool, users: int, seconds: int, out: Path) -> dict:
@@ -65,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
                                "--default-resolution", "64x64", "--default-steps", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_ready(base, server)
+        wait_for_process(base, server)
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         runs = {name: locust_run(base, honour, args.users, args.seconds, out.with_suffix(f".{name}.tmp"))
