@@ -223,7 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", required=True, help="where to write every case's result")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=False)
+    if work.exists():  # before any work: the set writes presets, artifacts and sentinels there
+        parser.error(f"--work {args.work!r} exists: pass a new folder (nothing of yours is touched)")
+    work.mkdir(parents=True)
     subprocess.run([*K3TRT, "preset", "tiny", "--out", str(work / "model")], check=True, capture_output=True)
     subprocess.run([*K3TRT, "export", "--model", str(work / "model"), "--out", str(work / "art")], check=True,
                    capture_output=True)

@@ -47,7 +47,9 @@ def main() -> int:
     parser.add_argument("--install", action="store_true", help="only time the README's install in a new venv")
     args = parser.parse_args()
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=False)  # a new folder: nothing of the user's is touched
+    if work.exists():  # a new folder: nothing of the user's is touched
+        parser.error(f"--work {args.work!r} exists: pass a new folder")
+    work.mkdir(parents=True)
     k3trt = [sys.executable, "-m", "k3trt.cli.main"]
     if args.install:
         subprocess.run([sys.executable, "-m", "venv", str(work / "venv")], check=True)

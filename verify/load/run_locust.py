@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--seconds", type=int, default=30, help="per run")
     args = parser.parse_args(argv)
+    if not (Path(args.artifacts) / "manifest.json").is_file():  # before the server starts
+        parser.error(f"--artifacts {args.artifacts!r} holds no manifest.json: pass a folder `k3trt export` wrote")
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "k3trt.cli.main", "serve", "--artifacts", args.artifacts,
